@@ -1,0 +1,31 @@
+# The README's two commands: `make train` and `make test`. Both create .venv and install the project first.
+# TORCH: the torch requirement installed before the project. On a machine without a GPU the default takes the
+# CPU build (2.13.0 is a local CPU wheel on our machines); on a GPU machine use e.g. `make TORCH=torch test`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: train test lint install clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m lamelm_fast.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) output build *.egg-info

@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``lamelm_fast.kernels``: one file per fused op, no autograd here."""

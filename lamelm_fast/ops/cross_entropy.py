@@ -1,0 +1,432 @@
+"""Fused linear + cross-entropy, pure-PyTorch reference.
+
+This is the CPU path and the test oracle for the Triton kernel. It walks over chunks of rows: for each
+chunk it computes the logits, the loss and (when gradients are wanted) d loss / d logits in one pass,
+folds that straight into the gradients of hidden / weight / bias and drops the chunk, so the N x V logits
+never exist. Nothing here reads tensor values on the host, so it never forces a device sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["LinearCrossEntropyLoss", "fused_linear_cross_entropy"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_CPU_CHUNK_BYTES = 64 * 2**20
+_CUDA_CHUNK_BYTES_CAP = 2**30
+_CUDA_FREE_MEMORY_FRACTION = 8
+
+
+@dataclass(frozen=True)
+class _LossConfig:
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    logit_scale: float
+
+
+class _PassResult(NamedTuple):
+    losses: torch.Tensor  # [N] per-token losses in the compute dtype, 0 at ignored rows
+    num_correct: torch.Tensor | None  # 0-dim int64, only when accuracy was asked for
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp64 stays fp64 so the reference can be checked to ~1e-10; bf16/fp16/fp32 all do their math in fp32.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk such that one chunk of logits plus its gradient fits the memory budget."""
+    compute_dtype = _compute_dtype(dtype)
+    # Live per row: the fp32 logits and their gradient, plus the matmul output when it is narrower.
+    row_bytes = 2 * vocab * compute_dtype.itemsize
+    if dtype != compute_dtype:
+        row_bytes += vocab * dtype.itemsize
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = min(free_bytes // _CUDA_FREE_MEMORY_FRACTION, _CUDA_CHUNK_BYTES_CAP)
+    else:
+        budget = _CPU_CHUNK_BYTES
+    rows = max(1, min(budget // max(row_bytes, 1), n_rows))
+    # Multiples of 8 keep the matmul shapes friendly to tensor cores and vectorised CPU kernels.
+    return rows - rows % 8 if rows > 8 else rows
+
+
+def _chunk_loss_and_dlogits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: _LossConfig,
+    row_scale: torch.Tensor | None,
+    want_correct: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row losses of one chunk, and with `row_scale` the scaled gradient w.r.t. the raw logits.
+
+    `logits` is the fp32 (or fp64) `hidden @ weight.T + bias` of the chunk and is overwritten in place to
+    keep at most two chunk-sized buffers alive. `row_scale` is 0-dim or per row.
+    """
+    valid = labels != cfg.ignore_index
+    # Ignored rows still need an in-range index for gather/scatter; their results are masked out.
+    safe_labels = labels.masked_fill(~valid, 0)[:, None]
+    if cfg.logit_scale != 1.0:
+        logits.mul_(cfg.logit_scale)
+    if cfg.softcap is not None:
+        logits.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
+
+    eps = cfg.label_smoothing
+    lse = torch.logsumexp(logits, dim=1)
+    # (1-eps)*(lse - z_y) + eps*(lse - mean_j z_j), rearranged to avoid a second lse term.
+    loss = lse - (1.0 - eps) * logits.gather(1, safe_labels).squeeze(1)
+    if eps:
+        loss -= eps * logits.mean(dim=1)
+    if cfg.z_loss:
+        loss += cfg.z_loss * lse.square()
+    loss = torch.where(valid, loss, 0.0)
+    correct = (logits.argmax(dim=1) == labels) & valid if want_correct else None
+    if row_scale is None:
+        return loss, correct, None
+
+    if cfg.softcap is None:
+        grad = logits.sub_(lse[:, None]).exp_()  # softmax in place: the logits are not needed any more
+    else:
+        grad = (logits - lse[:, None]).exp_()
+        # Derivative of c*tanh(z/c) is 1 - tanh^2 = 1 - (z'/c)^2; reuse the logits buffer for it.
+        logits.div_(cfg.softcap).square_().neg_().add_(1.0)
+    if cfg.z_loss:
+        grad.mul_((1.0 + 2.0 * cfg.z_loss * lse)[:, None])  # d(z * lse^2) = 2 z lse softmax
+    if eps:
+        grad.sub_(eps / grad.shape[1])
+    grad.scatter_add_(1, safe_labels, grad.new_full(safe_labels.shape, eps - 1.0))
+    if cfg.softcap is not None:
+        grad.mul_(logits)
+    # logit_scale is the chain rule through the pre-cap scaling; ignored rows get exactly zero.
+    grad.mul_(torch.where(valid, row_scale * cfg.logit_scale, 0.0)[:, None])
+    return loss, correct, grad
+
+
+def _chunked_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    cfg: _LossConfig,
+    chunk_size: int,
+    row_scale: torch.Tensor | None,
+    needs_grad: tuple[bool, bool, bool],
+    want_correct: bool,
+) -> _PassResult:
+    """One sweep over the rows: losses, and the gradients in `needs_grad` scaled by `row_scale`."""
+    n_rows, hidden_size = hidden.shape
+    device = hidden.device
+    compute_dtype = _compute_dtype(hidden.dtype)
+    need_hidden, need_weight, need_bias = needs_grad if row_scale is not None else (False, False, False)
+    bias_c = None if bias is None else bias.to(compute_dtype)
+
+    losses = torch.empty(n_rows, dtype=compute_dtype, device=device)
+    num_correct = torch.zeros((), dtype=torch.int64, device=device) if want_correct else None
+    grad_hidden = torch.empty(n_rows, hidden_size, dtype=hidden.dtype, device=device) if need_hidden else None
+    # Accumulators stay in the compute dtype even for bf16 inputs: many chunks are summed into them.
+    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=compute_dtype, device=device) if need_bias else None
+    any_grad = need_hidden or need_weight or need_bias
+
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        hidden_chunk = hidden[start:end]
+        # Matmul in the input dtype (as the kernel does), everything after it in the compute dtype.
+        logits = torch.mm(hidden_chunk, weight.t()).to(compute_dtype)
+        if bias_c is not None:
+            logits += bias_c
+        chunk_scale = None
+        if any_grad:
+            chunk_scale = row_scale[start:end] if row_scale.dim() else row_scale
+        loss, correct, dlogits = _chunk_loss_and_dlogits(
+            logits, labels[start:end], cfg, chunk_scale, want_correct
+        )
+        losses[start:end] = loss
+        if correct is not None:
+            num_correct += correct.sum()
+        if need_hidden:
+            torch.mm(dlogits.to(hidden.dtype), weight, out=grad_hidden[start:end])
+        if need_weight:
+            # Upcasting the [chunk, H] slice is cheap; a low-precision product would need a V x H temporary.
+            grad_weight.addmm_(dlogits.t(), hidden_chunk.to(compute_dtype))
+        if need_bias:
+            grad_bias += dlogits.sum(dim=0)
+
+    return _PassResult(
+        losses,
+        num_correct,
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+
+
+def _safe_reciprocal(denominator: torch.Tensor) -> torch.Tensor:
+    # A zero denominator means nothing to average: the loss and its gradients are 0, never NaN.
+    return torch.where(denominator > 0, denominator.reciprocal(), 0.0)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        num_items: torch.Tensor | None,
+        cfg: _LossConfig,
+        reduction: str,
+        chunk_size: int,
+        want_accuracy: bool,
+        grad_enabled: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        compute_dtype = _compute_dtype(hidden.dtype)
+        num_valid = (labels != cfg.ignore_index).sum()
+        # needs_input_grad ignores an enclosing no_grad(), so the caller's grad mode is passed in.
+        needs_grad = tuple(grad_enabled and flag for flag in ctx.needs_input_grad[:3])
+        ctx.cfg, ctx.reduction, ctx.chunk_size = cfg, reduction, chunk_size
+
+        if reduction == "none":
+            # Per-row grad_output is only known in backward, so the gradients are recomputed there.
+            result = _chunked_pass(
+                hidden, weight, bias, labels, cfg, chunk_size, None, (False, False, False), want_accuracy
+            )
+            loss = result.losses
+            ctx.save_for_backward(hidden, weight, bias, labels)
+        else:
+            if num_items is not None:
+                scale = _safe_reciprocal(num_items.to(compute_dtype))
+            elif reduction == "mean":
+                scale = _safe_reciprocal(num_valid.to(compute_dtype))
+            else:
+                scale = torch.ones((), dtype=compute_dtype, device=hidden.device)
+            row_scale = scale if any(needs_grad) else None
+            result = _chunked_pass(
+                hidden, weight, bias, labels, cfg, chunk_size, row_scale, needs_grad, want_accuracy
+            )
+            loss = result.losses.sum() * scale
+            # Gradients of an intermediate, not inputs/outputs: kept on ctx so backward can free them.
+            ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
+
+        if want_accuracy:
+            accuracy = (result.num_correct / num_valid.clamp_min(1)).to(torch.float32)
+        else:
+            accuracy = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ctx.mark_non_differentiable(accuracy)
+        return loss, accuracy
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, _grad_accuracy: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        if ctx.reduction == "none":
+            hidden, weight, bias, labels = ctx.saved_tensors
+            row_scale = grad_loss.to(_compute_dtype(hidden.dtype))
+            needs_grad = ctx.needs_input_grad[:3]
+            result = _chunked_pass(
+                hidden, weight, bias, labels, ctx.cfg, ctx.chunk_size, row_scale, needs_grad, False
+            )
+            grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "fused_linear_cross_entropy: a mean/sum loss supports only one backward (its "
+                    "precomputed gradients are scaled in place and released); recompute the loss "
+                    "instead of using retain_graph=True"
+                )
+            grads, ctx.grads = ctx.grads, None
+            # In place: an out-of-place multiply would need a second V x H buffer.
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _validate_options(
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int | None,
+) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not (softcap > 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be None or a finite value > 0, got {softcap}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def _validate_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    reduction: str,
+    num_items: int | float | torch.Tensor | None,
+) -> None:
+    if hidden.dim() < 1 or not hidden.is_floating_point():
+        raise ValueError(
+            f"hidden must be a floating [..., H] tensor, got {hidden.dtype} {tuple(hidden.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must be [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if bias is not None and (bias.shape != weight.shape[:1] or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating [V] = [{weight.shape[0]}] tensor, got {tuple(bias.shape)}")
+    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(
+            f"hidden, weight, labels and bias must share a device, got {sorted(map(str, devices))}"
+        )
+    if num_items is not None:
+        if reduction == "none":
+            raise ValueError('num_items cannot be combined with reduction="none"')
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(
+                    f"num_items must be a number or a 1-element tensor, got {tuple(num_items.shape)}"
+                )
+        elif not num_items >= 0:
+            raise ValueError(f"num_items must be >= 0, got {num_items}")
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: int | float | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_accuracy: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of `logit_scale * (hidden @ weight.T + bias)` (then softcapped) without full logits.
+
+    Matches `F.cross_entropy(logits, labels, ignore_index=..., reduction=..., label_smoothing=...)` plus
+    `z_loss * logsumexp(logits)**2` per token, except that a mean over zero tokens is 0 (not NaN) and
+    "none" gives 0 at ignored positions. With `num_items` the loss is the per-token sum / num_items
+    (0 if num_items is 0). The loss is fp32 (fp64 for fp64 inputs); gradients have the input dtypes.
+    With `return_accuracy`, also returns the fraction of non-ignored tokens whose argmax is the label.
+    """
+    _validate_options(reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
+    _validate_inputs(hidden, weight, labels, bias, reduction, num_items)
+    hidden_size = hidden.shape[-1]
+    n_rows = math.prod(hidden.shape[:-1])
+    hidden_2d = hidden.reshape(n_rows, hidden_size)
+    flat_labels = labels.reshape(n_rows).to(torch.int64)
+    num_items_t = None
+    if num_items is not None:
+        num_items_t = torch.as_tensor(num_items).detach().reshape(()).to(hidden.device)
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(n_rows, weight.shape[0], hidden.dtype, hidden.device)
+    cfg = _LossConfig(ignore_index, float(label_smoothing), float(z_loss), softcap, float(logit_scale))
+
+    loss, accuracy = _LinearCrossEntropyFunction.apply(
+        hidden_2d,
+        weight,
+        bias,
+        flat_labels,
+        num_items_t,
+        cfg,
+        reduction,
+        chunk_size,
+        return_accuracy,
+        torch.is_grad_enabled(),
+    )
+    if reduction == "none":
+        loss = loss.view(labels.shape)
+    return (loss, accuracy) if return_accuracy else loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of `fused_linear_cross_entropy`; the LM head weight is passed to `forward`."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        # Fail at construction rather than at the first training step.
+        _validate_options(reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        num_items: int | float | torch.Tensor | None = None,
+        return_accuracy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return fused_linear_cross_entropy(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            num_items=num_items,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            return_accuracy=return_accuracy,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"logit_scale={self.logit_scale}, chunk_size={self.chunk_size}"
+        )

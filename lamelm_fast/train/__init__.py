@@ -1,0 +1,6 @@
+"""The lean training loop: ``python -m lamelm_fast.train`` or ``train(TrainConfig(...))``."""
+
+from lamelm_fast.train.config import ConfigError, TrainConfig
+from lamelm_fast.train.loop import TrainingStopped, TrainResult, train
+
+__all__ = ["ConfigError", "TrainConfig", "TrainResult", "TrainingStopped", "train"]

@@ -1,0 +1,5 @@
+import sys
+
+from lamelm_fast.train.cli import main
+
+sys.exit(main())

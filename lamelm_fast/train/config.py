@@ -1,0 +1,234 @@
+"""TrainConfig: the one typed config behind the CLI, YAML files and the Python API.
+
+Field names are Hugging Face ``TrainingArguments`` names where one exists, so a HF user guesses every flag
+(``--learning-rate``, ``--per-device-train-batch-size``...). A few fields default to ``None`` meaning "pick
+for this model"; :func:`resolve` is the one place that decides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+FINETUNE_MODES = ("qlora", "lora", "full")
+DATASET_FORMATS = ("auto", "alpaca", "chat", "text")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+# What the embedded default trains with: a tiny model from random weights learns fast at a high LR.
+EMBEDDED_LEARNING_RATE = 3e-3
+ADAPTER_LEARNING_RATE = 2e-4
+FULL_LEARNING_RATE = 2e-5
+EMBEDDED_MAX_SEQ_LENGTH = 384
+MAX_SEQ_LENGTH_CAP = 2048
+
+
+class ConfigError(ValueError):
+    """A user error: the message names the problem and the fix. The CLI prints it on one line, exit 2."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    # Model
+    model: str | None = field(default=None, metadata=_help(
+        "HF hub id or local model directory; omitted: the embedded tiny Llama (trained from scratch)"))
+    finetune: Literal["qlora", "lora", "full"] | None = field(default=None, metadata=_help(
+        "qlora (NF4 base + LoRA), lora or full; default: full for the embedded model, qlora otherwise"))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank"))
+    lora_alpha: float = field(default=32.0, metadata=_help("LoRA alpha (scale = alpha / r)"))
+    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input"))
+    lora_target_modules: list[str] | None = field(default=None, metadata=_help(
+        "module names to adapt (comma separated); default: every linear projection except the LM head"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
+    bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (bf16 compute, fp32 master weights)"))
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = field(default="sdpa", metadata=_help(
+        "attention implementation passed to transformers"))
+    # Data
+    dataset: str | None = field(default=None, metadata=_help(
+        "local jsonl/json/parquet/csv/txt file or HF datasets id; omitted: the embedded stdlib instruction set"))
+    dataset_format: Literal["auto", "alpaca", "chat", "text"] = field(default="auto", metadata=_help(
+        "record format: alpaca (instruction/input/output), chat (messages), text; auto detects"))
+    dataset_split: str = field(default="train", metadata=_help("split to load from a HF datasets id"))
+    max_seq_length: int | None = field(default=None, metadata=_help(
+        "truncate examples to this many tokens; default: min(model context, 2048)"))
+    packing: bool = field(default=True, metadata=_help(
+        "padding-free batches: sequences concatenated, positions restart, no attention across sequences"))
+    train_on_prompt: bool = field(default=False, metadata=_help("also compute the loss on prompt tokens"))
+    eval_split_ratio: float = field(default=0.05, metadata=_help("fraction of examples held out for validation"))
+    shuffle: bool = field(default=True, metadata=_help("shuffle training examples each epoch"))
+    # Optimisation
+    learning_rate: float | None = field(default=None, metadata=_help(
+        "peak learning rate; default: 3e-3 embedded model, 2e-4 (q)lora, 2e-5 full"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("clip gradients to this global L2 norm; 0 = off"))
+    lr_scheduler_type: str = field(default="linear", metadata=_help(
+        "linear, cosine, constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt"))
+    warmup_ratio: float = field(default=0.0, metadata=_help("fraction of steps for linear warmup"))
+    warmup_steps: int = field(default=0, metadata=_help("warmup steps (overrides --warmup-ratio when > 0)"))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("sequences per micro-batch"))
+    per_device_eval_batch_size: int = field(default=8, metadata=_help("sequences per eval batch"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    num_train_epochs: float = field(default=1.0, metadata=_help("epochs (fractions allowed)"))
+    max_steps: int = field(default=-1, metadata=_help("optimizer steps; > 0 overrides --num-train-epochs"))
+    seed: int = field(default=42, metadata=_help("seed for init, data order and dropout"))
+    # Reporting and checkpoints
+    output_dir: str = field(default="output", metadata=_help("run directory: checkpoints, metrics, summary"))
+    logging_steps: int = field(default=10, metadata=_help("log every N optimizer steps"))
+    eval_steps: int | None = field(default=None, metadata=_help("evaluate every N steps; default: end of run"))
+    save_steps: int | None = field(default=None, metadata=_help("checkpoint every N steps; always at the end"))
+    save_total_limit: int | None = field(default=None, metadata=_help("keep at most N checkpoints"))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help(
+        "checkpoint directory to resume from, or 'latest' for the newest in --output-dir"))
+    quiet: bool = field(default=False, metadata=_help("no per-step table, only errors and the summary"))
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _bool_from(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+
+
+def coerce_value(name: str, value: Any) -> Any:
+    """Convert a CLI string or YAML value to the field's type; raise ConfigError naming the field."""
+    kind = _field_types()[name]
+    args = [a for a in get_args(kind) if a is not type(None)]
+    optional = type(None) in get_args(kind)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    if get_origin(kind) is Literal or (args and get_origin(args[0]) is Literal):
+        choices = get_args(kind if get_origin(kind) is Literal else args[0])
+        if value not in choices:
+            raise ConfigError(f"{name}: invalid value {value!r}; choose one of {', '.join(choices)}")
+        return value
+    base = args[0] if args else kind
+    if get_origin(base) is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{name}: expected a list of names, got {value!r}")
+        return [i.strip() for i in items if i.strip()]
+    if base is bool:
+        return _bool_from(value, name)
+    try:
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {base.__name__}, got {value!r}") from None
+    return str(value)
+
+
+def from_mapping(values: dict[str, Any], source: str, base: TrainConfig | None = None) -> TrainConfig:
+    """Overlay ``values`` (YAML or CLI keys, kebab or snake case) on ``base``; unknown keys are errors."""
+    known = set(field_names())
+    updates = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in known:
+            close = [k for k in known if k.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{source}: unknown setting '{raw_key}'{hint}")
+        try:
+            updates[key] = coerce_value(key, value)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+    return dataclasses.replace(base or TrainConfig(), **updates)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
+    return data
+
+
+def validate(config: TrainConfig) -> None:
+    """Range checks that the type system cannot express. Raises ConfigError naming the field and the fix."""
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "lora_r"]
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("eval_steps", "save_steps", "save_total_limit", "max_seq_length"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1 (or omitted), got {value}")
+    if config.learning_rate is not None and not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise ConfigError(f"learning_rate must be a positive number, got {config.learning_rate}")
+    if not 0.0 <= config.eval_split_ratio < 1.0:
+        raise ConfigError(f"eval_split_ratio must be in [0, 1), got {config.eval_split_ratio}")
+    if not 0.0 <= config.warmup_ratio <= 1.0:
+        raise ConfigError(f"warmup_ratio must be in [0, 1], got {config.warmup_ratio}")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if config.max_grad_norm < 0 or config.weight_decay < 0 or config.warmup_steps < 0:
+        raise ConfigError("max_grad_norm, weight_decay and warmup_steps must be >= 0")
+    if config.max_steps <= 0 and not config.num_train_epochs > 0:
+        raise ConfigError("set num_train_epochs > 0 or max_steps > 0: as given the run would train 0 steps")
+    from lamelm_fast.optim import LR_SCHEDULER_TYPES
+
+    if config.lr_scheduler_type not in LR_SCHEDULER_TYPES:
+        raise ConfigError(f"lr_scheduler_type: invalid value {config.lr_scheduler_type!r}; "
+                          f"choose one of {', '.join(LR_SCHEDULER_TYPES)}")
+
+
+def resolve(config: TrainConfig, model_context: int | None = None) -> TrainConfig:
+    """Fill the model-dependent ``None`` defaults. The one place these choices are made."""
+    embedded = config.model is None
+    finetune = config.finetune or ("full" if embedded else "qlora")
+    if config.learning_rate is not None:
+        learning_rate = config.learning_rate
+    elif embedded:
+        learning_rate = EMBEDDED_LEARNING_RATE
+    else:
+        learning_rate = FULL_LEARNING_RATE if finetune == "full" else ADAPTER_LEARNING_RATE
+    max_seq_length = config.max_seq_length
+    if max_seq_length is None:
+        cap = EMBEDDED_MAX_SEQ_LENGTH if embedded else MAX_SEQ_LENGTH_CAP
+        max_seq_length = min(cap, model_context) if model_context else cap
+    elif model_context and max_seq_length > model_context:
+        raise ConfigError(f"max_seq_length {max_seq_length} is longer than the model's context ({model_context} "
+                          f"positions): set --max-seq-length {model_context} or less")
+    return dataclasses.replace(config, finetune=finetune, learning_rate=learning_rate,
+                               max_seq_length=max_seq_length)

@@ -1,0 +1,365 @@
+"""Datasets: load records, render them (alpaca, chat, text), tokenize with response-only labels, batch.
+
+Every record keeps where it came from (``file:line``) so that a bad one is reported precisely. Labels are
+shifted here, per sequence, so packed sequences never predict across a boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lamelm_fast.train.config import ConfigError
+
+IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def embedded_dataset_path() -> Path:
+    return Path(str(resources.files("lamelm_fast.assets") / "data" / "python_stdlib_functions.jsonl"))
+
+
+@dataclass
+class Record:
+    data: dict[str, Any]
+    where: str  # "file:line" or "dataset[index]", for error messages
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    target_mask: list[bool]  # token i is predicted by the loss
+
+    @property
+    def num_targets(self) -> int:
+        # Position 0 has nothing before it, so it can never be a target after the shift.
+        return sum(self.target_mask[1:])
+
+
+@dataclass
+class DatasetStats:
+    source: str
+    format: str
+    records: int = 0
+    truncated: int = 0
+    skipped_no_targets: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    train_tokens: int = 0
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"{where}: not valid UTF-8 (byte {error.start}): re-encode the file as UTF-8")
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{where}: not valid JSON ({error.msg} at column {error.colno}): "
+                                  "fix or remove that line") from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a JSON object per line, got {type(value).__name__}")
+            records.append(Record(value, where))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8: re-encode the file as UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise ConfigError(f"{path}: expected a list of records (or an object holding one list)")
+        value = lists[0]
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: expected a list of records, got {type(value).__name__}")
+    records = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}: record {index}: expected an object, got {type(item).__name__}")
+        records.append(Record(item, f"{path}: record {index}"))
+    return records
+
+
+def _read_text(path: Path) -> list[Record]:
+    # A blank line separates documents, so paragraphs of prose stay together.
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8: re-encode the file as UTF-8") from None
+    records, lines, start = [], [], 1
+    for line_number, line in enumerate([*text.splitlines(), ""], start=1):
+        if line.strip():
+            if not lines:
+                start = line_number
+            lines.append(line)
+        elif lines:
+            records.append(Record({"text": "\n".join(lines)}, f"{path}:{start}"))
+            lines = []
+    return records
+
+
+def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        if kind == "hub":
+            table = datasets.load_dataset(path, split=split)
+        else:
+            table = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as error:  # datasets raises many types; all mean "could not read it"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if kind == "hub":
+            raise ConfigError(f"could not load dataset '{path}' (split '{split}') from the Hugging Face hub: "
+                              f"{first_line}; for a local file give its path") from None
+        raise ConfigError(f"{path}: could not read as {kind}: {first_line}") from None
+    return [Record(dict(row), f"{path}[{index}]") for index, row in enumerate(table)]
+
+
+def load_records(source: str | None, split: str = "train") -> tuple[str, list[Record]]:
+    """Records from a local file, a local dataset directory or a HF datasets id; the embedded set if None."""
+    path = embedded_dataset_path() if source is None else Path(source)
+    name = str(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            records = _read_jsonl(path)
+        elif suffix == ".json":
+            records = _read_json(path)
+        elif suffix == ".txt":
+            records = _read_text(path)
+        elif suffix in (".parquet", ".csv"):
+            records = _read_with_datasets(suffix[1:], name, split)
+        else:
+            raise ConfigError(f"{path}: unsupported file type '{suffix}': use one of {', '.join(LOCAL_SUFFIXES)}")
+    elif path.is_dir():
+        records = _read_with_datasets("hub", name, split)
+    elif source is not None and (path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))):
+        raise ConfigError(f"dataset file {source} not found: check the path given to --dataset")
+    else:
+        records = _read_with_datasets("hub", name, split)
+    if not records:
+        raise ConfigError(f"dataset {name} has no records: give a file with at least one example")
+    return name, records
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def detect_format(records: list[Record]) -> str:
+    keys = set(records[0].data)
+    if "messages" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    raise ConfigError(f"{records[0].where}: cannot tell the dataset format from the fields {sorted(keys)}: "
+                      "expected 'messages' (chat), 'instruction'+'output' (alpaca) or 'text'; "
+                      "rename the fields or set --dataset-format")
+
+
+def _string_field(record: Record, name: str, required: bool = True) -> str:
+    value = record.data.get(name)
+    if value is None and not required:
+        return ""
+    if name not in record.data:
+        raise ConfigError(f"{record.where}: missing field '{name}'")
+    if not isinstance(value, str):
+        raise ConfigError(f"{record.where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _encode_alpaca(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    instruction = _string_field(record, "instruction")
+    extra = _string_field(record, "input", required=False)
+    output = _string_field(record, "output")
+    template = ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT
+    prompt = template.format(instruction=instruction, input=extra)
+    return [(_encode(tokenizer, prompt, special=True), False),
+            (_encode(tokenizer, output) + [tokenizer.eos_token_id], True)]
+
+
+def _encode_text(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    return [(_encode(tokenizer, _string_field(record, "text"), special=True) + [tokenizer.eos_token_id], True)]
+
+
+def _encode_chat(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]:
+    messages = record.data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{record.where}: field 'messages' must be a non-empty list of {{role, content}}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ConfigError(f"{record.where}: messages[{index}] needs a string 'content'")
+        if message.get("role") not in CHAT_ROLES:
+            raise ConfigError(f"{record.where}: messages[{index}] has unknown role {message.get('role')!r}; "
+                              f"use one of {', '.join(CHAT_ROLES)}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("the tokenizer has no chat template, so chat records cannot be rendered: "
+                          "use a chat model's tokenizer or --dataset-format alpaca/text")
+
+    def render(upto: int, generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    # Render growing prefixes and tokenize the new text of each step: assistant content is a target,
+    # everything else (headers, user turns, generation prompt) is prompt.
+    segments, done = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            header = render(index, generation_prompt=True)
+            segments.append((header, False))
+        segments.append((render(index + 1), message["role"] == "assistant"))
+    pieces = []
+    for text, is_target in segments:
+        if not text.startswith(done):
+            raise ConfigError("the tokenizer's chat template does not render conversations prefix by prefix, "
+                              "so response-only labels cannot be located: use --train-on-prompt")
+        pieces.append((_encode(tokenizer, text[len(done):]), is_target))
+        done = text
+    return pieces
+
+
+ENCODERS = {"alpaca": _encode_alpaca, "chat": _encode_chat, "text": _encode_text}
+
+
+def encode_record(record: Record, fmt: str, tokenizer: Any, train_on_prompt: bool) -> Example:
+    ids: list[int] = []
+    mask: list[bool] = []
+    for piece, is_target in ENCODERS[fmt](record, tokenizer):
+        ids.extend(piece)
+        mask.extend([is_target or train_on_prompt] * len(piece))
+    return Example(ids, mask)
+
+
+def prepare_datasets(source: str | None, split: str, fmt: str, tokenizer: Any, max_seq_length: int,
+                     train_on_prompt: bool, eval_split_ratio: float, seed: int,
+                     ) -> tuple[list[Example], list[Example], DatasetStats]:
+    name, records = load_records(source, split)
+    fmt = detect_format(records) if fmt == "auto" else fmt
+    stats = DatasetStats(source=name, format=fmt, records=len(records))
+    examples = []
+    for record in records:
+        example = encode_record(record, fmt, tokenizer, train_on_prompt)
+        if len(example.input_ids) > max_seq_length:
+            stats.truncated += 1
+            example = Example(example.input_ids[:max_seq_length], example.target_mask[:max_seq_length])
+        if example.num_targets == 0:
+            stats.skipped_no_targets += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise ConfigError(f"every label in {name} is masked ({stats.records} records, {stats.truncated} truncated "
+                          f"to {max_seq_length} tokens): raise --max-seq-length, check the response field, "
+                          "or use --train-on-prompt")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    num_eval = math.ceil(len(examples) * eval_split_ratio) if eval_split_ratio > 0 else 0
+    num_eval = min(num_eval, len(examples) - 1)
+    eval_set = [examples[i] for i in sorted(order[:num_eval])]
+    train_set = [examples[i] for i in sorted(order[num_eval:])]
+    stats.train_examples, stats.eval_examples = len(train_set), len(eval_set)
+    stats.train_tokens = sum(len(e.input_ids) for e in train_set)
+    return train_set, eval_set, stats
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor  # already shifted: labels[t] is the token predicted at position t
+    attention_mask: torch.Tensor | None  # None when packed
+    position_ids: torch.Tensor | None
+    num_tokens: int  # real (non-padding) tokens, counted on the host: no device sync
+    num_targets: int
+    num_sequences: int
+
+    def to(self, device: torch.device) -> Batch:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
+                     self.num_tokens, self.num_targets, self.num_sequences)
+
+
+def shifted_labels(example: Example) -> list[int]:
+    ids, mask = example.input_ids, example.target_mask
+    return [ids[i + 1] if mask[i + 1] else IGNORE_INDEX for i in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+def collate(examples: list[Example], packing: bool, pad_token_id: int) -> Batch:
+    lengths = [len(e.input_ids) for e in examples]
+    labels = [shifted_labels(e) for e in examples]
+    num_targets = sum(e.num_targets for e in examples)
+    if packing:
+        # One row, positions restarting per sequence: transformers turns that into a block-diagonal mask.
+        input_ids = torch.tensor([[t for e in examples for t in e.input_ids]], dtype=torch.long)
+        flat_labels = torch.tensor([[t for row in labels for t in row]], dtype=torch.long)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None] if lengths else torch.zeros(1, 0)
+        return Batch(input_ids, flat_labels, None, positions.long(), sum(lengths), num_targets, len(examples))
+    width = max(lengths, default=0)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    label_ids = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (example, row_labels) in enumerate(zip(examples, labels)):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        label_ids[row, :n] = torch.tensor(row_labels)
+        attention[row, :n] = 1
+    return Batch(input_ids, label_ids, attention, None, sum(lengths), num_targets, len(examples))
+
+
+class DataOrder:
+    """Deterministic batch order: epoch e is a permutation seeded by (seed, e), so a resume can skip ahead."""
+
+    def __init__(self, num_examples: int, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.num_examples, self.batch_size, self.shuffle, self.seed = num_examples, batch_size, shuffle, seed
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.num_examples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_examples))
+        return [order[i:i + self.batch_size] for i in range(0, self.num_examples, self.batch_size)]
+
+
+def iterate_batches(examples: list[Example], batch_size: int, packing: bool, pad_token_id: int,
+                    ) -> Iterator[Batch]:
+    """Fixed-order batches (evaluation)."""
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], packing, pad_token_id)

@@ -1,0 +1,308 @@
+"""The training loop. The step is in :func:`train`; data, loss, metrics and checkpoints are called from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging as transformers_logging
+
+from lamelm_fast.metrics import RunLogger
+from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
+from lamelm_fast.train import checkpoint
+from lamelm_fast.train.config import TrainConfig, resolve, validate
+from lamelm_fast.train.data import Batch, DataOrder, Example, collate, iterate_batches, prepare_datasets
+from lamelm_fast.train.model import (causal_lm_loss, load_model, load_model_config, load_tokenizer, model_context,
+                                     pick_device)
+
+
+class TrainingStopped(Exception):
+    """The run ended early on purpose (interrupt, non-finite loss); the message says what to do next."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    global_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # logged train and eval rows
+    summary: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+@dataclass
+class Position:
+    """Where the run is: the next optimizer step and the next micro-batch of the epoch order."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+class WindowMetrics:
+    """Sums over a logging window. Device values stay on device until :meth:`read` (one sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device)
+        self.steps = self.tokens = self.targets = 0
+        self.started = time.perf_counter()
+
+    def add_micro_batch(self, loss: torch.Tensor, correct: torch.Tensor, batch: Batch) -> None:
+        self.loss += loss.detach().float()
+        self.correct += correct.detach().float()
+        self.tokens += batch.num_tokens
+        self.targets += batch.num_targets
+
+    def read(self, grad_norm: torch.Tensor | None) -> tuple[float, float, float]:
+        norm = grad_norm if grad_norm is not None else torch.full((), math.nan, device=self.device)
+        loss_sum, correct, norm_value = torch.stack([self.loss, self.correct, norm.float()]).tolist()
+        return loss_sum / max(self.steps, 1), correct / max(self.targets, 1), norm_value
+
+
+def training_windows(order: DataOrder, accumulation: int, start: Position) -> Iterator[tuple[int, int, list]]:
+    """(epoch, next batch index, index lists of the window's micro-batches); windows never cross an epoch."""
+    epoch, first = start.epoch, start.batch
+    while True:
+        batches = order.epoch(epoch)
+        for begin in range(first, len(batches), accumulation):
+            window = batches[begin:begin + accumulation]
+            yield epoch, begin + len(window), window
+        epoch, first = epoch + 1, 0
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> FusedAdamW:
+    # No weight decay on biases and norm gains (1-D), as in HF Trainer's default grouping for these models.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return FusedAdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                      betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                      weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], config: TrainConfig, pad_token_id: int,
+             device: torch.device, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    targets = 0
+    for batch in iterate_batches(examples, config.per_device_eval_batch_size, config.packing, pad_token_id):
+        loss, batch_correct = causal_lm_loss(model, batch.to(device), None, autocast_dtype)
+        loss_sum += loss.float()
+        correct += batch_correct.float()
+        targets += batch.num_targets
+    model.train(was_training)
+    total, right = torch.stack([loss_sum, correct]).tolist()
+    val_loss = total / max(targets, 1)
+    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0)),
+            "val_token_accuracy": right / max(targets, 1)}
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step, saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written."""
+    validate(config)
+    transformers_logging.disable_progress_bar()  # our own table reports progress
+    tokenizer = load_tokenizer(config)
+    model_config = load_model_config(config)
+    config = resolve(config, model_context(model_config))
+    train_set, eval_set, stats = prepare_datasets(
+        config.dataset, config.dataset_split, config.dataset_format, tokenizer, config.max_seq_length,
+        config.train_on_prompt, config.eval_split_ratio, config.seed)
+    run_dir = Path(config.output_dir)
+    resume_path = (checkpoint.resolve_resume_path(config.resume_from_checkpoint, run_dir)
+                   if config.resume_from_checkpoint else None)
+    device = pick_device()
+    loaded = load_model(config, model_config, device)
+    model, autocast_dtype = loaded.model, loaded.autocast_dtype
+    optimizer = make_optimizer(model, config)
+    order = DataOrder(len(train_set), config.per_device_train_batch_size, config.shuffle, config.seed)
+    steps_per_epoch = math.ceil(order.batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    warmup = config.warmup_steps or math.ceil(total_steps * config.warmup_ratio)
+    scheduler = get_lr_scheduler(config.lr_scheduler_type, optimizer, warmup, total_steps)
+    position = Position()
+    torch.manual_seed(config.seed)
+    if resume_path is not None:
+        state = checkpoint.load_training_state(resume_path)
+        checkpoint.load_weights(resume_path, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        position = Position(**state["position"])
+        checkpoint.set_rng_state(state["rng"])
+
+    logger = RunLogger(run_dir, quiet=config.quiet)
+    total_params, trainable_params = loaded.parameter_counts()
+    logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, loaded.notes,
+                       resume_path))
+    result = TrainResult(run_dir, position.step)
+    window = WindowMetrics(device)
+    windows = training_windows(order, config.gradient_accumulation_steps, position)
+    started, run_tokens, run_samples = time.perf_counter(), 0, 0
+    model.train()
+    with _StopRequest() as stop:
+        for step in range(position.step + 1, total_steps + 1):
+            epoch, next_batch, indices = next(windows)
+            micro_batches = [collate([train_set[i] for i in idx], config.packing, tokenizer.pad_token_id)
+                             for idx in indices]
+            # Normalise by the label tokens of the whole window, so the split into micro-batches is invisible.
+            num_items = sum(b.num_targets for b in micro_batches)
+            for batch in micro_batches:
+                loss, correct = causal_lm_loss(model, batch.to(device), num_items, autocast_dtype)
+                loss.backward()
+                window.add_micro_batch(loss, correct, batch)
+            learning_rate = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window.steps += 1
+            run_tokens += sum(b.num_tokens for b in micro_batches)
+            run_samples += sum(b.num_sequences for b in micro_batches)
+            position = _next_position(step, epoch, next_batch, order)
+
+            if step % config.logging_steps == 0 or step == total_steps:
+                _log_window(logger, result, window, optimizer, step, learning_rate,
+                            epoch + next_batch / order.batches_per_epoch, device)
+            if eval_set and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
+                _log_eval(logger, result, window, model, eval_set, config, tokenizer, device, autocast_dtype, step)
+            if (config.save_steps and step % config.save_steps == 0) or step == total_steps or stop.signal_name:
+                result.checkpoint = checkpoint.save_checkpoint(
+                    run_dir, step, model, tokenizer, _training_state(optimizer, scheduler, position, config),
+                    config.save_total_limit)
+            result.global_step = step
+            if stop.signal_name:
+                logger.close()
+                raise TrainingStopped(
+                    f"{stop.signal_name} at step {step}: saved {result.checkpoint}; resume with the same command "
+                    f"plus --resume-from-checkpoint {result.checkpoint}", exit_code=0)
+
+    if eval_set:
+        _log_eval(logger, result, window, model, eval_set, config, tokenizer, device, autocast_dtype, result.global_step)
+    result.summary = _summary(result, time.perf_counter() - started, run_tokens, run_samples, device)
+    logger.summary(result.summary)
+    logger.close()
+    return result
+
+
+def _next_position(step: int, epoch: int, next_batch: int, order: DataOrder) -> Position:
+    if next_batch >= order.batches_per_epoch:
+        return Position(step, epoch + 1, 0)
+    return Position(step, epoch, next_batch)
+
+
+def _training_state(optimizer: FusedAdamW, scheduler: Any, position: Position, config: TrainConfig,
+                    ) -> dict[str, Any]:
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "position": dataclasses.asdict(position), "config": dataclasses.asdict(config)}
+
+
+def _log_window(logger: RunLogger, result: TrainResult, window: WindowMetrics, optimizer: FusedAdamW, step: int,
+                learning_rate: float, epoch: float, device: torch.device) -> None:
+    loss, accuracy, grad_norm = window.read(optimizer.grad_norm)
+    elapsed = time.perf_counter() - window.started
+    row = {"step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": float(learning_rate),
+           "epoch": epoch, "token_accuracy": accuracy, "tokens_per_second": window.tokens / max(elapsed, 1e-9),
+           "memory_gb": _memory_gb(device)}
+    logger.train_row(row)
+    result.history.append({"type": "train", **row})
+    window.reset()
+    if not math.isfinite(loss):
+        logger.close()
+        raise TrainingStopped(f"loss is {loss} at step {step}: training diverged; the last checkpoint is kept. "
+                              "Lower --learning-rate or --max-grad-norm, or check the data", exit_code=1)
+
+
+def _log_eval(logger: RunLogger, result: TrainResult, window: WindowMetrics, model: nn.Module,
+              eval_set: list[Example], config: TrainConfig, tokenizer: Any, device: torch.device,
+              autocast_dtype: torch.dtype | None, step: int) -> None:
+    started = time.perf_counter()
+    row = {"step": step, **evaluate(model, eval_set, config, tokenizer.pad_token_id, device, autocast_dtype)}
+    window.started += time.perf_counter() - started  # tokens/s measures training, not evaluation
+    logger.eval_row(row)
+    result.history.append({"type": "eval", **row})
+
+
+def _banner(config: TrainConfig, stats: Any, device: torch.device, total: int, trainable: int, steps: int,
+            notes: list[str], resume_path: Path | None) -> str:
+    model_name = config.model or "embedded tiny Llama (lamelm_fast/assets/model)"
+    lines = [
+        f"lamelm-fast: {config.finetune} fine-tuning of {model_name} on {device.type}",
+        f"  parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable ({100 * trainable / total:.1f}%)",
+        f"  data: {stats.source} ({stats.format}): {stats.records} records -> {stats.train_examples} train / "
+        f"{stats.eval_examples} validation examples, {stats.train_tokens} train tokens",
+        f"  truncated to {config.max_seq_length} tokens: {stats.truncated}; skipped (no target tokens): "
+        f"{stats.skipped_no_targets}; packing {'on' if config.packing else 'off'}; loss on "
+        f"{'all tokens' if config.train_on_prompt else 'responses only'}",
+        f"  {steps} steps x {config.gradient_accumulation_steps} micro-batches of "
+        f"{config.per_device_train_batch_size}; lr {config.learning_rate:g} ({config.lr_scheduler_type}); "
+        f"clip {config.max_grad_norm:g}; run dir {config.output_dir}",
+        *[f"  note: {note}" for note in notes],
+    ]
+    if resume_path is not None:
+        lines.append(f"  resuming from {resume_path}")
+    return "\n".join(lines)
+
+
+def _summary(result: TrainResult, runtime: float, tokens: int, samples: int, device: torch.device) -> dict[str, Any]:
+    train_rows = [row for row in result.history if row["type"] == "train"]
+    eval_rows = [row for row in result.history if row["type"] == "eval"]
+    losses = [row["loss"] for row in train_rows]
+    best = min(eval_rows, key=lambda row: row["val_loss"], default=None)
+    return {
+        "steps": result.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "mean_train_loss": sum(losses) / len(losses) if losses else None,
+        "best_val_loss": best["val_loss"] if best else None,
+        "best_val_step": best["step"] if best else None,
+        "final_val_perplexity": eval_rows[-1]["val_perplexity"] if eval_rows else None,
+        "runtime_seconds": runtime,
+        "samples_per_second": samples / max(runtime, 1e-9),
+        "tokens_per_second": tokens / max(runtime, 1e-9),
+        "peak_memory_gb": _memory_gb(device),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+    }

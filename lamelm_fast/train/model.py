@@ -1,0 +1,223 @@
+"""Model and tokenizer loading (embedded default, hub id or local dir; full, LoRA or QLoRA) and the loss.
+
+The loss runs the decoder for hidden states and then ``fused_linear_cross_entropy`` on the LM head weight,
+so the full [tokens, vocab] logits never exist in training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lamelm_fast.ops import fused_linear_cross_entropy
+from lamelm_fast.train.config import ConfigError, TrainConfig
+from lamelm_fast.train.data import Batch
+
+
+def embedded_asset(name: str) -> str:
+    return str(resources.files("lamelm_fast.assets") / name)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "owner/name"; anything else with a separator or a leading ./ ~ is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _pretrained_source(config: TrainConfig) -> str:
+    name = config.model
+    assert name is not None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model directory {name} has no config.json: point --model at a directory "
+                              "saved with save_pretrained, or at a hub id")
+        return str(path)
+    if _looks_like_path(name):
+        raise ConfigError(f"model directory {name} not found: check the path given to --model")
+    return name
+
+
+def load_tokenizer(config: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source = embedded_asset("tokenizer") if config.model is None else _pretrained_source(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"could not load a tokenizer for '{source}': {_first_line(error)}; give a local "
+                          "model directory or check the hub id and the network") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of '{source}' has no eos token: set eos_token in tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pads are masked out of attention and loss anyway
+    return tokenizer
+
+
+def load_model_config(config: TrainConfig) -> Any:
+    from transformers import AutoConfig
+
+    source = embedded_asset("model") if config.model is None else _pretrained_source(config)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"could not load model '{source}': {_first_line(error)}; give a local model "
+                          "directory or check the hub id and the network") from None
+
+
+def model_context(model_config: Any) -> int | None:
+    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    return getattr(text, "max_position_embeddings", None)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: run in the weights' dtype
+    notes: list[str] = field(default_factory=list)  # what was decided and why, for the startup banner
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        total = sum(_numel(p) for p in self.model.parameters())
+        return total, sum(p.numel() for p in self.trainable_parameters)
+
+
+def _numel(param: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit values per uint8 element; count logical weights.
+    quant_state = getattr(param, "quant_state", None)
+    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _lora_targets(config: TrainConfig) -> str | list[str]:
+    targets = config.lora_target_modules or "all-linear"
+    if isinstance(targets, list) and any(t.split(".")[-1] == "lm_head" for t in targets):
+        raise ConfigError("LoRA on lm_head is not supported (the fused cross-entropy reads the head weight "
+                          "directly): remove lm_head from --lora-target-modules")
+    return targets
+
+
+def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> LoadedModel:
+    """Build the trainable model for ``config.finetune`` (already resolved)."""
+    from transformers import AutoModelForCausalLM
+
+    notes: list[str] = []
+    on_cuda = device.type == "cuda"
+    if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("--attn-implementation flash_attention_2 needs flash-attn: "
+                          "pip install 'lamelm-fast[flash]', or use sdpa")
+    if config.bf16 and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--bf16 was given but this GPU has no bf16 support: drop --bf16")
+    autocast_dtype = torch.bfloat16 if config.bf16 else None
+    load_kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
+
+    if config.finetune == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("--finetune qlora needs bitsandbytes: pip install bitsandbytes, "
+                              "or use --finetune lora")
+        from transformers import BitsAndBytesConfig
+
+        compute_dtype = torch.bfloat16 if on_cuda else torch.float32
+        if not on_cuda:
+            notes.append("no CUDA device: QLoRA runs bitsandbytes 4-bit on the CPU with fp32 compute (slow)")
+            autocast_dtype = None
+        else:
+            autocast_dtype = torch.bfloat16
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype)
+        load_kwargs["device_map"] = {"": device.index if on_cuda and device.index is not None else str(device)}
+        notes.append(f"QLoRA: NF4 + double quantization, {str(compute_dtype).removeprefix('torch.')} compute")
+    elif config.finetune == "lora" and config.bf16:
+        load_kwargs["dtype"] = torch.bfloat16  # frozen base in bf16; adapters stay fp32
+    else:
+        load_kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights; bf16 via autocast
+
+    if config.model is None:
+        torch.manual_seed(config.seed)
+        model_config._attn_implementation = config.attn_implementation
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        notes.append("embedded default: a tiny Llama with random weights, so it is trained in full "
+                     "(from scratch) unless --finetune says otherwise")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(_pretrained_source(config), **load_kwargs)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"could not load model '{config.model}': {_first_line(error)}") from None
+    if "device_map" not in load_kwargs:
+        model.to(device)
+    model.config.use_cache = False
+
+    gc_kwargs = {"use_reentrant": False}
+    if config.finetune in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if config.finetune == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=gc_kwargs)
+        elif config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=_lora_targets(config), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        if config.model is None:
+            notes.append("LoRA on the embedded model's random weights learns little: prefer --finetune full")
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    return LoadedModel(model, device, autocast_dtype, notes)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    head = _causal_lm(model).get_output_embeddings()
+    if not isinstance(head, nn.Linear) or not head.weight.is_floating_point():
+        raise ConfigError("the LM head is not a plain linear layer (adapted or quantized), which the fused "
+                          "cross-entropy cannot read: keep lm_head out of LoRA and quantization")
+    return head
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch, num_items: int | None, autocast_dtype: torch.dtype | None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (sum over targets / num_items, or the plain sum if num_items is None) and correct-token count."""
+    causal_lm = _causal_lm(model)
+    head = lm_head(model)
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        hidden = causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if autocast_dtype is not None:
+        hidden = hidden.to(autocast_dtype)
+        weight = head.weight.to(autocast_dtype)
+        bias = None if head.bias is None else head.bias.to(autocast_dtype)
+    else:
+        hidden, weight, bias = hidden.to(head.weight.dtype), head.weight, head.bias
+    loss, accuracy = fused_linear_cross_entropy(
+        hidden, weight, batch.labels.reshape(-1), bias=bias, reduction="sum",
+        num_items=num_items, softcap=softcap, return_accuracy=True)
+    return loss, accuracy * batch.num_targets

@@ -1,0 +1,105 @@
+"""One config behind CLI, YAML and Python; bad input gives one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lamelm_fast.train.cli import parse_config
+from lamelm_fast.train.config import ConfigError, TrainConfig, resolve, validate
+
+
+def test_cli_flags_are_hf_names_and_fill_the_dataclass() -> None:
+    config = parse_config(["--learning-rate", "3e-4", "--per-device-train-batch-size", "4",
+                           "--gradient-accumulation-steps", "2", "--lr-scheduler-type", "cosine",
+                           "--warmup-ratio", "0.1", "--bf16", "--no-packing", "--lora-target-modules", "q_proj,v_proj",
+                           "--max-steps", "7", "--finetune", "lora", "--eval-steps", "none"])
+    assert config == TrainConfig(learning_rate=3e-4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                 lr_scheduler_type="cosine", warmup_ratio=0.1, bf16=True, packing=False,
+                                 lora_target_modules=["q_proj", "v_proj"], max_steps=7, finetune="lora")
+
+
+def test_yaml_then_flags_override(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("learning-rate: 1.0e-4\nper_device_train_batch_size: 2\nbf16: true\nseed: 7\n")
+    config = parse_config(["--config", str(path), "--seed", "11"])
+    assert (config.learning_rate, config.per_device_train_batch_size, config.bf16, config.seed) == (1e-4, 2, True, 11)
+
+
+def test_yaml_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1.0e-4\nlearnig_rate: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown setting 'learnig_rate'"):
+        parse_config(["--config", str(path)])
+
+
+def test_wrong_type_and_range_errors() -> None:
+    with pytest.raises(ConfigError, match="per_device_train_batch_size: expected int, got 'two'"):
+        parse_config(["--per-device-train-batch-size", "two"])
+    with pytest.raises(ConfigError, match="eval_split_ratio must be in"):
+        validate(TrainConfig(eval_split_ratio=1.5))
+    with pytest.raises(ConfigError, match="lr_scheduler_type: invalid value 'cosin'"):
+        validate(TrainConfig(lr_scheduler_type="cosin"))
+
+
+def test_resolve_picks_model_dependent_defaults_once() -> None:
+    embedded = resolve(TrainConfig())
+    assert (embedded.finetune, embedded.learning_rate) == ("full", 3e-3)
+    real = resolve(TrainConfig(model="org/name"), model_context=4096)
+    assert (real.finetune, real.learning_rate, real.max_seq_length) == ("qlora", 2e-4, 2048)
+    assert resolve(TrainConfig(model="org/name", finetune="full"), 4096).learning_rate == 2e-5
+    with pytest.raises(ConfigError, match="longer than the model's context"):
+        resolve(TrainConfig(model="org/name", max_seq_length=9000), model_context=4096)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lamelm_fast.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+BAD_INPUTS = {
+    "missing_model": (["--model", "./no/such/model"], "model directory ./no/such/model not found"),
+    "unknown_flag_value": (["--finetune", "qlorax"], "finetune: invalid value 'qlorax'"),
+    "unknown_flag": (["--learnig-rate", "1"], "unrecognized arguments: --learnig-rate"),
+    "missing_dataset": (["--dataset", "nope.jsonl"], "dataset file nope.jsonl not found"),
+    "context": (["--max-seq-length", "5000"], "longer than the model's context (1024"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_cli_bad_input_exits_2_with_one_line(case: str, tmp_path: Path) -> None:
+    args, message = BAD_INPUTS[case]
+    result = run_cli(*args, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "data.jsonl:2: not valid JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "data.jsonl:2: missing field 'output'"),
+    ('{"instruction": "a", "output": 5}\n', "data.jsonl:1: field 'output' must be a string, got int"),
+    ('{"prompt": "a", "answer": "b"}\n', "cannot tell the dataset format"),
+    ("\n\n", "has no records"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}\n', "messages[0] has unknown role 'robot'"),
+    ('{"instruction": "' + "explain " * 20 + '", "output": "x"}\n', "every label in"),  # truncated away
+])
+def test_bad_dataset_exits_2_naming_file_line_field(content: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text(content)
+    result = run_cli("--dataset", "data.jsonl", "--max-seq-length", "8", "--output-dir", "run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_every_field() -> None:
+    result = subprocess.run([sys.executable, "-m", "lamelm_fast.train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in result.stdout

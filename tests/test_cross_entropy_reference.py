@@ -1,0 +1,637 @@
+"""The chunked torch reference of the fused linear cross-entropy against plain F.cross_entropy in float64."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lamelm_fast.ops.cross_entropy import (
+    LinearCrossEntropyLoss,
+    _default_chunk_size,
+    fused_linear_cross_entropy,
+)
+
+IGNORE = -100
+# Odd sizes so that no tested chunk size divides N and H != V.
+N, H, V = 37, 19, 53
+
+
+def _inputs(
+    n: int = N,
+    h: int = H,
+    v: int = V,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    with_bias: bool = True,
+    ignore_frac: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    # Logits of order 2-3, so that softcap and z-loss matter.
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * (2.5 / math.sqrt(h))
+    bias = torch.randn(v, generator=gen, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_frac] = IGNORE
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype) if with_bias else None, labels
+
+
+def _reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE,
+    reduction: str = "mean",
+    num_items: float | torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
+    """The unfused definition: full logits, F.cross_entropy, z-loss added by hand."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat_logits, flat_labels = logits.reshape(-1, weight.shape[0]), labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    z_term = z_loss * torch.logsumexp(flat_logits, dim=-1).square() * valid
+
+    def ce(red: str) -> torch.Tensor:
+        return F.cross_entropy(
+            flat_logits,
+            flat_labels,
+            ignore_index=ignore_index,
+            reduction=red,
+            label_smoothing=label_smoothing,
+        )
+
+    if reduction == "none":
+        return (ce("none") + z_term).reshape(labels.shape)
+    if num_items is not None:
+        return (ce("sum") + z_term.sum()) / num_items
+    if reduction == "sum":
+        return ce("sum") + z_term.sum()
+    return ce("mean") + z_term.sum() / valid.sum()
+
+
+def _loss_and_grads(
+    fn: Callable[..., torch.Tensor],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    grad_out: torch.Tensor | float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Loss and [d hidden, d weight, d bias] of `fn` on fresh leaf copies of the inputs in `dtype`."""
+    leaves = [
+        None if t is None else t.detach().to(dtype).clone().requires_grad_() for t in (hidden, weight, bias)
+    ]
+    loss = fn(leaves[0], leaves[1], labels, bias=leaves[2], **kwargs)
+    if grad_out is None:
+        loss.backward(torch.ones_like(loss))
+    elif isinstance(grad_out, torch.Tensor):
+        loss.backward(grad_out.to(loss.dtype))
+    else:
+        (loss * grad_out).backward()
+    return loss.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all()
+    diff = (actual.double() - expected.double()).norm()
+    return (diff / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def _check(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    tol: float,
+    chunk_size: int | None = None,
+    grad_out: torch.Tensor | float | None = None,
+    **kwargs: object,
+) -> None:
+    loss, grads = _loss_and_grads(
+        fused_linear_cross_entropy,
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=dtype,
+        grad_out=grad_out,
+        chunk_size=chunk_size,
+        **kwargs,
+    )
+    ref_loss, ref_grads = _loss_and_grads(
+        _reference, hidden, weight, bias, labels, dtype=torch.float64, grad_out=grad_out, **kwargs
+    )
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert _rel_err(loss, ref_loss) < tol, ("loss", _rel_err(loss, ref_loss))
+    for name, grad, ref in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        if ref is None:
+            assert grad is None
+            continue
+        assert grad.dtype == dtype, name
+        assert _rel_err(grad, ref) < tol, (name, _rel_err(grad, ref))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+@pytest.mark.parametrize("logit_scale", [1.0, 0.7])
+def test_matches_reference_fp32(
+    reduction: str,
+    label_smoothing: float,
+    with_bias: bool,
+    softcap: float | None,
+    z_loss: float,
+    logit_scale: float,
+) -> None:
+    hidden, weight, bias, labels = _inputs(with_bias=with_bias, seed=1)
+    _check(
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.float32,
+        tol=1e-5,
+        chunk_size=8,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        softcap=softcap,
+        z_loss=z_loss,
+        logit_scale=logit_scale,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, N, 100, None])
+def test_chunk_sizes(reduction: str, chunk_size: int | None) -> None:
+    hidden, weight, bias, labels = _inputs(seed=2)
+    opts = {"label_smoothing": 0.1, "softcap": 3.0, "z_loss": 1e-2, "logit_scale": 1.3}
+    _check(
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.float32,
+        tol=1e-5,
+        chunk_size=chunk_size,
+        reduction=reduction,
+        **opts,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"label_smoothing": 0.2, "softcap": 2.0, "z_loss": 1e-2, "logit_scale": 0.7}],
+    ids=["plain", "all_options"],
+)
+def test_matches_reference_fp64(reduction: str, opts: dict[str, float]) -> None:
+    hidden, weight, bias, labels = _inputs(seed=3)
+    _check(
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.float64,
+        tol=1e-10,
+        chunk_size=16,
+        reduction=reduction,
+        **opts,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_leading_dims(reduction: str) -> None:
+    hidden, weight, bias, labels = _inputs(n=3 * 13, seed=4)
+    hidden, labels = hidden.reshape(3, 13, H), labels.reshape(3, 13)
+    _check(hidden, weight, bias, labels, dtype=torch.float32, tol=1e-5, chunk_size=8, reduction=reduction)
+    if reduction == "none":
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="none")
+        assert loss.shape == (3, 13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "num_items",
+    [11, 7.5, torch.tensor(13), torch.tensor(13.0)],
+    ids=["int", "float", "int_tensor", "float_tensor"],
+)
+def test_num_items(reduction: str, num_items: float | torch.Tensor) -> None:
+    hidden, weight, bias, labels = _inputs(seed=5)
+    _check(
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.float32,
+        tol=1e-5,
+        chunk_size=8,
+        reduction=reduction,
+        num_items=num_items,
+        label_smoothing=0.1,
+        z_loss=1e-2,
+    )
+
+
+@pytest.mark.parametrize("num_items", [0, torch.tensor(0)], ids=["python", "tensor"])
+def test_num_items_zero_gives_zero_not_nan(num_items: int | torch.Tensor) -> None:
+    hidden, weight, bias, labels = _inputs(seed=6)
+    loss, grads = _loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, bias, labels, dtype=torch.float32, num_items=num_items
+    )
+    assert loss.item() == 0.0
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(reduction: str) -> None:
+    hidden, weight, bias, labels = _inputs(seed=7, ignore_frac=1.0)
+    assert (labels == IGNORE).all()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, accuracy = fused_linear_cross_entropy(
+        leaves[0],
+        leaves[1],
+        labels,
+        bias=leaves[2],
+        reduction=reduction,
+        label_smoothing=0.1,
+        z_loss=1e-2,
+        softcap=2.0,
+        return_accuracy=True,
+        chunk_size=8,
+    )
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert accuracy.item() == 0.0
+    loss.sum().backward()
+    for leaf in leaves:
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("lead_shape", [(0,), (3, 0)])
+def test_empty_batch(reduction: str, lead_shape: tuple[int, ...]) -> None:
+    hidden = torch.randn(*lead_shape, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    bias = torch.randn(V, requires_grad=True)
+    labels = torch.empty(lead_shape, dtype=torch.int64)
+    loss, accuracy = fused_linear_cross_entropy(
+        hidden, weight, labels, bias=bias, reduction=reduction, z_loss=1e-2, return_accuracy=True
+    )
+    assert loss.shape == (lead_shape if reduction == "none" else ())
+    assert loss.requires_grad
+    assert accuracy.item() == 0.0
+    loss.sum().backward()
+    assert hidden.grad.shape == hidden.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_non_contiguous_inputs(reduction: str) -> None:
+    hidden, weight, bias, labels = _inputs(seed=8)
+    # Transposed storage for hidden and weight, strided bias and labels.
+    hidden_base = hidden.T.contiguous().requires_grad_()
+    weight_base = weight.T.contiguous().requires_grad_()
+    bias_base = torch.stack([bias, torch.zeros_like(bias)], dim=1).reshape(-1).requires_grad_()
+    labels_strided = torch.stack([labels, torch.zeros_like(labels)], dim=1)[:, 0]
+    hidden_view, weight_view, bias_view = hidden_base.T, weight_base.T, bias_base[::2]
+    assert not (hidden_view.is_contiguous() or weight_view.is_contiguous() or bias_view.is_contiguous())
+    assert not labels_strided.is_contiguous()
+
+    opts = {"reduction": reduction, "label_smoothing": 0.1, "softcap": 2.0}
+    loss = fused_linear_cross_entropy(
+        hidden_view, weight_view, labels_strided, bias=bias_view, chunk_size=8, **opts
+    )
+    loss.sum().backward()
+    ref_loss, ref_grads = _loss_and_grads(
+        _reference, hidden, weight, bias, labels, dtype=torch.float64, **opts
+    )
+    assert _rel_err(loss.detach(), ref_loss) < 1e-5
+    assert _rel_err(hidden_base.grad.T, ref_grads[0]) < 1e-5
+    assert _rel_err(weight_base.grad.T, ref_grads[1]) < 1e-5
+    assert _rel_err(bias_base.grad[::2], ref_grads[2]) < 1e-5
+    assert torch.equal(bias_base.grad[1::2], torch.zeros(V))
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records (op, output shape) for every tensor produced by any aten op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[torch._ops.OpOverload, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.records.append((func, tuple(leaf.shape)))
+        return out
+
+    def max_numel(self) -> int:
+        return max(math.prod(shape) for _, shape in self.records)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", ["frozen_weight", "hidden_without_grad", "no_grad_mode"])
+def test_skips_unneeded_gradients(reduction: str, case: str) -> None:
+    chunk = 8
+    hidden, weight, bias, labels = _inputs(seed=9)
+    hidden.requires_grad_(case != "hidden_without_grad")
+    weight.requires_grad_(case != "frozen_weight")
+    bias.requires_grad_()
+    opts = {"reduction": reduction, "label_smoothing": 0.1, "chunk_size": chunk}
+
+    with _OpRecorder() as recorder:
+        if case == "no_grad_mode":
+            with torch.no_grad():
+                loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, **opts)
+            assert not loss.requires_grad
+        else:
+            loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, **opts)
+            loss.sum().backward()
+
+    # grad_weight is the only [V, H] tensor; grad_hidden chunks are the only matmuls with H columns.
+    weight_grad_made = any(shape == (V, H) for _, shape in recorder.records)
+    hidden_grad_made = any(
+        func.overloadpacket is torch.ops.aten.mm and shape[-1] == H for func, shape in recorder.records
+    )
+    assert any(shape == (chunk, V) for _, shape in recorder.records)  # the recorder does see the pass
+    assert weight_grad_made == (case == "hidden_without_grad")
+    assert hidden_grad_made == (case == "frozen_weight")
+    if case == "no_grad_mode":
+        return
+    ref_loss, ref_grads = _loss_and_grads(
+        _reference,
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.float64,
+        reduction=reduction,
+        label_smoothing=0.1,
+    )
+    assert _rel_err(loss.detach(), ref_loss) < 1e-5
+    assert _rel_err(bias.grad, ref_grads[2]) < 1e-5
+    if case == "frozen_weight":
+        assert weight.grad is None
+        assert _rel_err(hidden.grad, ref_grads[0]) < 1e-5
+    else:
+        assert hidden.grad is None
+        assert _rel_err(weight.grad, ref_grads[1]) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_inputs(reduction: str) -> None:
+    hidden, weight, bias, labels = _inputs(seed=10)
+    # The reference sees the same bf16-rounded values, in float64.
+    hidden, weight, bias = (t.to(torch.bfloat16) for t in (hidden, weight, bias))
+    opts = {"label_smoothing": 0.1, "softcap": 2.0, "z_loss": 1e-2, "logit_scale": 0.7}
+    _check(
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.bfloat16,
+        tol=1e-2,
+        chunk_size=8,
+        reduction=reduction,
+        **opts,
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, None])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"softcap": 2.0, "logit_scale": -1.0}, {"logit_scale": 0.5}],
+    ids=["plain", "negated", "scaled"],
+)
+def test_accuracy_matches_full_logits(chunk_size: int | None, opts: dict[str, float]) -> None:
+    hidden, weight, bias, labels = _inputs(seed=11, ignore_frac=0.3)
+    full_logits = opts.get("logit_scale", 1.0) * (hidden.double() @ weight.double().T + bias.double())
+    predictions = full_logits.argmax(dim=-1)
+    # Make about half of the rows right, so the expected accuracy is far from 0 and 1.
+    take = torch.rand(N, generator=torch.Generator().manual_seed(0)) < 0.5
+    labels = torch.where(take & (labels != IGNORE), predictions, labels)
+    valid = labels != IGNORE
+    correct = ((predictions == labels) & valid).sum()
+    assert 0 < correct < valid.sum()
+
+    hidden.requires_grad_()
+    loss, accuracy = fused_linear_cross_entropy(
+        hidden, weight, labels, bias=bias, return_accuracy=True, chunk_size=chunk_size, **opts
+    )
+    assert accuracy.dtype == torch.float32
+    assert accuracy.shape == ()
+    assert not accuracy.requires_grad
+    assert loss.requires_grad
+    assert accuracy.item() == (correct / valid.sum()).item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignore_index_inside_vocab(reduction: str) -> None:
+    # A real class id (e.g. the pad token) as ignore_index: those rows must be skipped, not scored.
+    hidden, weight, bias, labels = _inputs(seed=20)
+    predictions = (hidden.double() @ weight.double().T + bias.double()).argmax(dim=-1)
+    ignore_index = predictions.mode().values.item()
+    # Valid rows are labelled with their prediction; ignored rows include some the model "gets right".
+    labels = torch.where((labels == IGNORE) | (predictions == ignore_index), ignore_index, predictions)
+    assert (predictions == ignore_index).sum() > 0
+    assert (labels != ignore_index).sum() > 0
+    opts = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-2}
+    _check(hidden, weight, bias, labels, dtype=torch.float32, tol=1e-5, chunk_size=8, **opts)
+    _, accuracy = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, return_accuracy=True, **opts)
+    assert accuracy.item() == 1.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_scalar_grad_output(reduction: str) -> None:
+    hidden, weight, bias, labels = _inputs(seed=12)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0}
+    _check(
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.float32,
+        tol=1e-5,
+        chunk_size=8,
+        grad_out=3.7,
+        reduction=reduction,
+        **opts,
+    )
+
+
+def test_per_token_grad_output() -> None:
+    hidden, weight, bias, labels = _inputs(seed=13)
+    grad_out = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0, "logit_scale": 0.7}
+    _check(
+        hidden,
+        weight,
+        bias,
+        labels,
+        dtype=torch.float32,
+        tol=1e-5,
+        chunk_size=8,
+        grad_out=grad_out,
+        reduction="none",
+        **opts,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_never_materialises_full_logits(reduction: str) -> None:
+    n, h, v, chunk = 512, 24, 1000, 32
+    hidden, weight, bias, labels = _inputs(n, h, v, seed=14)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0, "logit_scale": 0.7}
+    with _OpRecorder() as forward_ops:
+        loss = fused_linear_cross_entropy(
+            hidden, weight, labels, bias=bias, reduction=reduction, chunk_size=chunk, **opts
+        )
+    with _OpRecorder() as backward_ops:
+        loss.sum().backward()
+
+    bound = max(chunk * v, v * h, n * h)
+    assert bound < n * v
+    assert forward_ops.max_numel() <= bound
+    assert backward_ops.max_numel() <= bound
+    # The chunk logits are visible to the recorder, so the bound above is really checked.
+    assert any(shape == (chunk, v) for _, shape in forward_ops.records)
+    if reduction == "none":
+        assert any(shape == (chunk, v) for _, shape in backward_ops.records)
+    ref_loss, ref_grads = _loss_and_grads(
+        _reference, hidden, weight, bias, labels, dtype=torch.float64, reduction=reduction, **opts
+    )
+    assert _rel_err(loss.detach(), ref_loss) < 1e-5
+    for leaf, ref in zip((hidden, weight, bias), ref_grads, strict=True):
+        assert _rel_err(leaf.grad, ref) < 1e-5
+
+
+def test_second_backward_of_scalar_loss_raises() -> None:
+    hidden, weight, bias, labels = _inputs(seed=15)
+    weight.requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_second_backward_of_per_token_loss_recomputes() -> None:
+    hidden, weight, bias, labels = _inputs(seed=16)
+    weight.requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="none", chunk_size=8)
+    loss.sum().backward(retain_graph=True)
+    once = weight.grad.clone()
+    loss.sum().backward()
+    torch.testing.assert_close(weight.grad, 2 * once)
+
+
+def test_labels_any_integer_dtype() -> None:
+    hidden, weight, bias, labels = _inputs(seed=17)
+    expected = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="none", chunk_size=8)
+    for dtype in (torch.int32, torch.int16):
+        got = fused_linear_cross_entropy(
+            hidden, weight, labels.to(dtype), bias=bias, reduction="none", chunk_size=8
+        )
+        assert torch.equal(got, expected)
+
+
+def test_module_equals_function() -> None:
+    hidden, weight, bias, labels = _inputs(seed=18)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0, "logit_scale": 0.7, "chunk_size": 8}
+    module = LinearCrossEntropyLoss(reduction="sum", **opts)
+    assert "softcap=2.0" in repr(module)
+    results = []
+    for call in (
+        lambda h, w, b: module(h, w, labels, b, num_items=9, return_accuracy=True),
+        lambda h, w, b: fused_linear_cross_entropy(
+            h, w, labels, bias=b, reduction="sum", num_items=9, return_accuracy=True, **opts
+        ),
+    ):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss, accuracy = call(*leaves)
+        loss.backward()
+        results.append((loss.detach(), accuracy, *(t.grad for t in leaves)))
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_default_chunk_size() -> None:
+    cpu = torch.device("cpu")
+    vocab = 128_256
+    for dtype, row_bytes in ((torch.float32, 8 * vocab), (torch.bfloat16, 10 * vocab)):
+        rows = _default_chunk_size(1_000_000, vocab, dtype, cpu)
+        assert 8 < rows <= 64 * 2**20 // row_bytes
+        assert rows % 8 == 0
+        assert rows > 64 * 2**20 // row_bytes - 8  # uses the budget, not just any small value
+    assert _default_chunk_size(5, vocab, torch.float32, cpu) == 5  # never more than N
+    assert _default_chunk_size(0, vocab, torch.float32, cpu) == 1
+    assert _default_chunk_size(1_000, 10**9, torch.float32, cpu) == 1  # at least one row
+
+
+_BAD_ARGUMENTS = [
+    ({"weight": torch.randn(V, H + 1)}, "weight"),
+    ({"weight": torch.randn(V, H, dtype=torch.float64)}, "weight"),
+    ({"labels": torch.zeros(N + 1, dtype=torch.int64)}, "labels"),
+    ({"labels": torch.zeros(N)}, "labels"),
+    ({"bias": torch.randn(V + 1)}, "bias"),
+    ({"reduction": "avg"}, "reduction"),
+    ({"reduction": "none", "num_items": 5}, "num_items"),
+    ({"num_items": -1}, "num_items"),
+    ({"num_items": torch.ones(2)}, "num_items"),
+    ({"label_smoothing": 1.0}, "label_smoothing"),
+    ({"label_smoothing": -0.1}, "label_smoothing"),
+    ({"softcap": 0.0}, "softcap"),
+    ({"softcap": -30.0}, "softcap"),
+    ({"z_loss": -1e-4}, "z_loss"),
+    ({"chunk_size": 0}, "chunk_size"),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"), _BAD_ARGUMENTS, ids=[f"{n}-{i}" for i, (_, n) in enumerate(_BAD_ARGUMENTS)]
+)
+def test_invalid_arguments(overrides: dict[str, object], name: str) -> None:
+    hidden, weight, bias, labels = _inputs(seed=19)
+    args = {"hidden": hidden, "weight": weight, "labels": labels, "bias": bias, **overrides}
+    with pytest.raises(ValueError, match=name):
+        fused_linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"reduction": "avg"}, "reduction"),
+        ({"label_smoothing": 1.5}, "label_smoothing"),
+        ({"softcap": 0}, "softcap"),
+    ],
+)
+def test_module_validates_at_construction(kwargs: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        LinearCrossEntropyLoss(**kwargs)

@@ -1,0 +1,106 @@
+"""Dataset loading, rendering and label masks, checked by decoding what the loss actually sees."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import embedded_records, write_jsonl
+from lamelm_fast.train.config import ConfigError
+from lamelm_fast.train.data import (IGNORE_INDEX, Record, collate, detect_format, encode_record, load_records,
+                                    prepare_datasets, shifted_labels)
+
+
+def targets_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if m])
+
+
+def test_alpaca_loss_on_response_only(embedded_tokenizer) -> None:
+    record = Record({"instruction": "Add two numbers.", "input": "1 and 2", "output": "def add(a, b):\n    return a + b"},
+                    "mem:1")
+    example = encode_record(record, "alpaca", embedded_tokenizer, train_on_prompt=False)
+    assert targets_text(embedded_tokenizer, example) == "def add(a, b):\n    return a + b<|endoftext|>"
+    prompt = embedded_tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if not m])
+    assert prompt == "### Instruction:\nAdd two numbers.\n\n### Input:\n1 and 2\n\n### Response:\n"
+    everything = encode_record(record, "alpaca", embedded_tokenizer, train_on_prompt=True)
+    assert all(everything.target_mask) and everything.input_ids == example.input_ids
+
+
+def test_chat_loss_on_assistant_turns_only(embedded_tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list?"},
+                {"role": "assistant", "content": "sorted(xs)"}, {"role": "user", "content": "In place?"},
+                {"role": "assistant", "content": "xs.sort()"}]
+    example = encode_record(Record({"messages": messages}, "mem:1"), "chat", embedded_tokenizer, False)
+    assert embedded_tokenizer.decode(example.input_ids) == embedded_tokenizer.apply_chat_template(messages,
+                                                                                                  tokenize=False)
+    assert targets_text(embedded_tokenizer, example) == "sorted(xs)<|im_end|>\nxs.sort()<|im_end|>\n"
+
+
+def test_format_detection_and_text_files(tmp_path: Path, embedded_tokenizer) -> None:
+    assert detect_format([Record({"messages": []}, "x")]) == "chat"
+    assert detect_format([Record({"instruction": "a", "output": "b", "input": ""}, "x")]) == "alpaca"
+    assert detect_format([Record({"text": "a"}, "x")]) == "text"
+    (tmp_path / "doc.txt").write_text("first para\nstill first\n\n\nsecond para\n")
+    _, records = load_records(str(tmp_path / "doc.txt"))
+    assert [r.data["text"] for r in records] == ["first para\nstill first", "second para"]
+    assert records[1].where.endswith("doc.txt:5")
+    example = encode_record(records[0], "text", embedded_tokenizer, False)
+    assert targets_text(embedded_tokenizer, example) == "first para\nstill first<|endoftext|>"
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv", "json"])
+def test_tabular_and_json_files_load_like_jsonl(tmp_path: Path, suffix: str) -> None:
+    import pandas as pd
+
+    records = embedded_records(5)
+    frame = pd.DataFrame(records)
+    path = tmp_path / f"data.{suffix}"
+    if suffix == "parquet":
+        frame.to_parquet(path)
+    elif suffix == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records")
+    _, loaded = load_records(str(path))
+    assert [{k: r.data[k] or "" for k in ("instruction", "input", "output")} for r in loaded] == records
+
+
+def test_truncation_is_counted_and_split_is_deterministic(tmp_path: Path, embedded_tokenizer) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", embedded_records(40, max_chars=2000))
+    kwargs = dict(split="train", fmt="auto", tokenizer=embedded_tokenizer, max_seq_length=48,
+                  train_on_prompt=False, eval_split_ratio=0.25, seed=3)
+    train, held_out, stats = prepare_datasets(str(path), **kwargs)
+    lengths = [len(encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False).input_ids)
+               for r in embedded_records(40, max_chars=2000)]
+    assert stats.truncated == sum(n > 48 for n in lengths) > 0
+    assert all(len(e.input_ids) <= 48 for e in train + held_out)
+    assert stats.train_examples + stats.eval_examples + stats.skipped_no_targets == 40
+    kept = stats.train_examples + stats.eval_examples
+    assert stats.eval_examples == math.ceil(kept * 0.25)
+    again = prepare_datasets(str(path), **kwargs)
+    assert [e.input_ids for e in again[0]] == [e.input_ids for e in train]
+
+
+def test_empty_after_masking_is_an_error(tmp_path: Path, embedded_tokenizer) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", embedded_records(3))
+    with pytest.raises(ConfigError, match="every label in .* is masked"):
+        prepare_datasets(str(path), "train", "auto", embedded_tokenizer, 8, False, 0.0, 0)
+
+
+def test_packed_labels_never_cross_a_sequence_boundary(embedded_tokenizer) -> None:
+    records = [Record(r, "x") for r in embedded_records(3)]
+    examples = [encode_record(r, "alpaca", embedded_tokenizer, False) for r in records]
+    packed = collate(examples, packing=True, pad_token_id=0)
+    padded = collate(examples, packing=False, pad_token_id=0)
+    lengths = [len(e.input_ids) for e in examples]
+    assert packed.input_ids.shape == (1, sum(lengths)) and packed.attention_mask is None
+    assert packed.position_ids[0].tolist() == [i for n in lengths for i in range(n)]
+    # The last token of every sequence predicts nothing; inside a sequence label[t] = token[t + 1].
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    assert (packed.labels[0, ends] == IGNORE_INDEX).all()
+    assert packed.labels[0].tolist() == [t for e in examples for t in shifted_labels(e)]
+    assert packed.num_targets == padded.num_targets == int((padded.labels != IGNORE_INDEX).sum())
+    assert padded.num_tokens == int(padded.attention_mask.sum()) == sum(lengths)

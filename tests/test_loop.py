@@ -1,0 +1,143 @@
+"""The loop on a tiny Llama: packing, gradient accumulation, exact resume, PEFT-loadable adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import embedded_records, tiny_llama_config, write_jsonl
+from lamelm_fast.train import TrainConfig, train
+from lamelm_fast.train.data import Record, collate, encode_record, iterate_batches, prepare_datasets
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_gives_each_sequence_its_own_loss(attn: str, embedded_tokenizer) -> None:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(embedded_tokenizer))
+    config._attn_implementation = attn
+    model = LlamaForCausalLM(config).eval()
+    examples = [encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False) for r in embedded_records(4)]
+
+    def per_token_losses(batch) -> torch.Tensor:
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        return F.cross_entropy(model.lm_head(hidden).flatten(0, 1), batch.labels.flatten(), reduction="none")
+
+    packed = per_token_losses(collate(examples, packing=True, pad_token_id=0))
+    start = 0
+    for example in examples:
+        alone = per_token_losses(collate([example], packing=True, pad_token_id=0))
+        n = len(example.input_ids)
+        torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-5, atol=1e-6)
+        start += n
+
+
+def base_config(tmp_path: Path, model_dir: Path, dataset: Path, **overrides) -> TrainConfig:
+    values = dict(model=str(model_dir), dataset=str(dataset), finetune="full", learning_rate=1e-3,
+                  max_seq_length=128, eval_split_ratio=0.0, logging_steps=1, output_dir=str(tmp_path / "run"),
+                  quiet=True, seed=5)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def train_rows(result) -> list[dict]:
+    return [row for row in result.history if row["type"] == "train"]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_gradient_accumulation_split_is_invisible(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path,
+                                                  packing: bool) -> None:
+    whole = train(base_config(tmp_path / "a", tiny_model_dir, small_alpaca, per_device_train_batch_size=8,
+                              gradient_accumulation_steps=1, max_steps=4, packing=packing))
+    split = train(base_config(tmp_path / "b", tiny_model_dir, small_alpaca, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=4, max_steps=4, packing=packing))
+    for a, b in zip(train_rows(whole), train_rows(split), strict=True):
+        assert rel(b["loss"], a["loss"]) < 1e-5 and rel(b["grad_norm"], a["grad_norm"]) < 1e-4
+        assert b["learning_rate"] == a["learning_rate"]
+    assert train_rows(whole)[-1]["loss"] < train_rows(whole)[0]["loss"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+    # LoRA dropout > 0 and shuffling across 3 epochs: RNG and data position must both be restored.
+    settings = dict(finetune="lora", lora_dropout=0.2, learning_rate=5e-3, per_device_train_batch_size=4,
+                    gradient_accumulation_steps=2, max_steps=15, save_steps=5, shuffle=True)
+    full = train(base_config(tmp_path / "full", tiny_model_dir, small_alpaca, **settings))
+    part_dir = tmp_path / "part" / "run"
+    shutil.copytree(full.run_dir / "checkpoint-5", part_dir / "checkpoint-5")
+    resumed = train(base_config(tmp_path / "part", tiny_model_dir, small_alpaca, resume_from_checkpoint="latest",
+                                **settings))
+    expected = {row["step"]: row for row in train_rows(full)}
+    assert [row["step"] for row in train_rows(resumed)] == list(range(6, 16))
+    for row in train_rows(resumed):
+        assert rel(row["loss"], expected[row["step"]]["loss"]) < 1e-6
+        assert rel(row["grad_norm"], expected[row["step"]]["grad_norm"]) < 1e-5
+    from safetensors.torch import load_file
+
+    final_full = load_file(str(full.run_dir / "checkpoint-15" / "adapter_model.safetensors"))
+    final_resumed = load_file(str(resumed.run_dir / "checkpoint-15" / "adapter_model.safetensors"))
+    assert final_full.keys() == final_resumed.keys()
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=1e-5, atol=1e-7)
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+    result = train(base_config(tmp_path, tiny_model_dir, small_alpaca, max_steps=6, save_steps=2,
+                               save_total_limit=2, per_device_train_batch_size=4))
+    assert sorted(p.name for p in result.run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert not list(result.run_dir.glob(".checkpoint-*"))  # no temporary directories left behind
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_loss"] < summary["first_loss"]
+
+
+def hf_mean_loss(model, examples, tokenizer) -> float:
+    """Mean target-token loss computed by the HF model's own forward (padding, unshifted labels)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in iterate_batches(examples, 4, packing=False, pad_token_id=tokenizer.pad_token_id):
+            labels = torch.full_like(batch.input_ids, -100)
+            labels[:, 1:] = batch.labels[:, :-1]  # HF shifts inside its loss
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+                        num_items_in_batch=torch.tensor(1))
+            total += out.loss.item()
+            count += batch.num_targets
+    return total / count
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_saved_adapter_loads_in_peft_and_reproduces_val_loss(tmp_path: Path, tiny_model_dir: Path,
+                                                             finetune: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    dataset = write_jsonl(tmp_path / "d.jsonl", embedded_records(40))
+    config = base_config(tmp_path, tiny_model_dir, dataset, finetune=finetune, max_steps=10, learning_rate=1e-2,
+                         eval_split_ratio=0.2, per_device_train_batch_size=4, lora_dropout=0.0)
+    result = train(config)
+    adapter = result.checkpoint
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    quantization = None
+    if finetune == "qlora":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization,
+                                                device_map="cpu" if quantization else None)
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    _, held_out, _ = prepare_datasets(str(dataset), "train", "auto", tokenizer, 128, False, 0.2, config.seed)
+    ours = [row for row in result.history if row["type"] == "eval"][-1]["val_loss"]
+    assert rel(hf_mean_loss(peft_model, held_out, tokenizer), ours) < 1e-4
+    with peft_model.disable_adapter():
+        assert hf_mean_loss(peft_model, held_out, tokenizer) > ours + 0.1  # the adapter learned something

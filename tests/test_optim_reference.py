@@ -1,0 +1,319 @@
+"""FusedAdamW (pure-PyTorch reference) against clip_grad_norm_ + torch.optim.AdamW."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lamelm_fast.optim import FusedAdamW
+from lamelm_fast.optim.adamw import _bias_correction
+
+MAX_GRAD_NORM = 1.0
+LR = 1e-2
+
+
+class TinyModel(nn.Module):
+    """Mixed shapes: odd matrix sizes, a 3-d tensor, vectors and a 1-element tensor."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter((0.5 * torch.randn(*shape, generator=gen)).to(dtype))
+
+        self.weight = param(37, 19)
+        self.kernel = param(5, 3, 7)
+        self.bias = param(37)
+        self.norm = param(19)
+        self.scalar = param(1)
+
+    def groups(self) -> list[dict]:
+        """Weight decay on the matrices only, like a usual LM fine-tuning setup."""
+        return [
+            {"params": [self.weight, self.kernel]},
+            {"params": [self.bias, self.norm, self.scalar], "weight_decay": 0.0},
+        ]
+
+
+def fake_backward(model: nn.Module, step: int, skip_grad_of: str | None = None) -> None:
+    """Fresh random gradients; their scale alternates so clipping is active on some steps only."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    scale = 1.0 if step % 3 == 0 else 0.02
+    for name, p in model.named_parameters():
+        grad = scale * torch.randn(p.shape, generator=gen)
+        p.grad = None if name == skip_grad_of else grad.to(p.dtype)
+
+
+def copy_grads(src: nn.Module, dst: nn.Module) -> None:
+    for p_src, p_dst in zip(src.parameters(), dst.parameters(), strict=True):
+        p_dst.grad = None if p_src.grad is None else p_src.grad.to(p_dst.dtype, copy=True)
+
+
+def reference_step(model: nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    opt.step()
+    return norm
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """Elementwise closeness relative to the tensor's scale (exact zeros would defeat a pure rtol)."""
+    expected = expected.to(actual.dtype)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
+
+
+def assert_matches(
+    model: nn.Module, opt: FusedAdamW, ref_model: nn.Module, ref_opt: torch.optim.Optimizer, rel: float = 1e-6
+) -> None:
+    for p, ref_p in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert_close_rel(p.detach().double(), ref_p.detach().double(), rel)
+        state, ref_state = opt.state.get(p, {}), ref_opt.state.get(ref_p, {})
+        assert state.keys() == ref_state.keys()
+        if state:
+            assert state["step"].dtype == torch.float32 and state["step"].dim() == 0
+            assert state["step"].item() == ref_state["step"].item()
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert state[key].dtype == torch.float32
+                assert_close_rel(state[key].double(), ref_state[key].double(), rel)
+
+
+def snapshot(model: nn.Module, opt: FusedAdamW) -> list[torch.Tensor]:
+    tensors = [p.detach() for p in model.parameters()]
+    tensors += [t for p in model.parameters() for t in opt.state[p].values()]
+    return [t.clone() for t in tensors]
+
+
+def make_pair(**kwargs) -> tuple[nn.Module, FusedAdamW, nn.Module, torch.optim.AdamW]:
+    model, ref_model = TinyModel(), TinyModel()
+    opt = FusedAdamW(model.groups(), lr=LR, max_grad_norm=MAX_GRAD_NORM, **kwargs)
+    ref_opt = torch.optim.AdamW(ref_model.groups(), lr=LR, **kwargs)
+    return model, opt, ref_model, ref_opt
+
+
+def test_matches_clip_grad_norm_and_torch_adamw() -> None:
+    model, ref_model = TinyModel(), TinyModel()
+    groups, ref_groups = model.groups(), ref_model.groups()
+    # Second group added later: add_param_group must fill in the defaults (max_grad_norm included).
+    opt = FusedAdamW([groups[0]], lr=LR, betas=(0.8, 0.99), weight_decay=0.1, max_grad_norm=MAX_GRAD_NORM)
+    opt.add_param_group(groups[1])
+    ref_opt = torch.optim.AdamW([ref_groups[0]], lr=LR, betas=(0.8, 0.99), weight_decay=0.1)
+    ref_opt.add_param_group(ref_groups[1])
+    assert [g["max_grad_norm"] for g in opt.param_groups] == [MAX_GRAD_NORM] * 2
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+    def lr_lambda(step: int) -> float:
+        return 1.0 + 0.5 * math.sin(step)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lr_lambda)
+    assert opt.grad_norm is None
+
+    clipped = []
+    for step in range(20):
+        # Every 4th step one tensor gets no gradient: it must be left out of the norm and the update.
+        fake_backward(model, step, skip_grad_of="norm" if step % 4 == 1 else None)
+        copy_grads(model, ref_model)
+        opt.step()
+        ref_norm = reference_step(ref_model, ref_opt)
+        sched.step()
+        ref_sched.step()
+
+        assert opt.grad_norm.dtype == torch.float32 and opt.grad_norm.dim() == 0
+        torch.testing.assert_close(opt.grad_norm, ref_norm, rtol=1e-6, atol=0)
+        clipped.append(ref_norm.item() > MAX_GRAD_NORM)
+        assert_matches(model, opt, ref_model, ref_opt)
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in model.parameters())
+
+    assert any(clipped) and not all(clipped), "test must exercise clipped and unclipped steps"
+    assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] != LR
+    assert opt.skipped_steps.item() == 0
+
+
+def test_state_dict_round_trip_both_ways() -> None:
+    model, opt, ref_model, ref_opt = make_pair()
+    for step in range(10):
+        fake_backward(model, step)
+        copy_grads(model, ref_model)
+        opt.step()
+        reference_step(ref_model, ref_opt)
+
+    state, ref_state = opt.state_dict(), ref_opt.state_dict()
+    for saved, ref_saved in zip(state["state"].values(), ref_state["state"].values(), strict=True):
+        assert saved.keys() == ref_saved.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        for key in saved:
+            assert (saved[key].dtype, saved[key].shape) == (ref_saved[key].dtype, ref_saved[key].shape)
+
+    # Cross-load: torch AdamW state into a fresh FusedAdamW and vice versa (deep copies, as from disk).
+    model_from_ref = copy.deepcopy(ref_model)
+    opt_from_ref = FusedAdamW(model_from_ref.groups(), max_grad_norm=MAX_GRAD_NORM)
+    opt_from_ref.load_state_dict(copy.deepcopy(ref_state))
+    ref_model_from_fused = copy.deepcopy(model)
+    ref_opt_from_fused = torch.optim.AdamW(ref_model_from_fused.groups())
+    ref_opt_from_fused.load_state_dict(copy.deepcopy(state))
+    assert all(g["lr"] == LR for g in opt_from_ref.param_groups + ref_opt_from_fused.param_groups)
+    assert all(g["max_grad_norm"] == MAX_GRAD_NORM for g in opt_from_ref.param_groups)
+    for p in model_from_ref.parameters():
+        assert opt_from_ref.state[p]["step"].device == p.device
+        assert all(t.dtype == torch.float32 for t in opt_from_ref.state[p].values())
+
+    for step in range(10, 15):
+        fake_backward(model, step)
+        for other in (ref_model, model_from_ref, ref_model_from_fused):
+            copy_grads(model, other)
+        opt.step()
+        opt_from_ref.step()
+        reference_step(ref_model, ref_opt)
+        reference_step(ref_model_from_fused, ref_opt_from_fused)
+
+    assert_matches(model_from_ref, opt_from_ref, ref_model, ref_opt)
+    assert_matches(model, opt, ref_model_from_fused, ref_opt_from_fused)
+    assert_matches(model, opt, ref_model, ref_opt)
+
+
+def test_load_state_dict_keeps_fp32_moments_for_bf16_params() -> None:
+    model = TinyModel(torch.bfloat16)
+    opt = FusedAdamW(model.groups(), max_grad_norm=MAX_GRAD_NORM)
+    fake_backward(model, 0)
+    opt.step()
+    loaded = FusedAdamW(model.groups())
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in model.parameters():
+        for key, value in loaded.state[p].items():
+            assert value.dtype == torch.float32
+            assert torch.equal(value, opt.state[p][key])
+
+
+def test_load_rejects_amsgrad_state() -> None:
+    model = TinyModel()
+    ref_opt = torch.optim.AdamW(model.groups(), amsgrad=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        FusedAdamW(model.groups()).load_state_dict(ref_opt.state_dict())
+
+
+@pytest.mark.parametrize("bad_value", [math.inf, math.nan])
+def test_skip_on_first_step(bad_value: float) -> None:
+    """Skipping at step 0 must not leave NaN behind (the bias correction would divide by zero)."""
+    model, opt, ref_model, ref_opt = make_pair()
+    fake_backward(model, 0)
+    model.weight.grad[3, 4] = bad_value
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(opt.state[p]["step"].item() == 0 for p in model.parameters())
+    assert opt.skipped_steps.item() == 1
+
+    for step in range(1, 6):
+        fake_backward(model, step)
+        copy_grads(model, ref_model)
+        opt.step()
+        reference_step(ref_model, ref_opt)
+    assert_matches(model, opt, ref_model, ref_opt)
+
+
+def test_non_finite_grads_skip_the_step_exactly() -> None:
+    model, opt, ref_model, ref_opt = make_pair()
+    bad_steps = {3: ("weight", math.inf), 6: ("scalar", math.nan)}
+    for step in range(12):
+        fake_backward(model, step)
+        if step in bad_steps:
+            name, value = bad_steps[step]
+            getattr(model, name).grad.view(-1)[0] = value
+            before = snapshot(model, opt)
+            skipped_before = opt.skipped_steps.clone()
+            opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(snapshot(model, opt), before, strict=True))
+            assert opt.skipped_steps.item() == skipped_before.item() + 1
+            assert not torch.isfinite(opt.grad_norm)
+            continue  # the reference simply does not step
+        copy_grads(model, ref_model)
+        opt.step()
+        reference_step(ref_model, ref_opt)
+        assert_matches(model, opt, ref_model, ref_opt)
+    assert opt.skipped_steps.item() == 2
+    assert opt.skipped_steps.dtype == torch.int64 and opt.skipped_steps.dim() == 0
+
+
+def test_bf16_params_with_fp32_state_track_float64_reference() -> None:
+    """bf16 params, fp32 state: compared to float64 AdamW whose params are stored as bf16 after each step.
+
+    Rounding the reference's params like ours keeps the comparison tight: an unrounded float64 run drifts
+    from any bf16 run by a random walk of rounding errors (several bf16 ulps after 20 steps).
+    """
+    model = TinyModel(torch.bfloat16)
+    ref_model = copy.deepcopy(model).double()
+    opt = FusedAdamW(model.groups(), lr=LR, max_grad_norm=MAX_GRAD_NORM)
+    ref_opt = torch.optim.AdamW(ref_model.groups(), lr=LR)
+    for step in range(20):
+        fake_backward(model, step)
+        copy_grads(model, ref_model)
+        opt.step()
+        reference_step(ref_model, ref_opt)
+        with torch.no_grad():
+            for ref_p in ref_model.parameters():
+                ref_p.copy_(ref_p.to(torch.bfloat16))
+
+    for p, ref_p in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert p.dtype == torch.bfloat16
+        # fp32 vs float64 math may round a value the other way: at most one bf16 ulp (< 1e-2 relative).
+        assert_close_rel(p.detach().double(), ref_p.detach(), 1e-2)
+        assert (p.detach().double() == ref_p).double().mean() > 0.95
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].dtype == torch.float32
+            assert_close_rel(opt.state[p][key].double(), ref_opt.state[ref_p][key], 1e-5)
+
+
+def test_params_without_grad_are_untouched() -> None:
+    model = TinyModel()
+    opt = FusedAdamW(model.groups(), max_grad_norm=MAX_GRAD_NORM)
+    frozen_before = model.kernel.detach().clone()
+    for step in range(3):
+        fake_backward(model, step, skip_grad_of="kernel")
+        opt.step()
+    assert torch.equal(model.kernel, frozen_before)
+    assert model.kernel not in opt.state
+    assert all(opt.state[p]["step"].item() == 3 for p in model.parameters() if p is not model.kernel)
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on aten._local_scalar_dense, which .item(), bool(tensor) and float(tensor) dispatch to."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("host-device sync in optimizer step")
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_sync_detector_works() -> None:
+    with pytest.raises(AssertionError, match="host-device sync"), NoHostSync():
+        bool(torch.ones(()) > 0)
+
+
+def test_step_has_no_host_sync() -> None:
+    """Covers state init, clipping, a tensor LR and the non-finite skip path, compared to torch."""
+    model, ref_model = TinyModel(), TinyModel()
+    opt = FusedAdamW(model.groups(), lr=torch.tensor(LR), max_grad_norm=MAX_GRAD_NORM)
+    ref_opt = torch.optim.AdamW(ref_model.groups(), lr=torch.tensor(LR))
+    for step in range(4):
+        fake_backward(model, step)
+        if step == 2:
+            model.bias.grad[0] = math.nan
+        else:
+            copy_grads(model, ref_model)
+            reference_step(ref_model, ref_opt)
+        with NoHostSync():
+            opt.step()
+    assert opt.skipped_steps.item() == 1
+    assert_matches(model, opt, ref_model, ref_opt)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.999, 0.9999])
+def test_bias_correction_is_accurate_in_fp32(beta: float) -> None:
+    """1 - beta**t in fp32 loses ~1e-5 to cancellation for beta near 1 at small t; ours must not."""
+    steps = torch.arange(1, 2001, dtype=torch.float32)
+    expected = torch.tensor([1 - beta**t for t in range(1, 2001)], dtype=torch.float64)
+    torch.testing.assert_close(_bias_correction(beta, steps).double(), expected, rtol=1e-6, atol=0)
