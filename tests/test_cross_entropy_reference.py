@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -20,6 +20,15 @@ from lamelm_fast.ops.cross_entropy import (
 IGNORE = -100
 # Odd sizes so that no tested chunk size divides N and H != V.
 N, H, V = 37, 19, 53
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    # The tensors here are tiny: on a busy CPU, intra-op thread barriers cost ~1000x the math itself.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _inputs(
@@ -319,8 +328,8 @@ def test_non_contiguous_inputs(reduction: str) -> None:
     bias_base = torch.stack([bias, torch.zeros_like(bias)], dim=1).reshape(-1).requires_grad_()
     labels_strided = torch.stack([labels, torch.zeros_like(labels)], dim=1)[:, 0]
     hidden_view, weight_view, bias_view = hidden_base.T, weight_base.T, bias_base[::2]
-    assert not (hidden_view.is_contiguous() or weight_view.is_contiguous() or bias_view.is_contiguous())
-    assert not labels_strided.is_contiguous()
+    for view in (hidden_view, weight_view, bias_view, labels_strided):
+        assert not view.is_contiguous()
 
     opts = {"reduction": reduction, "label_smoothing": 0.1, "softcap": 2.0}
     loss = fused_linear_cross_entropy(
@@ -342,17 +351,23 @@ class _OpRecorder(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.records: list[tuple[torch._ops.OpOverload, tuple[int, ...]]] = []
+        self.records: list[tuple[torch._ops.OpOverload, tuple[int, ...], torch.dtype]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: tuple[type, ...],
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
         out = func(*args, **(kwargs or {}))
         for leaf in pytree.tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
-                self.records.append((func, tuple(leaf.shape)))
+                self.records.append((func, tuple(leaf.shape), leaf.dtype))
         return out
 
     def max_numel(self) -> int:
-        return max(math.prod(shape) for _, shape in self.records)
+        return max(math.prod(shape) for _, shape, _ in self.records)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -375,11 +390,11 @@ def test_skips_unneeded_gradients(reduction: str, case: str) -> None:
             loss.sum().backward()
 
     # grad_weight is the only [V, H] tensor; grad_hidden chunks are the only matmuls with H columns.
-    weight_grad_made = any(shape == (V, H) for _, shape in recorder.records)
+    weight_grad_made = any(shape == (V, H) for _, shape, _ in recorder.records)
     hidden_grad_made = any(
-        func.overloadpacket is torch.ops.aten.mm and shape[-1] == H for func, shape in recorder.records
+        func.overloadpacket is torch.ops.aten.mm and shape[-1] == H for func, shape, _ in recorder.records
     )
-    assert any(shape == (chunk, V) for _, shape in recorder.records)  # the recorder does see the pass
+    assert any(shape == (chunk, V) for _, shape, _ in recorder.records)  # the recorder does see the pass
     assert weight_grad_made == (case == "hidden_without_grad")
     assert hidden_grad_made == (case == "frozen_weight")
     if case == "no_grad_mode":
@@ -421,6 +436,20 @@ def test_bf16_inputs(reduction: str) -> None:
         reduction=reduction,
         **opts,
     )
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with _OpRecorder() as recorder:
+        loss = fused_linear_cross_entropy(
+            leaves[0], leaves[1], labels, bias=leaves[2], reduction=reduction, chunk_size=8, **opts
+        )
+        loss.sum().backward()
+    # Gradients summed over chunks accumulate in fp32, not in bf16.
+    accumulations = [
+        (shape, dtype)
+        for func, shape, dtype in recorder.records
+        if func.overloadpacket in (torch.ops.aten.addmm_, torch.ops.aten.add_) and shape in ((V, H), (V,))
+    ]
+    assert {shape for shape, _ in accumulations} == {(V, H), (V,)}
+    assert all(dtype == torch.float32 for _, dtype in accumulations)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 8, None])
@@ -522,9 +551,9 @@ def test_never_materialises_full_logits(reduction: str) -> None:
     assert forward_ops.max_numel() <= bound
     assert backward_ops.max_numel() <= bound
     # The chunk logits are visible to the recorder, so the bound above is really checked.
-    assert any(shape == (chunk, v) for _, shape in forward_ops.records)
+    assert any(shape == (chunk, v) for _, shape, _ in forward_ops.records)
     if reduction == "none":
-        assert any(shape == (chunk, v) for _, shape in backward_ops.records)
+        assert any(shape == (chunk, v) for _, shape, _ in backward_ops.records)
     ref_loss, ref_grads = _loss_and_grads(
         _reference, hidden, weight, bias, labels, dtype=torch.float64, reduction=reduction, **opts
     )

@@ -10,20 +10,29 @@ import torch
 
 from conftest import embedded_records, write_jsonl
 from lamelm_fast.train.config import ConfigError
-from lamelm_fast.train.data import (IGNORE_INDEX, Record, collate, detect_format, encode_record, load_records,
-                                    prepare_datasets, shifted_labels)
+from lamelm_fast.train.data import (
+    IGNORE_INDEX,
+    Record,
+    collate,
+    detect_format,
+    encode_record,
+    load_records,
+    prepare_datasets,
+    shifted_labels,
+)
 
 
 def targets_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if m])
+    return tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask, strict=True) if m])
 
 
 def test_alpaca_loss_on_response_only(embedded_tokenizer) -> None:
-    record = Record({"instruction": "Add two numbers.", "input": "1 and 2", "output": "def add(a, b):\n    return a + b"},
-                    "mem:1")
+    fields = {"instruction": "Add two numbers.", "input": "1 and 2", "output": "def add(a, b):\n    return a + b"}
+    record = Record(fields, "mem:1")
     example = encode_record(record, "alpaca", embedded_tokenizer, train_on_prompt=False)
     assert targets_text(embedded_tokenizer, example) == "def add(a, b):\n    return a + b<|endoftext|>"
-    prompt = embedded_tokenizer.decode([t for t, m in zip(example.input_ids, example.target_mask) if not m])
+    pairs = zip(example.input_ids, example.target_mask, strict=True)
+    prompt = embedded_tokenizer.decode([t for t, m in pairs if not m])
     assert prompt == "### Instruction:\nAdd two numbers.\n\n### Input:\n1 and 2\n\n### Response:\n"
     everything = encode_record(record, "alpaca", embedded_tokenizer, train_on_prompt=True)
     assert all(everything.target_mask) and everything.input_ids == example.input_ids

@@ -25,7 +25,8 @@ def hf_trainer_history(model_dir: Path, dataset: Path, tmp_path: Path) -> list[d
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, _, _ = prepare_datasets(str(dataset), "train", "auto", tokenizer, 128, False, 0.0, 1)
-    rows = [{"input_ids": e.input_ids, "labels": [t if m else -100 for t, m in zip(e.input_ids, e.target_mask)]}
+    rows = [{"input_ids": e.input_ids,
+             "labels": [t if m else -100 for t, m in zip(e.input_ids, e.target_mask, strict=True)]}
             for e in examples]
     assert len({len(r["input_ids"]) for r in rows}) > 10  # unequal lengths
 
@@ -60,7 +61,7 @@ def test_per_step_losses_and_learning_rates_match_hf_trainer(tmp_path: Path, tin
                              quiet=True, **HYPERPARAMETERS))
     our_rows = [row for row in ours.history if row["type"] == "train"]
     assert [r["step"] for r in our_rows] == [r["step"] for r in hf_rows] == list(range(1, 21))
-    for mine, theirs in zip(our_rows, hf_rows):
+    for mine, theirs in zip(our_rows, hf_rows, strict=True):
         assert abs(mine["loss"] - theirs["loss"]) <= 1e-4 * abs(theirs["loss"]), (mine, theirs)
         assert mine["learning_rate"] == pytest.approx(theirs["learning_rate"], rel=1e-12)
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import embedded_records, tiny_llama_config, write_jsonl
 from lamelm_fast.train import TrainConfig, train
@@ -119,14 +122,26 @@ def hf_mean_loss(model, examples, tokenizer) -> float:
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])
 def test_saved_adapter_loads_in_peft_and_reproduces_val_loss(tmp_path: Path, tiny_model_dir: Path,
                                                              finetune: str) -> None:
+    """QLoRA goes through the CLI exactly as a user types it: bitsandbytes 4-bit on the CPU."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     dataset = write_jsonl(tmp_path / "d.jsonl", embedded_records(40))
-    config = base_config(tmp_path, tiny_model_dir, dataset, finetune=finetune, max_steps=10, learning_rate=1e-2,
-                         eval_split_ratio=0.2, per_device_train_batch_size=4, lora_dropout=0.0)
-    result = train(config)
-    adapter = result.checkpoint
+    settings = dict(finetune=finetune, max_steps=10, learning_rate=1e-2, eval_split_ratio=0.2,
+                    per_device_train_batch_size=4, lora_dropout=0.0)
+    config = base_config(tmp_path, tiny_model_dir, dataset, **settings)
+    if finetune == "qlora":
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+        command = [sys.executable, "-m", "lamelm_fast.train", "--model", str(tiny_model_dir), "--dataset",
+                   str(dataset), "--max-seq-length", "128", "--output-dir", config.output_dir, "--seed", "5", *flags]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr
+        assert "QLoRA: NF4 + double quantization, float32 compute" in completed.stdout
+        history = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        adapter = Path(config.output_dir) / "checkpoint-10"
+    else:
+        result = train(config)
+        history, adapter = result.history, result.checkpoint
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     quantization = None
     if finetune == "qlora":
@@ -137,7 +152,59 @@ def test_saved_adapter_loads_in_peft_and_reproduces_val_loss(tmp_path: Path, tin
     peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     _, held_out, _ = prepare_datasets(str(dataset), "train", "auto", tokenizer, 128, False, 0.2, config.seed)
-    ours = [row for row in result.history if row["type"] == "eval"][-1]["val_loss"]
+    ours = [row for row in history if row["type"] == "eval"][-1]["val_loss"]
     assert rel(hf_mean_loss(peft_model, held_out, tokenizer), ours) < 1e-4
     with peft_model.disable_adapter():
         assert hf_mean_loss(peft_model, held_out, tokenizer) > ours + 0.1  # the adapter learned something
+
+
+def test_gradient_checkpointing_and_bf16(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+    settings = dict(max_steps=3, per_device_train_batch_size=4)
+    plain = train_rows(train(base_config(tmp_path / "a", tiny_model_dir, small_alpaca, **settings)))
+    checkpointed = train_rows(train(base_config(tmp_path / "b", tiny_model_dir, small_alpaca,
+                                                gradient_checkpointing=True, **settings)))
+    bf16 = train_rows(train(base_config(tmp_path / "c", tiny_model_dir, small_alpaca, bf16=True, **settings)))
+    for a, b, c in zip(plain, checkpointed, bf16, strict=True):
+        assert rel(b["loss"], a["loss"]) < 1e-5  # recomputation changes memory, not numbers
+        assert rel(c["loss"], a["loss"]) < 2e-2 and c["loss"] != a["loss"]  # bf16 autocast really ran
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts device-to-host reads (.item(), bool(tensor), ...: all dispatch to _local_scalar_dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_step_adds_no_host_sync(tiny_model_dir: Path, embedded_tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lamelm_fast.optim import get_lr_scheduler
+    from lamelm_fast.train.loop import WindowMetrics, make_optimizer
+    from lamelm_fast.train.model import causal_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    examples = [encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False) for r in embedded_records(4)]
+    batch = collate(examples, packing=True, pad_token_id=0)
+    config = TrainConfig(learning_rate=1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    optimizer = make_optimizer(model, config)
+    scheduler = get_lr_scheduler("cosine", optimizer, 2, 10)
+    window = WindowMetrics(torch.device("cpu"))
+    with SyncCounter() as transformers_only:  # what the HF decoder itself reads (its packed-mask check)
+        model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+                    ).last_hidden_state.sum().backward()
+    model.zero_grad()
+    with SyncCounter() as step:
+        loss, correct = causal_lm_loss(model, batch, batch.num_targets, None)
+        loss.backward()
+        window.add_micro_batch(loss, correct, batch)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert step.count == transformers_only.count

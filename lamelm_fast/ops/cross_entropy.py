@@ -56,7 +56,7 @@ def _default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: tor
         budget = min(free_bytes // _CUDA_FREE_MEMORY_FRACTION, _CUDA_CHUNK_BYTES_CAP)
     else:
         budget = _CPU_CHUNK_BYTES
-    rows = max(1, min(budget // max(row_bytes, 1), n_rows))
+    rows = max(1, min(budget // row_bytes, n_rows))
     # Multiples of 8 keep the matmul shapes friendly to tensor cores and vectorised CPU kernels.
     return rows - rows % 8 if rows > 8 else rows
 
@@ -349,9 +349,13 @@ def fused_linear_cross_entropy(
     n_rows = math.prod(hidden.shape[:-1])
     hidden_2d = hidden.reshape(n_rows, hidden_size)
     flat_labels = labels.reshape(n_rows).to(torch.int64)
-    num_items_t = None
-    if num_items is not None:
-        num_items_t = torch.as_tensor(num_items).detach().reshape(()).to(hidden.device)
+    if isinstance(num_items, torch.Tensor):
+        num_items_t = num_items.detach().reshape(()).to(hidden.device)
+    elif num_items is not None:
+        # torch.full passes the number as a kernel argument: no host-to-device copy.
+        num_items_t = torch.full((), num_items, dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+    else:
+        num_items_t = None
     if chunk_size is None:
         chunk_size = _default_chunk_size(n_rows, weight.shape[0], hidden.dtype, hidden.device)
     cfg = _LossConfig(ignore_index, float(label_smoothing), float(z_loss), softcap, float(logit_scale))

@@ -70,7 +70,8 @@ def _read_jsonl(path: Path) -> list[Record]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ConfigError(f"{where}: not valid UTF-8 (byte {error.start}): re-encode the file as UTF-8")
+                raise ConfigError(f"{where}: not valid UTF-8 (byte {error.start}): re-encode the file as UTF-8"
+                                  ) from None
             if not line.strip():
                 continue
             try:
@@ -331,7 +332,7 @@ def collate(examples: list[Example], packing: bool, pad_token_id: int) -> Batch:
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     label_ids = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (example, row_labels) in enumerate(zip(examples, labels)):
+    for row, (example, row_labels) in enumerate(zip(examples, labels, strict=True)):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         label_ids[row, :n] = torch.tensor(row_labels)

@@ -20,8 +20,14 @@ from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint
 from lamelm_fast.train.config import TrainConfig, resolve, validate
 from lamelm_fast.train.data import Batch, DataOrder, Example, collate, iterate_batches, prepare_datasets
-from lamelm_fast.train.model import (causal_lm_loss, load_model, load_model_config, load_tokenizer, model_context,
-                                     pick_device)
+from lamelm_fast.train.model import (
+    causal_lm_loss,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    model_context,
+    pick_device,
+)
 
 
 class TrainingStopped(Exception):
@@ -221,7 +227,8 @@ def train(config: TrainConfig) -> TrainResult:
                     f"plus --resume-from-checkpoint {result.checkpoint}", exit_code=0)
 
     if eval_set:
-        _log_eval(logger, result, window, model, eval_set, config, tokenizer, device, autocast_dtype, result.global_step)
+        _log_eval(logger, result, window, model, eval_set, config, tokenizer, device, autocast_dtype,
+                  result.global_step)
     result.summary = _summary(result, time.perf_counter() - started, run_tokens, run_samples, device)
     logger.summary(result.summary)
     logger.close()
