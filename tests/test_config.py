@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,12 @@ from lamelm_fast.train.config import ConfigError, TrainConfig, resolve, validate
 
 
 def test_cli_flags_are_hf_names_and_fill_the_dataclass() -> None:
-    config = parse_config(["--learning-rate", "3e-4", "--per-device-train-batch-size", "4",
-                           "--gradient-accumulation-steps", "2", "--lr-scheduler-type", "cosine",
+    config = parse_config(["--learning-rate", "3e-4", "--per-device-train-batch-size", "3",
+                           "--gradient-accumulation-steps", "2", "--lr-scheduler-type", "linear",
                            "--warmup-ratio", "0.1", "--bf16", "--no-packing", "--lora-target-modules", "q_proj,v_proj",
                            "--max-steps", "7", "--finetune", "lora", "--eval-steps", "none"])
-    assert config == TrainConfig(learning_rate=3e-4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                 lr_scheduler_type="cosine", warmup_ratio=0.1, bf16=True, packing=False,
+    assert config == TrainConfig(learning_rate=3e-4, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                                 lr_scheduler_type="linear", warmup_ratio=0.1, bf16=True, packing=False,
                                  lora_target_modules=["q_proj", "v_proj"], max_steps=7, finetune="lora")
 
 
@@ -47,7 +48,7 @@ def test_wrong_type_and_range_errors() -> None:
 
 def test_resolve_picks_model_dependent_defaults_once() -> None:
     embedded = resolve(TrainConfig())
-    assert (embedded.finetune, embedded.learning_rate) == ("full", 3e-3)
+    assert (embedded.finetune, embedded.learning_rate, embedded.max_seq_length) == ("full", 4e-3, 256)
     real = resolve(TrainConfig(model="org/name"), model_context=4096)
     assert (real.finetune, real.learning_rate, real.max_seq_length) == ("qlora", 2e-4, 2048)
     assert resolve(TrainConfig(model="org/name", finetune="full"), 4096).learning_rate == 2e-5
@@ -103,3 +104,17 @@ def test_help_lists_every_field() -> None:
     assert result.returncode == 0
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in result.stdout
+
+
+def test_embedded_default_trains_from_the_cli(tmp_path: Path) -> None:
+    """`make train` in small: no --model, no --dataset; the banner explains the choice, the loss falls."""
+    result = run_cli("--max-steps", "40", "--output-dir", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "full fine-tuning of embedded tiny Llama" in result.stdout and "trained in full" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if row["type"] == "train"]
+    assert [row["step"] for row in train_rows] == [10, 20, 30, 40]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.8
+    assert rows[-1]["type"] == "eval" and rows[-1]["val_loss"] < 7.0  # ln(4096) = 8.3 at random init
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 40 and (tmp_path / "run" / "checkpoint-40" / "model.safetensors").is_file()

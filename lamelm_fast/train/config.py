@@ -20,10 +20,10 @@ DATASET_FORMATS = ("auto", "alpaca", "chat", "text")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 
 # What the embedded default trains with: a tiny model from random weights learns fast at a high LR.
-EMBEDDED_LEARNING_RATE = 3e-3
+EMBEDDED_LEARNING_RATE = 4e-3
 ADAPTER_LEARNING_RATE = 2e-4
 FULL_LEARNING_RATE = 2e-5
-EMBEDDED_MAX_SEQ_LENGTH = 384
+EMBEDDED_MAX_SEQ_LENGTH = 256
 MAX_SEQ_LENGTH_CAP = 2048
 
 
@@ -66,17 +66,17 @@ class TrainConfig:
     shuffle: bool = field(default=True, metadata=_help("shuffle training examples each epoch"))
     # Optimisation
     learning_rate: float | None = field(default=None, metadata=_help(
-        "peak learning rate; default: 3e-3 embedded model, 2e-4 (q)lora, 2e-5 full"))
+        "peak learning rate; default: 4e-3 embedded model, 2e-4 (q)lora, 2e-5 full"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
     adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip gradients to this global L2 norm; 0 = off"))
-    lr_scheduler_type: str = field(default="linear", metadata=_help(
+    lr_scheduler_type: str = field(default="cosine", metadata=_help(
         "linear, cosine, constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt"))
-    warmup_ratio: float = field(default=0.0, metadata=_help("fraction of steps for linear warmup"))
+    warmup_ratio: float = field(default=0.03, metadata=_help("fraction of steps for linear warmup"))
     warmup_steps: int = field(default=0, metadata=_help("warmup steps (overrides --warmup-ratio when > 0)"))
-    per_device_train_batch_size: int = field(default=8, metadata=_help("sequences per micro-batch"))
+    per_device_train_batch_size: int = field(default=4, metadata=_help("sequences per micro-batch"))
     per_device_eval_batch_size: int = field(default=8, metadata=_help("sequences per eval batch"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     num_train_epochs: float = field(default=1.0, metadata=_help("epochs (fractions allowed)"))
