@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,19 @@ def test_embedded_default_trains_from_the_cli(tmp_path: Path) -> None:
     assert rows[-1]["type"] == "eval" and rows[-1]["val_loss"] < 7.0  # ln(4096) = 8.3 at random init
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 40 and (tmp_path / "run" / "checkpoint-40" / "model.safetensors").is_file()
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "lamelm_fast.train", "--logging-steps", "1", "--output-dir",
+                                "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "training_state.pt").is_file()
+    assert f"SIGINT at step {checkpoints[0].name.split('-')[1]}" in stderr
+    assert f"--resume-from-checkpoint {Path('run') / checkpoints[0].name}" in stderr

@@ -32,12 +32,13 @@ def _format(value: Any, width: int, spec: str) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, quiet: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(self, run_dir: Path, quiet: bool = False, resume: bool = False, stream: TextIO | None = None) -> None:
         self.run_dir = run_dir
         self.quiet = quiet
         self.stream = stream or sys.stdout
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        # A resumed run continues its metrics file; a new run in the same directory starts it afresh.
+        self._metrics = (run_dir / "metrics.jsonl").open("a" if resume else "w", encoding="utf-8")
         self._rows_printed = 0
 
     def say(self, text: str) -> None:

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f"{f.metadata.get('help', '')} (default: {default})"
-        if f.type in ("bool",):
+        if f.type == "bool":
             # `--bf16` alone means true; `--bf16 false` and `--no-bf16` are accepted too (HF style).
             parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", dest=f.name, help=text)
             parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_const", const="false",

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lamelm_fast.optim import LR_SCHEDULER_TYPES
+
 FINETUNE_MODES = ("qlora", "lora", "full")
 DATASET_FORMATS = ("auto", "alpaca", "chat", "text")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -206,8 +208,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("max_grad_norm, weight_decay and warmup_steps must be >= 0")
     if config.max_steps <= 0 and not config.num_train_epochs > 0:
         raise ConfigError("set num_train_epochs > 0 or max_steps > 0: as given the run would train 0 steps")
-    from lamelm_fast.optim import LR_SCHEDULER_TYPES
-
     if config.lr_scheduler_type not in LR_SCHEDULER_TYPES:
         raise ConfigError(f"lr_scheduler_type: invalid value {config.lr_scheduler_type!r}; "
                           f"choose one of {', '.join(LR_SCHEDULER_TYPES)}")

@@ -181,7 +181,7 @@ def train(config: TrainConfig) -> TrainResult:
         position = Position(**state["position"])
         checkpoint.set_rng_state(state["rng"])
 
-    logger = RunLogger(run_dir, quiet=config.quiet)
+    logger = RunLogger(run_dir, quiet=config.quiet, resume=resume_path is not None)
     total_params, trainable_params = loaded.parameter_counts()
     logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, loaded.notes,
                        resume_path))
