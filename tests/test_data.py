@@ -113,3 +113,15 @@ def test_packed_labels_never_cross_a_sequence_boundary(embedded_tokenizer) -> No
     assert packed.labels[0].tolist() == [t for e in examples for t in shifted_labels(e)]
     assert packed.num_targets == padded.num_targets == int((padded.labels != IGNORE_INDEX).sum())
     assert padded.num_tokens == int(padded.attention_mask.sum()) == sum(lengths)
+
+
+def test_dataset_directory_and_hub_ids_go_through_datasets(tmp_path: Path) -> None:
+    # A local directory takes the same datasets.load_dataset call as a hub id (the hub is unreachable here).
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    records = embedded_records(6)
+    write_jsonl(folder / "train.jsonl", records)
+    name, loaded = load_records(str(folder), split="train")
+    assert name == str(folder) and [r.data["output"] for r in loaded] == [r["output"] for r in records]
+    with pytest.raises(ConfigError, match="could not load dataset 'no-such-org/no-such-set' .* from the Hugging"):
+        load_records("no-such-org/no-such-set")

@@ -33,6 +33,12 @@ class ConfigError(ValueError):
     """A user error: the message names the problem and the fix. The CLI prints it on one line, exit 2."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message: third-party errors can be pages long."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lamelm_fast.train.config import ConfigError
+from lamelm_fast.train.config import ConfigError, first_line
 
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -134,11 +134,10 @@ def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
         else:
             table = datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as error:  # datasets raises many types; all mean "could not read it"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if kind == "hub":
             raise ConfigError(f"could not load dataset '{path}' (split '{split}') from the Hugging Face hub: "
-                              f"{first_line}; for a local file give its path") from None
-        raise ConfigError(f"{path}: could not read as {kind}: {first_line}") from None
+                              f"{first_line(error)}; for a local file give its path") from None
+        raise ConfigError(f"{path}: could not read as {kind}: {first_line(error)}") from None
     return [Record(dict(row), f"{path}[{index}]") for index, row in enumerate(table)]
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lamelm_fast.ops import fused_linear_cross_entropy
-from lamelm_fast.train.config import ConfigError, TrainConfig
+from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
 
 
@@ -28,11 +28,6 @@ def embedded_asset(name: str) -> str:
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else with a separator or a leading ./ ~ is a path.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _pretrained_source(config: TrainConfig) -> str:
@@ -56,7 +51,7 @@ def load_tokenizer(config: TrainConfig) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"could not load a tokenizer for '{source}': {_first_line(error)}; give a local "
+        raise ConfigError(f"could not load a tokenizer for '{source}': {first_line(error)}; give a local "
                           "model directory or check the hub id and the network") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of '{source}' has no eos token: set eos_token in tokenizer_config.json")
@@ -72,7 +67,7 @@ def load_model_config(config: TrainConfig) -> Any:
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"could not load model '{source}': {_first_line(error)}; give a local model "
+        raise ConfigError(f"could not load model '{source}': {first_line(error)}; give a local model "
                           "directory or check the hub id and the network") from None
 
 
@@ -161,7 +156,7 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         try:
             model = AutoModelForCausalLM.from_pretrained(_pretrained_source(config), **load_kwargs)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"could not load model '{config.model}': {_first_line(error)}") from None
+            raise ConfigError(f"could not load model '{config.model}': {first_line(error)}") from None
     if "device_map" not in load_kwargs:
         model.to(device)
     model.config.use_cache = False
