@@ -7,6 +7,9 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# PYTHONSAFEPATH: `python -m` would put the repo root on sys.path, where kernels/ (installed as lamelm_fast.kernels)
+# would shadow the unrelated `kernels` package that transformers and bitsandbytes probe for.
+RUN := PYTHONSAFEPATH=1 $(PY)
 
 .PHONY: train test lint install clean
 
@@ -19,10 +22,10 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m lamelm_fast.train $(ARGS)
+	$(RUN) -m lamelm_fast.train $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+	$(RUN) -m pytest -q -m "not gpu" $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,18 +1,24 @@
-"""Console table and run files. Rows arrive as plain floats: reading the device happens at logging steps only."""
+"""Where a run's numbers go: the console (table + progress bar, or JSON lines), the run directory's files
+(metrics.jsonl, training_metrics.json, summary.json, plots) and optional trackers (TensorBoard, W&B).
+
+Rows arrive as plain Python numbers: the device is read only at logging steps, by the caller.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 # (metrics key, column title, width, format spec)
 COLUMNS = (("step", "Step", 7, "d"), ("loss", "Loss", 9, ".4f"), ("grad_norm", "Grad Norm", 10, ".4f"),
            ("learning_rate", "Learning Rate", 14, ".3e"), ("epoch", "Epoch", 7, ".3f"),
-           ("tokens_per_second", "Tok/s", 9, ".0f"), ("memory_gb", "Mem(GB)", 8, ".2f"))
+           ("tokens_per_second", "Tok/s", 9, ".0f"), ("gpu_util", "GPU%", 5, ".0f"), ("memory_gb", "Mem(GB)", 8, ".2f"))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -31,41 +37,175 @@ def _format(value: Any, width: int, spec: str) -> str:
     return f"{value:>{width}{spec}}"
 
 
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def training_metrics(history: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Aligned arrays over every logged step; null where a step has no train or no eval value."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in history:
+        if row["type"] in ("train", "eval"):
+            by_step.setdefault(row["step"], {}).update(row)
+    steps = sorted(by_step)
+    return {"steps": steps,
+            "train_loss": [by_step[s].get("loss") for s in steps],
+            "val_loss": [by_step[s].get("val_loss") for s in steps],
+            "learning_rate": [by_step[s].get("learning_rate") for s in steps],
+            "epochs": [by_step[s].get("epoch") for s in steps]}
+
+
+class _Trackers:
+    """TensorBoard and W&B, each only when asked for; a missing package is a clear error, not a crash."""
+
+    def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any]) -> None:
+        from lamelm_fast.train.config import ConfigError
+
+        self.tensorboard = self.wandb = None
+        for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if name in names and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"--report-to {name} needs the {module} package: pip install 'lamelm-fast[tracking]'")
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if "wandb" in names:
+            import wandb
+
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "lamelm-fast"), dir=str(run_dir),
+                                    config=config)
+
+    def log(self, prefix: str, row: dict[str, Any]) -> None:
+        values = {f"{prefix}/{k}": v for k, v in row.items()
+                  if k not in ("type", "step") and isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, global_step=row["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, quiet: bool = False, resume: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, *, quiet: bool = False, log_format: str = "table",
+                 resume: bool = False, report_to: list[str] | None = None, config: dict[str, Any] | None = None,
+                 stream: TextIO | None = None) -> None:
         self.run_dir = run_dir
+        self.total_steps = total_steps
         self.quiet = quiet
+        self.json_lines = log_format == "json"
         self.stream = stream or sys.stdout
         run_dir.mkdir(parents=True, exist_ok=True)
-        # A resumed run continues its metrics file; a new run in the same directory starts it afresh.
-        self._metrics = (run_dir / "metrics.jsonl").open("a" if resume else "w", encoding="utf-8")
+        metrics_path = run_dir / "metrics.jsonl"
+        # A resumed run continues its metrics (and its curves); a new run in the same directory starts afresh.
+        self.history: list[dict[str, Any]] = []
+        if resume and metrics_path.is_file():
+            self.history = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                            if line.strip()]
+        self._metrics = metrics_path.open("a" if resume else "w", encoding="utf-8")
+        self._trackers = _Trackers(report_to or [], run_dir, config or {})
         self._rows_printed = 0
+        self._started = time.perf_counter()
+        self._first_step: int | None = None
+        self._bar = None
+        if not (quiet or self.json_lines) and self.stream.isatty():
+            from tqdm import tqdm
 
-    def say(self, text: str) -> None:
-        if not self.quiet:
+            self._bar = tqdm(total=total_steps, file=self.stream, dynamic_ncols=True, leave=False, unit="step")
+
+    # -- console
+    def _print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
             print(text, file=self.stream, flush=True)
 
+    def say(self, text: str) -> None:
+        """Free text (banner, notes). JSON mode sends it to stderr so stdout stays machine-readable."""
+        if self.json_lines:
+            print(text, file=sys.stderr, flush=True)
+        elif not self.quiet:
+            self._print(text)
+
+    def progress(self, step: int) -> None:
+        if self._first_step is None:
+            self._first_step = step - 1
+            self._started = time.perf_counter()
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def _eta(self, step: int) -> tuple[float, float | None]:
+        elapsed = time.perf_counter() - self._started
+        done = step - (self._first_step or 0)
+        return elapsed, (elapsed / done * (self.total_steps - step)) if done > 0 else None
+
+    # -- rows
     def _record(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
+        if self.json_lines:
+            print(json.dumps(row), file=self.stream, flush=True)
 
     def train_row(self, row: dict[str, Any]) -> None:
-        self._record({"type": "train", **row})
+        row = {"type": "train", **row}
+        self._record(row)
+        write_json_atomic(self.run_dir / "training_metrics.json", training_metrics(self.history))
+        self._trackers.log("train", row)
+        if self.quiet or self.json_lines:
+            return
         if self._rows_printed % 20 == 0:
-            self.say("  ".join(f"{title:>{width}}" for _, title, width, _ in COLUMNS))
+            self._print("  ".join(f"{title:>{width}}" for _, title, width, _ in COLUMNS))
         self._rows_printed += 1
-        self.say("  ".join(_format(row.get(key), width, spec) for key, _, width, spec in COLUMNS))
+        line = "  ".join(_format(row.get(key), width, spec) for key, _, width, spec in COLUMNS)
+        if self._bar is None:  # no live bar (a log file, CI): put elapsed and ETA on the row instead
+            elapsed, eta = self._eta(row["step"])
+            line += f"  [{_clock(elapsed)} elapsed, eta {_clock(eta) if eta is not None else '-'}]"
+        self._print(line)
 
     def eval_row(self, row: dict[str, Any]) -> None:
-        self._record({"type": "eval", **row})
-        self.say(f"  eval @ step {row['step']}: val loss {row['val_loss']:.4f}  perplexity "
-                 f"{row['val_perplexity']:.2f}  token accuracy {row['val_token_accuracy']:.3f}")
+        row = {"type": "eval", **row}
+        self._record(row)
+        write_json_atomic(self.run_dir / "training_metrics.json", training_metrics(self.history))
+        self._trackers.log("eval", row)
+        self._write_plots()
+        if not (self.quiet or self.json_lines):
+            self._print(f"  eval @ step {row['step']}: val loss {row['val_loss']:.4f}  perplexity "
+                        f"{row['val_perplexity']:.2f}  token accuracy {row['val_token_accuracy']:.3f}")
+
+    def warning(self, step: int, check: str, message: str) -> None:
+        self._record({"type": "warning", "step": step, "check": check, "message": message})
+        if not self.json_lines:
+            self._print(f"  warning (step {step}): {message}")
+
+    def _write_plots(self) -> None:
+        from lamelm_fast.metrics.plots import write_plots
+
+        write_plots(self.run_dir, [r for r in self.history if r["type"] == "train"],
+                    [r for r in self.history if r["type"] == "eval"])
 
     def summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "summary.json", summary)
+        self._write_plots()
+        if self.json_lines:
+            print(json.dumps({"type": "summary", **summary}), file=self.stream, flush=True)
+            return
         lines = [f"  {key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else
                  f"  {key.replace('_', ' ')}: {value}" for key, value in summary.items()]
-        print("\n".join(["Run summary", *lines]), file=self.stream, flush=True)
+        self._print("\n".join(["Run summary", *lines]))
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._trackers.close()
         self._metrics.close()

@@ -63,7 +63,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer: Any, training_state: dict[str, Any],
-                    save_total_limit: int | None = None) -> Path:
+                    save_total_limit: int | None = None, keep: Path | None = None) -> Path:
+    """Atomic save; then prune to ``save_total_limit``, never deleting the new one or ``keep`` (the best)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
@@ -79,9 +80,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer:
     os.replace(temporary, final)
     _fsync_dir(run_dir)
     if save_total_limit is not None:
-        for old in list_checkpoints(run_dir)[:-save_total_limit]:
-            if old != final:
-                shutil.rmtree(old)
+        protected = {final, keep}
+        prunable = [p for p in list_checkpoints(run_dir) if p not in protected]
+        for old in prunable[:max(0, len(prunable) + len(protected - {None}) - save_total_limit)]:
+            shutil.rmtree(old)
     return final
 
 

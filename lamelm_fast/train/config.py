@@ -20,6 +20,7 @@ from lamelm_fast.optim import LR_SCHEDULER_TYPES
 FINETUNE_MODES = ("qlora", "lora", "full")
 DATASET_FORMATS = ("auto", "alpaca", "chat", "text")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+REPORT_TO = ("tensorboard", "wandb")
 
 # What the embedded default trains with: a tiny model from random weights learns fast at a high LR.
 EMBEDDED_LEARNING_RATE = 4e-3
@@ -99,6 +100,14 @@ class TrainConfig:
     resume_from_checkpoint: str | None = field(default=None, metadata=_help(
         "checkpoint directory to resume from, or 'latest' for the newest in --output-dir"))
     quiet: bool = field(default=False, metadata=_help("no per-step table, only errors and the summary"))
+    log_format: Literal["table", "json"] = field(default="table", metadata=_help(
+        "console output: a table with a progress bar, or one JSON object per line on stdout (for scripts)"))
+    report_to: list[str] | None = field(default=None, metadata=_help(
+        "also log to: tensorboard, wandb (comma separated; needs pip install 'lamelm-fast[tracking]')"))
+    peak_tflops: float | None = field(default=None, metadata=_help(
+        "device peak bf16 TFLOP/s for MFU; default: looked up from the GPU name"))
+    early_stopping_patience: int | None = field(default=None, metadata=_help(
+        "stop after N evaluations without a new best validation loss; the best checkpoint is kept"))
 
 
 def _field_types() -> dict[str, Any]:
@@ -195,12 +204,13 @@ def validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("eval_steps", "save_steps", "save_total_limit", "max_seq_length"):
+    for name in ("eval_steps", "save_steps", "save_total_limit", "max_seq_length", "early_stopping_patience"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1 (or omitted), got {value}")
-    if config.learning_rate is not None and not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-        raise ConfigError(f"learning_rate must be a positive number, got {config.learning_rate}")
+    # 0 is allowed, as in HF (a frozen dry run); the health check then says the model is not learning.
+    if config.learning_rate is not None and not (config.learning_rate >= 0 and math.isfinite(config.learning_rate)):
+        raise ConfigError(f"learning_rate must be a number >= 0, got {config.learning_rate}")
     if not 0.0 <= config.eval_split_ratio < 1.0:
         raise ConfigError(f"eval_split_ratio must be in [0, 1), got {config.eval_split_ratio}")
     if not 0.0 <= config.warmup_ratio <= 1.0:
@@ -212,6 +222,13 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)}")
     if config.max_grad_norm < 0 or config.weight_decay < 0 or config.warmup_steps < 0:
         raise ConfigError("max_grad_norm, weight_decay and warmup_steps must be >= 0")
+    unknown = sorted(set(config.report_to or []) - set(REPORT_TO))
+    if unknown:
+        raise ConfigError(f"report_to: unknown destination {unknown[0]!r}; choose from {', '.join(REPORT_TO)}")
+    if config.peak_tflops is not None and not config.peak_tflops > 0:
+        raise ConfigError(f"peak_tflops must be > 0, got {config.peak_tflops}")
+    if config.early_stopping_patience and not (config.eval_split_ratio > 0 and config.eval_steps):
+        raise ConfigError("early_stopping_patience needs evaluations: set --eval-steps and --eval-split-ratio > 0")
     if config.max_steps <= 0 and not config.num_train_epochs > 0:
         raise ConfigError("set num_train_epochs > 0 or max_steps > 0: as given the run would train 0 steps")
     if config.lr_scheduler_type not in LR_SCHEDULER_TYPES:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from lamelm_fast.metrics import RunLogger
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint
 from lamelm_fast.train.config import TrainConfig, resolve, validate
-from lamelm_fast.train.data import Batch, DataOrder, Example, collate, iterate_batches, prepare_datasets
+from lamelm_fast.train.data import DataOrder, Example, collate, iterate_batches, prepare_datasets
 from lamelm_fast.train.model import (
     causal_lm_loss,
     load_model,
@@ -28,6 +27,7 @@ from lamelm_fast.train.model import (
     model_context,
     pick_device,
 )
+from lamelm_fast.train.reporting import TrainingReport, WindowMetrics
 
 
 class TrainingStopped(Exception):
@@ -54,31 +54,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
-
-
-class WindowMetrics:
-    """Sums over a logging window. Device values stay on device until :meth:`read` (one sync)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.correct = torch.zeros((), device=self.device)
-        self.steps = self.tokens = self.targets = 0
-        self.started = time.perf_counter()
-
-    def add_micro_batch(self, loss: torch.Tensor, correct: torch.Tensor, batch: Batch) -> None:
-        self.loss += loss.detach().float()
-        self.correct += correct.detach().float()
-        self.tokens += batch.num_tokens
-        self.targets += batch.num_targets
-
-    def read(self, grad_norm: torch.Tensor | None) -> tuple[float, float, float]:
-        norm = grad_norm if grad_norm is not None else torch.full((), math.nan, device=self.device)
-        loss_sum, correct, norm_value = torch.stack([self.loss, self.correct, norm.float()]).tolist()
-        return loss_sum / max(self.steps, 1), correct / max(self.targets, 1), norm_value
 
 
 def training_windows(order: DataOrder, accumulation: int, start: Position) -> Iterator[tuple[int, int, list]]:
@@ -145,10 +120,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _memory_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written."""
     validate(config)
@@ -181,57 +152,78 @@ def train(config: TrainConfig) -> TrainResult:
         position = Position(**state["position"])
         checkpoint.set_rng_state(state["rng"])
 
-    logger = RunLogger(run_dir, quiet=config.quiet, resume=resume_path is not None)
+    logger = RunLogger(run_dir, total_steps, quiet=config.quiet, log_format=config.log_format,
+                       resume=resume_path is not None, report_to=config.report_to, config=dataclasses.asdict(config))
     total_params, trainable_params = loaded.parameter_counts()
     logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, loaded.notes,
                        resume_path))
+    mean_length = stats.train_tokens / max(stats.train_examples, 1)
+    report = TrainingReport(logger, model, model_config, device, mean_length, bool(eval_set), config.peak_tflops,
+                            config.early_stopping_patience)
     result = TrainResult(run_dir, position.step)
     window = WindowMetrics(device)
     windows = training_windows(order, config.gradient_accumulation_steps, position)
-    started, run_tokens, run_samples = time.perf_counter(), 0, 0
+    best_checkpoint, stopped_early = None, False
+    epoch_progress = position.epoch + position.batch / order.batches_per_epoch
+
+    def save(step: int) -> Path:
+        state = _training_state(optimizer, scheduler, position, config)
+        return checkpoint.save_checkpoint(run_dir, step, model, tokenizer, state, config.save_total_limit,
+                                          keep=best_checkpoint)
+
+    def run_eval(step: int, epoch: float) -> bool:
+        return report.log_eval(window, step, epoch, lambda: evaluate(
+            model, eval_set, config, tokenizer.pad_token_id, device, autocast_dtype))
+
     model.train()
-    with _StopRequest() as stop:
-        for step in range(position.step + 1, total_steps + 1):
-            epoch, next_batch, indices = next(windows)
-            micro_batches = [collate([train_set[i] for i in idx], config.packing, tokenizer.pad_token_id)
-                             for idx in indices]
-            # Normalise by the label tokens of the whole window, so the split into micro-batches is invisible.
-            num_items = sum(b.num_targets for b in micro_batches)
-            for batch in micro_batches:
-                loss, correct = causal_lm_loss(model, batch.to(device), num_items, autocast_dtype)
-                loss.backward()
-                window.add_micro_batch(loss, correct, batch)
-            learning_rate = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.steps += 1
-            run_tokens += sum(b.num_tokens for b in micro_batches)
-            run_samples += sum(b.num_sequences for b in micro_batches)
-            position = _next_position(step, epoch, next_batch, order)
+    try:
+        with _StopRequest() as stop:
+            for step in range(position.step + 1, total_steps + 1):
+                epoch, next_batch, indices = next(windows)
+                micro_batches = [collate([train_set[i] for i in idx], config.packing, tokenizer.pad_token_id)
+                                 for idx in indices]
+                # Normalise by the label tokens of the whole window: the split into micro-batches is invisible.
+                num_items = sum(b.num_targets for b in micro_batches)
+                for batch in micro_batches:
+                    loss, correct = causal_lm_loss(model, batch.to(device), num_items, autocast_dtype)
+                    loss.backward()
+                    window.add_micro_batch(loss, correct, batch)
+                learning_rate = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                report.end_step(window, sum(b.num_tokens for b in micro_batches),
+                                sum(b.num_sequences for b in micro_batches), step)
+                position = _next_position(step, epoch, next_batch, order)
+                epoch_progress = epoch + next_batch / order.batches_per_epoch
+                result.global_step = step
 
-            if step % config.logging_steps == 0 or step == total_steps:
-                _log_window(logger, result, window, optimizer, step, learning_rate,
-                            epoch + next_batch / order.batches_per_epoch, device)
-            if eval_set and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
-                _log_eval(logger, result, window, model, eval_set, config, tokenizer, device, autocast_dtype, step)
-            if (config.save_steps and step % config.save_steps == 0) or step == total_steps or stop.signal_name:
-                result.checkpoint = checkpoint.save_checkpoint(
-                    run_dir, step, model, tokenizer, _training_state(optimizer, scheduler, position, config),
-                    config.save_total_limit)
-            result.global_step = step
-            if stop.signal_name:
-                logger.close()
-                raise TrainingStopped(
-                    f"{stop.signal_name} at step {step}: saved {result.checkpoint}; resume with the same command "
-                    f"plus --resume-from-checkpoint {result.checkpoint}", exit_code=0)
+                if step % config.logging_steps == 0 or step == total_steps:
+                    expected = config.learning_rate * scheduler.lr_lambdas[0](step - 1)
+                    fatal = report.log_train(window, optimizer.grad_norm, step, learning_rate, expected,
+                                             epoch_progress)
+                    if fatal is not None:
+                        raise TrainingStopped(fatal.message, exit_code=1)
+                if eval_set and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
+                    if run_eval(step, epoch_progress) and config.early_stopping_patience:
+                        best_checkpoint = result.checkpoint = save(step)
+                    if report.health.should_stop:
+                        stopped_early = True
+                        break
+                if (config.save_steps and step % config.save_steps == 0) or step == total_steps or stop.signal_name:
+                    result.checkpoint = save(step)
+                if stop.signal_name:
+                    raise TrainingStopped(
+                        f"{stop.signal_name} at step {step}: saved {result.checkpoint}; resume with the same "
+                        f"command plus --resume-from-checkpoint {result.checkpoint}", exit_code=0)
 
-    if eval_set:
-        _log_eval(logger, result, window, model, eval_set, config, tokenizer, device, autocast_dtype,
-                  result.global_step)
-    result.summary = _summary(result, time.perf_counter() - started, run_tokens, run_samples, device)
-    logger.summary(result.summary)
-    logger.close()
+        if eval_set and not stopped_early:
+            run_eval(result.global_step, epoch_progress)
+        result.summary = report.summary(result.global_step, result.checkpoint, best_checkpoint, stopped_early)
+        logger.summary(result.summary)
+        result.history = logger.history
+    finally:
+        report.close()
     return result
 
 
@@ -245,32 +237,6 @@ def _training_state(optimizer: FusedAdamW, scheduler: Any, position: Position, c
                     ) -> dict[str, Any]:
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "position": dataclasses.asdict(position), "config": dataclasses.asdict(config)}
-
-
-def _log_window(logger: RunLogger, result: TrainResult, window: WindowMetrics, optimizer: FusedAdamW, step: int,
-                learning_rate: float, epoch: float, device: torch.device) -> None:
-    loss, accuracy, grad_norm = window.read(optimizer.grad_norm)
-    elapsed = time.perf_counter() - window.started
-    row = {"step": step, "loss": loss, "grad_norm": grad_norm, "learning_rate": float(learning_rate),
-           "epoch": epoch, "token_accuracy": accuracy, "tokens_per_second": window.tokens / max(elapsed, 1e-9),
-           "memory_gb": _memory_gb(device)}
-    logger.train_row(row)
-    result.history.append({"type": "train", **row})
-    window.reset()
-    if not math.isfinite(loss):
-        logger.close()
-        raise TrainingStopped(f"loss is {loss} at step {step}: training diverged; the last checkpoint is kept. "
-                              "Lower --learning-rate or --max-grad-norm, or check the data", exit_code=1)
-
-
-def _log_eval(logger: RunLogger, result: TrainResult, window: WindowMetrics, model: nn.Module,
-              eval_set: list[Example], config: TrainConfig, tokenizer: Any, device: torch.device,
-              autocast_dtype: torch.dtype | None, step: int) -> None:
-    started = time.perf_counter()
-    row = {"step": step, **evaluate(model, eval_set, config, tokenizer.pad_token_id, device, autocast_dtype)}
-    window.started += time.perf_counter() - started  # tokens/s measures training, not evaluation
-    logger.eval_row(row)
-    result.history.append({"type": "eval", **row})
 
 
 def _banner(config: TrainConfig, stats: Any, device: torch.device, total: int, trainable: int, steps: int,
@@ -292,24 +258,3 @@ def _banner(config: TrainConfig, stats: Any, device: torch.device, total: int, t
     if resume_path is not None:
         lines.append(f"  resuming from {resume_path}")
     return "\n".join(lines)
-
-
-def _summary(result: TrainResult, runtime: float, tokens: int, samples: int, device: torch.device) -> dict[str, Any]:
-    train_rows = [row for row in result.history if row["type"] == "train"]
-    eval_rows = [row for row in result.history if row["type"] == "eval"]
-    losses = [row["loss"] for row in train_rows]
-    best = min(eval_rows, key=lambda row: row["val_loss"], default=None)
-    return {
-        "steps": result.global_step,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "mean_train_loss": sum(losses) / len(losses) if losses else None,
-        "best_val_loss": best["val_loss"] if best else None,
-        "best_val_step": best["step"] if best else None,
-        "final_val_perplexity": eval_rows[-1]["val_perplexity"] if eval_rows else None,
-        "runtime_seconds": runtime,
-        "samples_per_second": samples / max(runtime, 1e-9),
-        "tokens_per_second": tokens / max(runtime, 1e-9),
-        "peak_memory_gb": _memory_gb(device),
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-    }

@@ -159,6 +159,7 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
             raise ConfigError(f"could not load model '{config.model}': {first_line(error)}") from None
     if "device_map" not in load_kwargs:
         model.to(device)
+    keep_bnb_storage_layout(model)
     model.config.use_cache = False
 
     gc_kwargs = {"use_reentrant": False}
@@ -181,6 +182,18 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     return LoadedModel(model, device, autocast_dtype, notes)
+
+
+def keep_bnb_storage_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes (>= 0.49) from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16 it rewrites the weight storage the first time a layer runs without grad in eval mode.
+    That breaks layers whose in_features is not a multiple of the blocksize (a reshape error), and our kernels and
+    checkpoints read the standard layout, so the repack is switched off for every 4-bit layer.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

@@ -1,0 +1,1 @@
+"""Use lamelm-fast's reporting inside other trainers."""
