@@ -1,0 +1,101 @@
+"""Timing and memory measurement shared by every benchmark suite.
+
+CUDA: CUDA events around each call, after warm-up, median of many repeats; peak memory from
+``torch.cuda.max_memory_allocated`` above what was allocated before the call. CPU: ``time.perf_counter`` (the suite
+still runs on CPU at small sizes so it never rots; CPU numbers are not GPU claims). Device peaks (dense bf16 matmul
+FLOP/s and copy bandwidth) are measured, not looked up, so rooflines compare against this device on this day.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+RESULTS: list[dict[str, Any]] = []  # every record() of this session; bench/conftest.py writes them at the end
+
+
+@dataclass(frozen=True)
+class Measurement:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    peak_memory_bytes: int | None  # above the memory allocated before the call; None on CPU
+
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        return {f"{prefix}{key}": value for key, value in asdict(self).items()}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 5, repeats: int = 30,
+            setup: Callable[[], Any] | None = None) -> Measurement:
+    """Time ``fn()`` (after ``setup()``, which is not timed) and its peak memory on ``device``."""
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    times: list[float] = []
+    peak: int | None = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if setup is not None:
+            setup()
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(repeats):
+            if setup is not None:
+                setup()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            if setup is not None:
+                setup()
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+    return Measurement(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), repeats, peak)
+
+
+@functools.cache
+def device_peaks(device: torch.device) -> dict[str, float]:
+    """Measured dense bf16 (fp32 on CPU) matmul FLOP/s and device-to-device copy bytes/s on ``device``."""
+    if device.type == "cuda":
+        n, dtype, copy_numel = 8192, torch.bfloat16, 2**28
+    else:
+        n, dtype, copy_numel = 512, torch.float32, 2**22
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    matmul = measure(lambda: torch.mm(a, b, out=out), device, warmup=5, repeats=20)
+    src = torch.empty(copy_numel, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), device, warmup=5, repeats=20)
+    return {"matmul_flops": 2 * n**3 / (matmul.median_ms / 1e3),
+            "copy_bytes_per_second": 2 * src.numel() * src.element_size() / (copy.median_ms / 1e3),
+            "matmul_dtype": str(dtype).removeprefix("torch.")}
+
+
+def record(suite: str, case: dict[str, Any]) -> dict[str, Any]:
+    """Keep one result row (a dict of plain numbers and strings) for the session's results file."""
+    row = {"suite": suite, **case}
+    RESULTS.append(row)
+    return row
