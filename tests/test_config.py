@@ -136,3 +136,12 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert len(checkpoints) == 1 and (checkpoints[0] / "training_state.pt").is_file()
     assert f"SIGINT at step {checkpoints[0].name.split('-')[1]}" in stderr
     assert f"--resume-from-checkpoint {Path('run') / checkpoints[0].name}" in stderr
+
+
+def test_kernels_flag_refuses_a_backend_that_cannot_run_here(tmp_path, monkeypatch) -> None:
+    from lamelm_fast.train import train
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU machine without the interpreter cannot run Triton
+    with pytest.raises(ConfigError, match="--kernels triton: .*TRITON_INTERPRET"):
+        train(TrainConfig(kernels="triton", max_steps=1, output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

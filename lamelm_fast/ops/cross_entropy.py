@@ -1,9 +1,17 @@
-"""Fused linear + cross-entropy, pure-PyTorch reference.
+"""Fused linear + cross-entropy: the autograd Function, its torch reference and its Triton dispatch.
 
-This is the CPU path and the test oracle for the Triton kernel. It walks over chunks of rows: for each
-chunk it computes the logits, the loss and (when gradients are wanted) d loss / d logits in one pass,
-folds that straight into the gradients of hidden / weight / bias and drops the chunk, so the N x V logits
-never exist. Nothing here reads tensor values on the host, so it never forces a device sync.
+Both backends walk over chunks of rows: for each chunk the logits come from one matmul (cuBLAS on GPU), then the
+loss and, when gradients are wanted, d loss / d logits are computed in one pass, folded straight into the
+gradients of hidden / weight / bias, and the chunk is dropped, so the N x V logits never exist. The gradients
+are complete at the end of the forward pass; backward only scales them by grad_output (free when it is 1).
+
+- ``torch`` (the CPU path and the test oracle): the per-chunk math in torch ops, in fp32 (fp64 for fp64 inputs).
+- ``triton`` (GPU, or CPU under TRITON_INTERPRET=1): lamelm_fast.kernels.cross_entropy does the per-row pass in
+  one program (online logsumexp in fp32, gradient written over the logits in place), so a chunk needs a single
+  buffer in the input dtype. fp64 inputs always take the reference.
+
+grad_weight is accumulated over chunks in fp32 for bf16/fp16 inputs. Nothing here reads tensor values on the
+host, so it never forces a device sync.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from lamelm_fast.ops.dispatch import resolve_backend
 
 __all__ = ["LinearCrossEntropyLoss", "fused_linear_cross_entropy"]
 
@@ -44,13 +54,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+def _default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                        backend: str = "torch") -> int:
     """Rows per chunk such that one chunk of logits plus its gradient fits the memory budget."""
     compute_dtype = _compute_dtype(dtype)
-    # Live per row: the fp32 logits and their gradient, plus the matmul output when it is narrower.
-    row_bytes = 2 * vocab * compute_dtype.itemsize
-    if dtype != compute_dtype:
-        row_bytes += vocab * dtype.itemsize
+    if backend == "triton":
+        row_bytes = vocab * dtype.itemsize  # the kernel overwrites the logits with their gradient
+    else:
+        # Live per row: the fp32 logits and their gradient, plus the matmul output when it is narrower.
+        row_bytes = 2 * vocab * compute_dtype.itemsize
+        if dtype != compute_dtype:
+            row_bytes += vocab * dtype.itemsize
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget = min(free_bytes // _CUDA_FREE_MEMORY_FRACTION, _CUDA_CHUNK_BYTES_CAP)
@@ -122,13 +136,21 @@ def _chunked_pass(
     row_scale: torch.Tensor | None,
     needs_grad: tuple[bool, bool, bool],
     want_correct: bool,
+    backend: str,
 ) -> _PassResult:
     """One sweep over the rows: losses, and the gradients in `needs_grad` scaled by `row_scale`."""
     n_rows, hidden_size = hidden.shape
     device = hidden.device
     compute_dtype = _compute_dtype(hidden.dtype)
     need_hidden, need_weight, need_bias = needs_grad if row_scale is not None else (False, False, False)
-    bias_c = None if bias is None else bias.to(compute_dtype)
+    use_triton = backend == "triton"
+    if use_triton:
+        from lamelm_fast.kernels.cross_entropy import cross_entropy_rows
+
+        bias_c = None if bias is None else bias.to(hidden.dtype)  # added by the matmul, in its dtype
+        correct_rows = torch.empty(n_rows, dtype=torch.int32, device=device) if want_correct else None
+    else:
+        bias_c = None if bias is None else bias.to(compute_dtype)
 
     losses = torch.empty(n_rows, dtype=compute_dtype, device=device)
     num_correct = torch.zeros((), dtype=torch.int64, device=device) if want_correct else None
@@ -141,27 +163,39 @@ def _chunked_pass(
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         hidden_chunk = hidden[start:end]
-        # Matmul in the input dtype (as the kernel does), everything after it in the compute dtype.
-        logits = torch.mm(hidden_chunk, weight.t()).to(compute_dtype)
-        if bias_c is not None:
-            logits += bias_c
         chunk_scale = None
         if any_grad:
             chunk_scale = row_scale[start:end] if row_scale.dim() else row_scale
-        loss, correct, dlogits = _chunk_loss_and_dlogits(
-            logits, labels[start:end], cfg, chunk_scale, want_correct
-        )
-        losses[start:end] = loss
-        if correct is not None:
-            num_correct += correct.sum()
+        if use_triton:
+            # Logits in the input dtype; the kernel replaces them with their gradient (same dtype) in place.
+            logits = (torch.mm(hidden_chunk, weight.t()) if bias_c is None
+                      else torch.addmm(bias_c, hidden_chunk, weight.t()))
+            cross_entropy_rows(
+                logits, labels[start:end], losses[start:end],
+                None if correct_rows is None else correct_rows[start:end], chunk_scale,
+                ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                logit_scale=cfg.logit_scale, softcap=cfg.softcap)
+            dlogits = logits
+        else:
+            # Matmul in the input dtype (as the kernel does), everything after it in the compute dtype.
+            logits = torch.mm(hidden_chunk, weight.t()).to(compute_dtype)
+            if bias_c is not None:
+                logits += bias_c
+            loss, correct, dlogits = _chunk_loss_and_dlogits(
+                logits, labels[start:end], cfg, chunk_scale, want_correct
+            )
+            losses[start:end] = loss
+            if correct is not None:
+                num_correct += correct.sum()
         if need_hidden:
             torch.mm(dlogits.to(hidden.dtype), weight, out=grad_hidden[start:end])
         if need_weight:
-            # Upcasting the [chunk, H] slice is cheap; a low-precision product would need a V x H temporary.
-            grad_weight.addmm_(dlogits.t(), hidden_chunk.to(compute_dtype))
+            _accumulate_product(grad_weight, dlogits.t(), hidden_chunk)
         if need_bias:
-            grad_bias += dlogits.sum(dim=0)
+            grad_bias += dlogits.sum(dim=0, dtype=compute_dtype)
 
+    if use_triton and num_correct is not None:
+        num_correct = correct_rows.sum(dtype=torch.int64)
     return _PassResult(
         losses,
         num_correct,
@@ -169,6 +203,36 @@ def _chunked_pass(
         None if grad_weight is None else grad_weight.to(weight.dtype),
         None if grad_bias is None else grad_bias.to(bias.dtype),
     )
+
+
+def _accumulate_product(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``accumulator += left @ right`` with a wider accumulator than the operands and no [V, H] temporary."""
+    if left.dtype == accumulator.dtype:
+        accumulator.addmm_(left, right.to(accumulator.dtype))
+    elif accumulator.is_cuda and _ADDMM_OUT_DTYPE:
+        # cuBLAS multiplies bf16/fp16 and accumulates straight into the fp32 buffer.
+        torch.addmm(accumulator, left, right, out_dtype=accumulator.dtype, out=accumulator)
+    else:
+        # Upcasting the chunk-sized operands is cheap; a low-precision product would need a V x H temporary.
+        accumulator.addmm_(left.to(accumulator.dtype), right.to(accumulator.dtype))
+
+
+# torch >= 2.8 has addmm with an output dtype wider than its inputs (CUDA only).
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _scale_gradients(grads: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor, backend: str) -> None:
+    # In place: an out-of-place multiply would need a second V x H buffer. The Triton kernel reads the scale on
+    # the device and skips the tensor when it is 1, which a plain loss.backward() gives, without a host sync.
+    for grad in grads:
+        if grad is None:
+            continue
+        if backend == "triton":
+            from lamelm_fast.kernels.cross_entropy import scale_inplace
+
+            scale_inplace(grad, grad_loss.to(torch.float32))
+        else:
+            grad.mul_(grad_loss)
 
 
 def _safe_reciprocal(denominator: torch.Tensor) -> torch.Tensor:
@@ -190,17 +254,18 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         chunk_size: int,
         want_accuracy: bool,
         grad_enabled: bool,
+        backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         compute_dtype = _compute_dtype(hidden.dtype)
         num_valid = (labels != cfg.ignore_index).sum()
         # needs_input_grad ignores an enclosing no_grad(), so the caller's grad mode is passed in.
         needs_grad = tuple(grad_enabled and flag for flag in ctx.needs_input_grad[:3])
-        ctx.cfg, ctx.reduction, ctx.chunk_size = cfg, reduction, chunk_size
+        ctx.cfg, ctx.reduction, ctx.chunk_size, ctx.backend = cfg, reduction, chunk_size, backend
 
         if reduction == "none":
             # Per-row grad_output is only known in backward, so the gradients are recomputed there.
             result = _chunked_pass(
-                hidden, weight, bias, labels, cfg, chunk_size, None, (False, False, False), want_accuracy
+                hidden, weight, bias, labels, cfg, chunk_size, None, (False, False, False), want_accuracy, backend
             )
             loss = result.losses
             ctx.save_for_backward(hidden, weight, bias, labels)
@@ -213,7 +278,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 scale = torch.ones((), dtype=compute_dtype, device=hidden.device)
             row_scale = scale if any(needs_grad) else None
             result = _chunked_pass(
-                hidden, weight, bias, labels, cfg, chunk_size, row_scale, needs_grad, want_accuracy
+                hidden, weight, bias, labels, cfg, chunk_size, row_scale, needs_grad, want_accuracy, backend
             )
             loss = result.losses.sum() * scale
             # Gradients of an intermediate, not inputs/outputs: kept on ctx so backward can free them.
@@ -232,10 +297,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         if ctx.reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
-            row_scale = grad_loss.to(_compute_dtype(hidden.dtype))
+            # contiguous: a grad_output broadcast from a scalar has stride 0, the kernel reads one value per row.
+            row_scale = grad_loss.to(_compute_dtype(hidden.dtype)).contiguous()
             needs_grad = ctx.needs_input_grad[:3]
             result = _chunked_pass(
-                hidden, weight, bias, labels, ctx.cfg, ctx.chunk_size, row_scale, needs_grad, False
+                hidden, weight, bias, labels, ctx.cfg, ctx.chunk_size, row_scale, needs_grad, False, ctx.backend
             )
             grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
         else:
@@ -246,11 +312,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                     "instead of using retain_graph=True"
                 )
             grads, ctx.grads = ctx.grads, None
-            # In place: an out-of-place multiply would need a second V x H buffer.
-            for grad in grads:
-                if grad is not None:
-                    grad.mul_(grad_loss)
-        return (*grads, None, None, None, None, None, None, None)
+            _scale_gradients(grads, grad_loss, ctx.backend)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _validate_options(
@@ -348,7 +411,7 @@ def fused_linear_cross_entropy(
     hidden_size = hidden.shape[-1]
     n_rows = math.prod(hidden.shape[:-1])
     hidden_2d = hidden.reshape(n_rows, hidden_size)
-    flat_labels = labels.reshape(n_rows).to(torch.int64)
+    flat_labels = labels.reshape(n_rows).to(torch.int64).contiguous()  # the kernel reads one label per row
     if isinstance(num_items, torch.Tensor):
         num_items_t = num_items.detach().reshape(()).to(hidden.device)
     elif num_items is not None:
@@ -356,8 +419,10 @@ def fused_linear_cross_entropy(
         num_items_t = torch.full((), num_items, dtype=_compute_dtype(hidden.dtype), device=hidden.device)
     else:
         num_items_t = None
+    # fp64 is the oracle dtype: the kernel computes in fp32, so fp64 always takes the reference.
+    backend = "torch" if hidden.dtype == torch.float64 else resolve_backend(hidden.device)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(n_rows, weight.shape[0], hidden.dtype, hidden.device)
+        chunk_size = _default_chunk_size(n_rows, weight.shape[0], hidden.dtype, hidden.device, backend)
     cfg = _LossConfig(ignore_index, float(label_smoothing), float(z_loss), softcap, float(logit_scale))
 
     loss, accuracy = _LinearCrossEntropyFunction.apply(
@@ -371,6 +436,7 @@ def fused_linear_cross_entropy(
         chunk_size,
         return_accuracy,
         torch.is_grad_enabled(),
+        backend,
     )
     if reduction == "none":
         loss = loss.view(labels.shape)

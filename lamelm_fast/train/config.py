@@ -60,6 +60,9 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (bf16 compute, fp32 master weights)"))
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = field(default="sdpa", metadata=_help(
         "attention implementation passed to transformers"))
+    kernels: Literal["auto", "cuda", "triton", "torch"] = field(default="auto", metadata=_help(
+        "fused-op backend: auto = CUDA extension, else Triton on a GPU, else the torch reference (on CPU); "
+        "auto also honours the LAMELM_KERNELS environment variable"))
     # Data
     dataset: str | None = field(default=None, metadata=_help(
         "local jsonl/json/parquet/csv/txt file or HF datasets id; omitted: the embedded stdlib instruction set"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -15,9 +16,10 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from lamelm_fast.metrics import RunLogger
+from lamelm_fast.ops.dispatch import BackendUnavailable, resolve_backend, use_backend
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint
-from lamelm_fast.train.config import TrainConfig, resolve, validate
+from lamelm_fast.train.config import ConfigError, TrainConfig, resolve, validate
 from lamelm_fast.train.data import DataOrder, Example, collate, iterate_batches, prepare_datasets
 from lamelm_fast.train.model import (
     causal_lm_loss,
@@ -123,6 +125,11 @@ class _StopRequest:
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written."""
     validate(config)
+    with contextlib.nullcontext() if config.kernels == "auto" else use_backend(config.kernels):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainResult:
     transformers_logging.disable_progress_bar()  # our own table reports progress
     tokenizer = load_tokenizer(config)
     model_config = load_model_config(config)
@@ -134,6 +141,10 @@ def train(config: TrainConfig) -> TrainResult:
     resume_path = (checkpoint.resolve_resume_path(config.resume_from_checkpoint, run_dir)
                    if config.resume_from_checkpoint else None)
     device = pick_device()
+    try:
+        resolve_backend(device, has_cuda=True)
+    except BackendUnavailable as error:
+        raise ConfigError(f"--kernels {config.kernels}: {error}") from None
     loaded = load_model(config, model_config, device)
     model, autocast_dtype = loaded.model, loaded.autocast_dtype
     optimizer = make_optimizer(model, config)

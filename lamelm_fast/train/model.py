@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lamelm_fast.ops import fused_linear_cross_entropy
+from lamelm_fast import patching
 from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
 
@@ -196,36 +196,27 @@ def keep_bnb_storage_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def lm_head(model: nn.Module) -> nn.Module:
-    head = _causal_lm(model).get_output_embeddings()
-    if not isinstance(head, nn.Linear) or not head.weight.is_floating_point():
-        raise ConfigError("the LM head is not a plain linear layer (adapted or quantized), which the fused "
-                          "cross-entropy cannot read: keep lm_head out of LoRA and quantization")
-    return head
+    try:
+        return patching.lm_head(model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch, num_items: int | None, autocast_dtype: torch.dtype | None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (sum over targets / num_items, or the plain sum if num_items is None) and correct-token count."""
-    causal_lm = _causal_lm(model)
+    """Loss (sum over targets / num_items, or the plain sum if num_items is None) and correct-token count.
+
+    The decoder gives hidden states and the fused linear cross-entropy takes them with the head weight, so the
+    full [tokens, vocab] logits never exist.
+    """
+    causal_lm = patching.causal_lm(model)
     head = lm_head(model)
-    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         hidden = causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                          position_ids=batch.position_ids, use_cache=False).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    if autocast_dtype is not None:
-        hidden = hidden.to(autocast_dtype)
-        weight = head.weight.to(autocast_dtype)
-        bias = None if head.bias is None else head.bias.to(autocast_dtype)
-    else:
-        hidden, weight, bias = hidden.to(head.weight.dtype), head.weight, head.bias
-    loss, accuracy = fused_linear_cross_entropy(
-        hidden, weight, batch.labels.reshape(-1), bias=bias, reduction="sum",
-        num_items=num_items, softcap=softcap, return_accuracy=True)
+        loss, accuracy = patching.lm_head_loss(
+            head, hidden, batch.labels, num_items=num_items if num_items is not None else 1,
+            softcap=getattr(patching.text_config(model), "final_logit_softcapping", None), return_accuracy=True)
     return loss, accuracy * batch.num_targets

@@ -1,0 +1,142 @@
+"""``apply_kernels(model)``: route a Hugging Face (or PEFT-wrapped) causal LM through lamelm-fast's fused ops.
+
+- ``cross_entropy``: in training (``model.training`` and grad enabled, labels given) the causal-LM forward computes
+  its loss with ``fused_linear_cross_entropy`` on the decoder's hidden states, so the [tokens, vocab] logits never
+  exist; ``num_items_in_batch`` and ``shift_labels`` keep HF's meaning, Gemma's final logit softcap is applied.
+  The training output carries ``logits=None``. Evaluation and generation run the model's own forward unchanged.
+- ``lora``: PEFT LoRA layers over bitsandbytes 4-bit layers run the fused NF4 LoRA matmuls
+  (:func:`lamelm_fast.ops.lora4bit.patch_peft_lora4bit`); adapter names and state dicts are untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lamelm_fast.ops import fused_linear_cross_entropy
+
+# Causal-LM families whose head is a plain ``lm_head(hidden)`` (plus Gemma's softcap): the loss can be taken from
+# the decoder's last hidden state with nothing lost. Others (logit scaling, MoE auxiliary losses...) are refused.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+IGNORE_INDEX = -100
+_ORIGINAL_FORWARD = "_lamelm_original_forward"
+
+
+@dataclass
+class KernelReport:
+    """What :func:`apply_kernels` changed: ``cross_entropy`` is True when the loss is fused; ``lora_layers`` counts
+    the LoRA layers swapped for the fused NF4 path; ``notes`` say what was left alone and why."""
+
+    cross_entropy: bool = False
+    lora_layers: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def text_config(model: nn.Module) -> Any:
+    config = causal_lm(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def lm_head(model: nn.Module) -> nn.Linear:
+    """The output projection as a plain ``nn.Linear``; refuses adapted or quantized heads by name."""
+    head = causal_lm(model).get_output_embeddings()
+    if not isinstance(head, nn.Linear) or not head.weight.is_floating_point():
+        raise ValueError(
+            f"the LM head is a {type(head).__name__}, not a plain nn.Linear (a LoRA adapter, modules_to_save or "
+            "quantization on lm_head), which the fused cross-entropy cannot read without dropping it: keep "
+            "lm_head out of LoRA target_modules and quantization, or call apply_kernels(model, cross_entropy=False)")
+    return head
+
+
+def lm_head_loss(
+    head: nn.Linear,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_items: int | torch.Tensor | None = None,
+    softcap: float | None = None,
+    return_accuracy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``head(hidden)`` against already shifted ``labels`` (-100 = ignored), fused.
+
+    Sum over target tokens divided by ``num_items`` when given, else the mean. Under autocast the matmuls run in
+    the autocast dtype as ``head(hidden)`` would; otherwise in the head weight's dtype.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = head.weight.dtype
+    bias = None if head.bias is None else head.bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]).to(dtype), head.weight.to(dtype), labels.reshape(-1),
+            bias=bias, reduction="sum" if num_items is not None else "mean", num_items=num_items, softcap=softcap,
+            return_accuracy=return_accuracy)
+
+
+def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None,
+                        logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:
+    original = getattr(self, _ORIGINAL_FORWARD)
+    if labels is None or not (self.training and torch.is_grad_enabled()):
+        return original(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+    captured: list[torch.Tensor] = []
+    hook = self.get_decoder().register_forward_hook(lambda module, inputs, output: captured.append(
+        output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]))
+    try:
+        # The head runs on one position only (its logits are dropped); the loss reads the full hidden states.
+        outputs = original(*args, labels=None, logits_to_keep=1, **kwargs)
+    finally:
+        hook.remove()
+    shift_labels = kwargs.get("shift_labels")
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    loss = lm_head_loss(lm_head(self), captured[-1], shift_labels.to(captured[-1].device),
+                        num_items=kwargs.get("num_items_in_batch"),
+                        softcap=getattr(text_config(self), "final_logit_softcapping", None))
+    if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) becomes (loss, ...)
+        return (loss, *outputs[1:])
+    # Rebuilt rather than assigned: a ModelOutput only exposes as items the fields set when it was built.
+    values = {f.name: getattr(outputs, f.name) for f in dataclasses.fields(outputs)}
+    return type(outputs)(**{**values, "loss": loss, "logits": None})
+
+
+def patch_cross_entropy(model: nn.Module) -> None:
+    """Make the causal-LM forward compute its training loss with the fused linear cross-entropy (idempotent)."""
+    target = causal_lm(model)
+    model_type = getattr(text_config(model), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"apply_kernels: model type {model_type!r} is not supported by the fused cross-entropy "
+                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); call apply_kernels(model, "
+                         "cross_entropy=False) to keep the model's own loss")
+    lm_head(model)  # refuse an adapted head now, not at the first training step
+    if hasattr(target, _ORIGINAL_FORWARD):
+        return
+    setattr(target, _ORIGINAL_FORWARD, target.forward)
+    target.forward = types.MethodType(_fused_loss_forward, target)
+
+
+def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = True) -> KernelReport:
+    """Swap the model's loss and PEFT 4-bit LoRA layers for lamelm-fast's fused ops, in place."""
+    report = KernelReport()
+    if cross_entropy:
+        patch_cross_entropy(model)
+        report.cross_entropy = True
+    if lora:
+        from lamelm_fast.ops.lora4bit import patch_peft_lora4bit
+
+        report.lora_layers = patch_peft_lora4bit(model)
+        if report.lora_layers == 0:
+            report.notes.append("no PEFT LoRA layer over a bitsandbytes 4-bit base: nothing to swap")
+    return report

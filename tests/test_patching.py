@@ -1,0 +1,154 @@
+"""apply_kernels: the fused loss inside HF causal LMs (and PEFT wrappers) equals the models' own loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from lamelm_fast import apply_kernels
+from lamelm_fast.ops.dispatch import use_backend
+
+SIZES = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SIZES),
+    "mistral": lambda: MistralConfig(**SIZES),
+    "qwen2": lambda: Qwen2Config(**SIZES),
+    "qwen3": lambda: Qwen3Config(**SIZES),
+    "gemma": lambda: GemmaConfig(**SIZES),
+    # A softcap small enough to bend these logits, so a missing softcap could not pass.
+    "gemma2": lambda: Gemma2Config(**SIZES, final_logit_softcapping=1.5),
+    "gemma3_text": lambda: Gemma3TextConfig(**SIZES, final_logit_softcapping=1.5),
+}
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 101, (2, 13), generator=gen)
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # a prompt without loss
+    labels[1, 9:] = -100
+    return input_ids, labels
+
+
+def pair(model_type: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(CONFIGS[model_type]()).train()
+    return reference, copy.deepcopy(reference)
+
+
+def loss_and_grads(model: torch.nn.Module, **kwargs: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_fused_loss_equals_the_models_own(model_type: str, backend: str) -> None:
+    reference, ours = pair(model_type)
+    report = apply_kernels(ours, lora=False)
+    assert report.cross_entropy
+    input_ids, labels = batch()
+    for extra in ({}, {"num_items_in_batch": torch.tensor(7)}):
+        expected, expected_grads = loss_and_grads(reference, input_ids=input_ids, labels=labels, **extra)
+        with use_backend(backend):
+            loss, grads = loss_and_grads(ours, input_ids=input_ids, labels=labels, **extra)
+        assert rel(loss, expected) < 1e-5
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in grads.items():
+            assert rel(grad, expected_grads[name]) < 1e-4, name
+
+
+def test_training_output_has_no_logits_and_eval_is_the_models_own() -> None:
+    reference, ours = pair("llama")
+    apply_kernels(ours, lora=False)
+    input_ids, labels = batch(1)
+    seen: list[tuple[int, ...]] = []
+    ours.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    out = ours(input_ids=input_ids, labels=labels)
+    assert out.logits is None and out["loss"] is out.loss and out.to_tuple()[0] is out.loss
+    assert seen == [(2, 1, 101)]  # the head ran on one position per row, never on every token
+    as_tuple = ours(input_ids=input_ids, labels=labels, return_dict=False)
+    assert torch.equal(as_tuple[0], out.loss)
+    ours.eval()
+    reference.eval()
+    with torch.no_grad():
+        mine, theirs = ours(input_ids=input_ids, labels=labels), reference(input_ids=input_ids, labels=labels)
+    assert torch.equal(mine.logits, theirs.logits) and torch.equal(mine.loss, theirs.loss)
+
+
+def test_shift_labels_keep_their_meaning() -> None:
+    reference, ours = pair("qwen3")
+    apply_kernels(ours, lora=False)
+    input_ids, labels = batch(2)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    expected, _ = loss_and_grads(reference, input_ids=input_ids, labels=labels)
+    loss, _ = loss_and_grads(ours, input_ids=input_ids, labels=torch.zeros_like(labels), shift_labels=shifted)
+    assert rel(loss, expected) < 1e-5
+
+
+def test_under_a_peft_wrapper_lora_gradients_match() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    reference, _ = pair("llama")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0)
+    reference = get_peft_model(reference, lora)
+    for name, param in reference.named_parameters():  # B starts at zero, which would zero the A gradients too
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    ours = copy.deepcopy(reference)
+    apply_kernels(ours, lora=False)
+    ours.train()
+    reference.train()
+    input_ids, labels = batch(3)
+    expected, expected_grads = loss_and_grads(reference, input_ids=input_ids, labels=labels)
+    loss, grads = loss_and_grads(ours, input_ids=input_ids, labels=labels)
+    assert rel(loss, expected) < 1e-5
+    assert grads.keys() == expected_grads.keys() and all("lora_" in name for name in grads)
+    for name, grad in grads.items():
+        assert rel(grad, expected_grads[name]) < 1e-4, name
+
+
+def test_lora_on_the_head_is_refused_not_dropped() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    _, ours = pair("llama")
+    model = get_peft_model(ours, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="lm_head"):
+        apply_kernels(model, lora=False)
+
+
+def test_unsupported_model_type_is_refused() -> None:
+    from transformers import GPT2Config
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="cross_entropy=False"):
+        apply_kernels(model, lora=False)
+
+
+def test_patching_twice_is_harmless() -> None:
+    reference, ours = pair("mistral")
+    apply_kernels(ours, lora=False)
+    apply_kernels(ours, lora=False)
+    input_ids, labels = batch(4)
+    expected, _ = loss_and_grads(reference, input_ids=input_ids, labels=labels)
+    loss, _ = loss_and_grads(ours, input_ids=input_ids, labels=labels)
+    assert rel(loss, expected) < 1e-5
