@@ -1,0 +1,125 @@
+"""Render every recorded benchmark result into one Markdown report with plots.
+
+    python bench/report.py [--results bench/results] [--out bench/results]
+
+Reads each ``<device>-<date>.json`` written by ``pytest bench --benchmark-only`` (one run, or ``{"runs": [...]}``
+when a day holds several), and writes ``REPORT.md`` (the latest run per device first, with its device, date,
+commit and versions; then every run) and ``<suite>.png`` plots of time and peak memory against problem size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# Per suite: the columns that identify a case (its size), and the measured columns worth a table.
+SIZE_KEYS = ("hidden", "vocab", "tokens", "variant", "case", "params", "tensors", "dtype", "shape", "seq_len",
+             "batch", "steps")
+
+
+def load_runs(results: Path) -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted(results.glob("*.json")):
+        payload = json.loads(path.read_text())
+        for run in payload.get("runs", [payload]):
+            run["file"] = path.name
+            runs.append(run)
+    return sorted(runs, key=lambda run: run["date"])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    keys = list(dict.fromkeys(k for row in rows for k, v in row.items() if k != "suite" and not isinstance(v, list)))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
+    return lines
+
+
+def _size_label(row: dict[str, Any]) -> str:
+    return " ".join(f"{k}={row[k]}" for k in SIZE_KEYS if k in row and k != "dtype")
+
+
+def plot_suite(suite: str, rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Time (ms) and peak memory (MB) of each implementation per case, from the columns named ``<impl>_ms`` and
+    ``<impl>_peak_mb``."""
+    impls = sorted({k[:-3] for row in rows for k in row if k.endswith("_ms") and not k.startswith("matmul")})
+    if not impls:
+        return None
+    figure = Figure(figsize=(max(6, len(rows) * 0.6), 7), layout="constrained")
+    time_axes, memory_axes = figure.subplots(2, 1, sharex=True)
+    positions = range(len(rows))
+
+    def numbers(key: str) -> list[float]:  # "oom" and missing values are gaps in the line
+        return [value if isinstance(value := row.get(key), (int, float)) else math.nan for row in rows]
+
+    for axes, suffix, label in ((time_axes, "_ms", "time (ms)"), (memory_axes, "_peak_mb", "peak memory (MB)")):
+        for impl in impls:
+            axes.plot(positions, numbers(impl + suffix), marker="o", label=impl)
+        if any(v > 0 for impl in impls for v in numbers(impl + suffix)):  # a log axis needs a positive value
+            axes.set_yscale("log")
+        axes.set_ylabel(label)
+    time_axes.legend()
+    memory_axes.set_xticks(list(positions), [_size_label(row) for row in rows], rotation=60, ha="right",
+                           fontsize=7)
+    time_axes.set_title(suite)
+    path = out / f"{suite}.png"
+    FigureCanvasAgg(figure).print_png(path)
+    return path
+
+
+def render(runs: list[dict[str, Any]], out: Path) -> str:
+    lines = ["# Benchmark results", "",
+             "Written by `python bench/report.py` from the JSON files beside it; each file is one device and day, "
+             "recorded by `pytest bench --benchmark-only` (see `bench/gpu_run.sh`). Ratios are ours / theirs: "
+             "below 1 is faster (time) or smaller (memory); `speedup_*` above 1 is faster.", ""]
+    if not runs:
+        return "\n".join([*lines, "No results recorded yet.", ""])
+    latest: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        latest[run["device"]] = run
+    for device, run in latest.items():
+        versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v)
+        peaks = run.get("peaks", {})
+        lines += [f"## Latest on {device}: {run['date'][:10]}, commit {run.get('commit')}", "", versions, ""]
+        if peaks:
+            lines += [f"Measured peaks: {peaks.get('matmul_flops', 0) / 1e12:.3g} TFLOP/s "
+                      f"{peaks.get('matmul_dtype', '')} matmul, "
+                      f"{peaks.get('copy_bytes_per_second', 0) / 1e9:.0f} GB/s copy.", ""]
+        suites = list(dict.fromkeys(row["suite"] for row in run["results"]))
+        for suite in suites:
+            rows = [row for row in run["results"] if row["suite"] == suite]
+            lines += [f"### {suite}", "", *table(rows), ""]
+            plot = plot_suite(f"{device.replace(' ', '-')}-{suite}", rows, out)
+            if plot is not None:
+                lines += [f"![{suite}]({plot.name})", ""]
+    lines += ["## All runs", ""]
+    lines += [f"- {run['date'][:19]} {run['device']} commit {run.get('commit')} ({run['file']})" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    here = Path(__file__).parent / "results"
+    parser.add_argument("--results", type=Path, default=here)
+    parser.add_argument("--out", type=Path, default=here)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = render(load_runs(args.results), args.out)
+    (args.out / "REPORT.md").write_text(report, encoding="utf-8")
+    print(f"wrote {args.out / 'REPORT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

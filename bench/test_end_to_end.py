@@ -1,0 +1,234 @@
+"""The whole trainer against transformers.Trainer (+ PEFT + bitsandbytes for QLoRA): same model, data, seed and
+hyperparameters, in one run.
+
+GPU: the Llama-3.2-1B architecture (random weights: speed does not depend on them, and the hub is unreachable),
+sequences of 2048, sdpa attention and gradient checkpointing for both; QLoRA r=16 on all linear layers with NF4 +
+double quantization + bf16 compute for both, and a bf16 full fine-tune. Targets (H100): QLoRA >= 2.5x the HF
+Trainer's real tokens/s at <= 0.4x its peak memory; full fine-tune MFU >= 50%. A max-context probe (batch 1) runs
+when LAMELM_BENCH_MAX_CONTEXT=1. CPU: the embedded default model (full) and a tiny QLoRA, 20 steps, so the suite
+never rots.
+
+Throughput is measured the same way for both: real (non-padding) tokens per second over each logging window
+(ours from metrics.jsonl, HF's through LamelmCallback), median of the windows after the first; the loss curves
+must agree, or the faster trainer is not faster.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import harness
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from lamelm_fast.train import TrainConfig, train
+
+ON_GPU = torch.cuda.is_available()
+STEPS = int(os.environ.get("LAMELM_BENCH_STEPS", 200 if ON_GPU else 20))
+LOGGING_STEPS = 10 if STEPS >= 50 else 4
+SEQ_LEN = 2048 if ON_GPU else 256
+BATCH = 4
+LEARNING_RATE = 2e-4
+SEED = 7
+
+
+def model_config(variant: str) -> LlamaConfig:
+    if ON_GPU:  # Llama-3.2-1B
+        return LlamaConfig(vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131_072,
+                           rope_theta=500_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
+                           eos_token_id=0, pad_token_id=0, use_cache=False)
+    from lamelm_fast.train.model import embedded_asset
+
+    config = LlamaConfig.from_pretrained(embedded_asset("model"))
+    if variant == "qlora":  # bitsandbytes needs in_features divisible by its blocksize on some CPU paths
+        config.intermediate_size = 256
+    return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from lamelm_fast.train.config import TrainConfig as Config
+    from lamelm_fast.train.model import load_tokenizer
+
+    return load_tokenizer(Config())
+
+
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, variant: str) -> Path:
+    path = tmp_path_factory.mktemp(f"model-{variant}")
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(model_config(variant), dtype=torch.bfloat16 if ON_GPU else torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def documents(tokenizer: Any, count: int) -> list[str]:
+    """Up to ``count`` text documents of at least SEQ_LEN tokens, from the embedded stdlib dataset: every row is
+    full, so neither trainer pads and both see the same tokens. Fewer documents just mean more epochs, for both."""
+    from lamelm_fast.train.data import embedded_dataset_path
+
+    docs, current, tokens = [], [], 0
+    with embedded_dataset_path().open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            text = f"{record['instruction']}\n{record['output']}\n"
+            current.append(text)
+            tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if tokens > SEQ_LEN + 8:
+                docs.append("".join(current))
+                current, tokens = [], 0
+                if len(docs) == count:
+                    break
+    return docs
+
+
+def window_tokens_per_second(rows: list[dict[str, Any]]) -> float:
+    rates = [row["tokens_per_second"] for row in rows if row.get("tokens_per_second")]
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def reset_memory() -> None:
+    gc.collect()  # the previous run's model and optimizer must not count in this run's peak
+    if ON_GPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if ON_GPU else None
+
+
+def run_ours(path: Path, data: Path, out: Path, variant: str, seq_len: int = SEQ_LEN, steps: int = STEPS,
+             batch: int = BATCH) -> dict[str, Any]:
+    reset_memory()
+    result = train(TrainConfig(
+        model=str(path), dataset=str(data), dataset_format="text", finetune=variant, lora_r=16, lora_alpha=32,
+        lora_dropout=0.0, max_seq_length=seq_len, per_device_train_batch_size=batch, max_steps=steps,
+        learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0,
+        max_grad_norm=1.0, bf16=ON_GPU, gradient_checkpointing=True, attn_implementation="sdpa",
+        logging_steps=min(LOGGING_STEPS, steps), eval_split_ratio=0.0, packing=False, seed=SEED,
+        output_dir=str(out), quiet=True))
+    rows = [row for row in result.history if row["type"] == "train"]
+    return {"tokens_per_second": window_tokens_per_second(rows), "peak_memory_gb": peak_memory_gb(),
+            "mfu": result.summary["mfu"], "runtime_s": result.summary["runtime_seconds"],
+            "losses": [row["loss"] for row in rows], "steps": [row["step"] for row in rows]}
+
+
+def run_hf(path: Path, docs: list[str], tokenizer: Any, out: Path, variant: str, seq_len: int = SEQ_LEN,
+           steps: int = STEPS, batch: int = BATCH) -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig, Trainer, TrainingArguments, default_data_collator
+
+    from lamelm_fast.integrations.hf import LamelmCallback
+    from lamelm_fast.train.model import keep_bnb_storage_layout
+
+    reset_memory()
+    compute = torch.bfloat16 if ON_GPU else torch.float32
+    # The usual recipes, as our trainer does them: QLoRA keeps the unquantized weights in the compute dtype; a full
+    # fine-tune keeps fp32 weights and trains under bf16 autocast (TrainingArguments.bf16).
+    kwargs: dict[str, Any] = {"dtype": compute if variant == "qlora" else torch.float32, "attn_implementation": "sdpa"}
+    if variant == "qlora":
+        # bitsandbytes defaults to fp4 and fp32 compute: set what QLoRA means, as our trainer does.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": 0} if ON_GPU else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if variant == "qlora":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        keep_bnb_storage_layout(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    dataset = []
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"][:seq_len]
+        tensor = torch.tensor(ids)
+        dataset.append({"input_ids": tensor, "labels": tensor.clone(), "attention_mask": torch.ones_like(tensor)})
+    callback = LamelmCallback()
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0, bf16=ON_GPU,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=min(LOGGING_STEPS, steps), save_strategy="no", report_to=[], seed=SEED, data_seed=SEED,
+        use_cpu=not ON_GPU, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
+                      callbacks=[callback])
+    output = trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    return {"tokens_per_second": window_tokens_per_second(rows), "peak_memory_gb": peak_memory_gb(),
+            "mfu": statistics.median(mfus) if (mfus := [row["mfu"] for row in rows if row.get("mfu") is not None])
+            else None,
+            "runtime_s": output.metrics["train_runtime"], "losses": [row["loss"] for row in rows],
+            "steps": [row["step"] for row in rows]}
+
+
+def compare(variant: str, ours: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"variant": variant, "steps": STEPS, "seq_len": SEQ_LEN, "batch": BATCH}
+    for name, result in (("lamelm", ours), ("hf", hf)):
+        for key in ("tokens_per_second", "peak_memory_gb", "mfu", "runtime_s"):
+            row[f"{name}_{key}"] = result[key]
+    row["speedup_tokens_per_second"] = ours["tokens_per_second"] / hf["tokens_per_second"]
+    if ours["peak_memory_gb"] is not None:
+        row["memory_ratio"] = ours["peak_memory_gb"] / hf["peak_memory_gb"]
+    third = max(1, len(ours["losses"]) // 3)
+    row["lamelm_final_loss"] = statistics.mean(ours["losses"][-third:])
+    row["hf_final_loss"] = statistics.mean(hf["losses"][-third:])
+    row["lamelm_losses"] = ours["losses"]
+    row["hf_losses"] = hf["losses"]
+    row["loss_steps"] = ours["steps"]
+    return row
+
+
+@pytest.mark.parametrize("variant", ["qlora", "full"])
+def test_trainer_vs_hf_trainer(benchmark, tmp_path_factory: pytest.TempPathFactory, tokenizer: Any,
+                               variant: str) -> None:
+    path = model_dir(tmp_path_factory, tokenizer, variant)
+    docs = documents(tokenizer, STEPS * BATCH)
+    data = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    out = tmp_path_factory.mktemp(f"runs-{variant}")
+    hf = run_hf(path, docs, tokenizer, out / "hf", variant)
+    ours = benchmark.pedantic(run_ours, args=(path, data, out / "ours", variant), rounds=1, iterations=1)
+    row = compare(variant, ours, hf)
+    harness.record("end_to_end", row)
+    benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
+    # Same data, seed and recipe: the curves must tell the same story (orders of examples differ, so not equal).
+    assert abs(row["lamelm_final_loss"] - row["hf_final_loss"]) < 0.1 * row["hf_final_loss"], row
+
+
+@pytest.mark.skipif(not (ON_GPU and os.environ.get("LAMELM_BENCH_MAX_CONTEXT") == "1"),
+                    reason="GPU only, and opt-in (LAMELM_BENCH_MAX_CONTEXT=1): a few minutes")
+def test_max_context_qlora(benchmark, tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> None:
+    """The longest sequence (batch 1, powers of two) each trainer fits in this device's memory, 2 steps each."""
+    path = model_dir(tmp_path_factory, tokenizer, "qlora")
+    found: dict[str, int] = {}
+    for name in ("hf", "lamelm"):
+        seq_len = 4096
+        while seq_len <= 131_072:
+            docs = [" ".join(["def f(x): return x"] * (seq_len // 2))] * 2
+            out = tmp_path_factory.mktemp(f"ctx-{name}-{seq_len}")
+            try:
+                if name == "hf":
+                    run_hf(path, docs, tokenizer, out, "qlora", seq_len=seq_len, steps=2, batch=1)
+                else:
+                    data = out / "docs.jsonl"
+                    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+                    run_ours(path, data, out / "run", "qlora", seq_len=seq_len, steps=2, batch=1)
+            except torch.OutOfMemoryError:
+                break
+            found[name] = seq_len
+            seq_len *= 2
+        torch.cuda.empty_cache()
+    row = {"hf_max_context": found.get("hf"), "lamelm_max_context": found.get("lamelm")}
+    harness.record("max_context_qlora_batch1", row)
+    benchmark.extra_info.update(row)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)

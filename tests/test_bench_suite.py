@@ -1,0 +1,38 @@
+"""The benchmark suite runs on CPU (small sizes) so it never rots: `pytest bench --benchmark-only` passes, writes a
+results file with every suite, and `bench/report.py` renders it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmarks_run_on_cpu_and_the_report_renders(tmp_path: Path) -> None:
+    env = {**os.environ, "LAMELM_BENCH_RESULTS": str(tmp_path), "PYTHONSAFEPATH": "1"}
+    completed = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p",
+                                "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    (results,) = tmp_path.glob("*.json")
+    payload = json.loads(results.read_text())
+    suites = {row["suite"] for row in payload["results"]}
+    benchmark_files = sorted(p.stem for p in (ROOT / "bench").glob("test_*.py"))
+    assert {"fused_linear_cross_entropy", "end_to_end"} <= suites
+    assert len(suites) >= len(benchmark_files)  # every benchmark file recorded at least one suite
+    assert payload["peaks"]["matmul_flops"] > 0 and payload["commit"]
+    for row in payload["results"]:  # each measurement of ours sits beside its reference, with their ratio
+        assert any(key.startswith(("time_vs_", "speedup_", "memory_vs_", "bandwidth_")) for key in row), row
+    rendered = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(tmp_path),
+                               "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    report = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "fused_linear_cross_entropy" in report and "end_to_end" in report
+    for png in (tmp_path / "report").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
