@@ -28,6 +28,9 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
+    if not torch.cuda.is_available():
+        # The CPU sizes are tiny: with several threads, thread barriers on a busy machine cost more than the math.
+        torch.set_num_threads(1)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -1,0 +1,291 @@
+"""4-bit (NF4 / FP4, bitsandbytes storage) dequantization and the LoRA matmul that reads the 4-bit weight directly.
+
+``w`` below is a :class:`lamelm_fast.ops.quant4bit.Packed4bit` (read for its tensors and sizes only): the ``[R, C]``
+weight flattened row-major, two codes per byte with the first value in the HIGH nibble, one scale per ``blocksize``
+flat values (fp32, or uint8 codes into a 256-entry table times a nested fp32 absmax, plus an offset).
+
+- :func:`dequantize_4bit`: the whole weight into a tensor, bit for bit what bitsandbytes returns.
+- :func:`matmul_4bit_lora`: ``out (+)= a @ W^T + scale * left @ right (+ bias)`` (``a @ W`` with
+  ``weight_transposed=False``): 4-bit tiles are dequantized in registers and fed to ``tl.dot``; the LoRA product
+  is added in the epilogue. The forward is ``x @ W^T + s (x A^T) B^T``, the input gradient
+  ``dy @ W + s (dy B) A``. Tiny row counts (decoding) take a GEMV kernel without ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from lamelm_fast.ops.dispatch import triton_interpreted
+
+__all__ = ["GEMV_MAX_ROWS", "dequantize_4bit", "matmul_4bit_lora"]
+
+GEMV_MAX_ROWS = 4  # up to this many rows the weight is streamed once per row, without tensor cores
+
+
+@triton.jit
+def _block_scale(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                 NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 absmax of the given (int64) block indices; double-quantized: code * nested absmax, then + offset."""
+    if NESTED:
+        code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = tl.load(code2_ptr + code) * nested + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr,
+                  rows, col0, n_rows, n_cols,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                  NESTED: tl.constexpr, EVEN_COLS: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    """fp32 ``W[rows, col0 : col0 + BLOCK_C]``. Entries outside W are finite garbage: callers mask the other
+    operand of the product, or the store. ``col0`` is a multiple of ``BLOCK_C`` (a power of two)."""
+    cols = col0 + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    row_start = rows.to(tl.int64) * n_cols  # flat index of each row's first value; can pass 2^31
+    if EVEN_COLS:
+        # Every row starts on a byte boundary: BLOCK_C // 2 consecutive bytes per row, split into two nibbles.
+        byte_cols = col0 // 2 + tl.arange(0, BLOCK_C // 2)
+        byte = tl.load(w_ptr + (row_start // 2)[:, None] + byte_cols[None, :],
+                       mask=row_ok[:, None] & (byte_cols < n_cols // 2)[None, :], other=0)
+        codes = tl.interleave(byte >> 4, byte & 15)
+    else:
+        flat = row_start[:, None] + cols[None, :]
+        byte = tl.load(w_ptr + flat // 2, mask=mask, other=0)
+        codes = (byte.to(tl.int32) >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15  # even flat index: high nibble
+    values = tl.load(table_ptr + codes.to(tl.int32))
+    if ROW_BLOCKS:
+        # Blocks never straddle rows (n_cols % BLOCKSIZE == 0): one scale per row, or per row and sub-block.
+        first_block = (row_start // BLOCKSIZE) + col0 // BLOCKSIZE
+        if BLOCK_C <= BLOCKSIZE:
+            values = values * _block_scale(first_block, row_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                           NESTED, NESTED_BLOCKSIZE)[:, None]
+        else:
+            sub = tl.arange(0, BLOCK_C // BLOCKSIZE)
+            block = first_block[:, None] + sub[None, :]
+            sub_ok = row_ok[:, None] & (col0 + sub * BLOCKSIZE < n_cols)[None, :]
+            scale = _block_scale(block, sub_ok, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                 NESTED, NESTED_BLOCKSIZE)
+            values = tl.reshape(values, (BLOCK_R, BLOCK_C // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None]
+            values = tl.reshape(values, (BLOCK_R, BLOCK_C))
+    else:
+        block = (row_start[:, None] + cols[None, :]) // BLOCKSIZE
+        values = values * _block_scale(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                       NESTED, NESTED_BLOCKSIZE)
+    return values
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
+                       n_rows, n_cols,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                       NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_COLS: tl.constexpr,
+                       ROW_BLOCKS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_C
+    values = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, rows, col0,
+                           n_rows, n_cols, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, EVEN_COLS, ROW_BLOCKS)
+    cols = col0 + tl.arange(0, BLOCK_C)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :],
+             values.to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+
+
+@triton.jit
+def _lora_epilogue(acc, left_ptr, right_ptr, rows, cols, row_ok, col_ok, rank, scale,
+                   stride_lm, stride_lr, stride_rr, stride_rp, RANK_PAD: tl.constexpr,
+                   LORA_PRECISION: tl.constexpr):
+    """``acc + scale * left[rows, :rank] @ right[:rank, cols]`` with ``tl.dot`` (RANK_PAD >= 16)."""
+    r = tl.arange(0, RANK_PAD)
+    r_ok = r < rank
+    left = tl.load(left_ptr + rows.to(tl.int64)[:, None] * stride_lm + r[None, :] * stride_lr,
+                   mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    right = tl.load(right_ptr + r[:, None] * stride_rr + cols.to(tl.int64)[None, :] * stride_rp,
+                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+    return acc + scale * tl.dot(left, right, input_precision=LORA_PRECISION)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr,
+                   left_ptr, right_ptr, bias_ptr, out_ptr,
+                   M, P, Q, w_cols, rank, scale, m_bucket,
+                   stride_am, stride_aq, stride_om, stride_op, stride_lm, stride_lr, stride_rr, stride_rp,
+                   BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                   EVEN_COLS: tl.constexpr, ROW_BLOCKS: tl.constexpr, WEIGHT_TRANSPOSED: tl.constexpr,
+                   HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+                   RANK_PAD: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[M, P] (+)= a[M, Q] @ op(W) + scale * left @ right + bias; op(W) = W^T of a [P, Q] weight
+    (WEIGHT_TRANSPOSED, the forward) or W of a [Q, P] weight (the input gradient). m_bucket: autotune key only."""
+    # Grouped tile order: GROUP_M row tiles share each weight tile while it is hot in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_p = tl.cdiv(P, BLOCK_P)
+    group = pid // (GROUP_M * tiles_p)
+    first_m = group * GROUP_M
+    group_size = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_p = (pid % (GROUP_M * tiles_p)) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    row_ok = rows < M
+    col_ok = cols < P
+    k = tl.arange(0, BLOCK_Q)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        a = tl.load(a_rows + (q0 + k)[None, :] * stride_aq, mask=row_ok[:, None] & (q0 + k < Q)[None, :], other=0.0)
+        if WEIGHT_TRANSPOSED:
+            w = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, cols, q0, P,
+                              w_cols, BLOCK_P, BLOCK_Q, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, EVEN_COLS, ROW_BLOCKS)
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=PRECISION)
+        else:
+            w = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, q0 + k,
+                              pid_p * BLOCK_P, Q, w_cols, BLOCK_Q, BLOCK_P, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED,
+                              EVEN_COLS, ROW_BLOCKS)
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    if HAS_LORA:
+        acc = _lora_epilogue(acc, left_ptr, right_ptr, rows, cols, row_ok, col_ok, rank, scale,
+                             stride_lm, stride_lr, stride_rr, stride_rp, RANK_PAD, LORA_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_op
+    mask = row_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(a_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr,
+                 left_ptr, right_ptr, bias_ptr, out_ptr,
+                 P, Q, w_cols, rank, scale,
+                 stride_am, stride_aq, stride_om, stride_op, stride_lm, stride_lr, stride_rr, stride_rp,
+                 BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                 EVEN_COLS: tl.constexpr, ROW_BLOCKS: tl.constexpr, WEIGHT_TRANSPOSED: tl.constexpr,
+                 HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 RANK_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """One row of ``a`` per program (axis 1): the same sum as _matmul_kernel with fp32 multiply-adds; the weight
+    is still rounded to a's dtype first, as the matmul path does."""
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    col_ok = cols < P
+    k = tl.arange(0, BLOCK_Q)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        a = tl.load(a_ptr + row * stride_am + (q0 + k) * stride_aq, mask=q0 + k < Q, other=0.0)
+        if WEIGHT_TRANSPOSED:
+            w = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, cols, q0, P,
+                              w_cols, BLOCK_P, BLOCK_Q, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, EVEN_COLS, ROW_BLOCKS)
+            acc += tl.sum(w.to(a.dtype).to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+        else:
+            w = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, q0 + k,
+                              tl.program_id(0) * BLOCK_P, Q, w_cols, BLOCK_Q, BLOCK_P, BLOCKSIZE, NESTED_BLOCKSIZE,
+                              NESTED, EVEN_COLS, ROW_BLOCKS)
+            acc += tl.sum(w.to(a.dtype).to(tl.float32) * a.to(tl.float32)[:, None], axis=0)
+    if HAS_LORA:
+        r = tl.arange(0, RANK_PAD)
+        left = tl.load(left_ptr + row * stride_lm + r * stride_lr, mask=r < rank, other=0.0).to(tl.float32)
+        right = tl.load(right_ptr + r[:, None] * stride_rr + cols.to(tl.int64)[None, :] * stride_rp,
+                        mask=(r < rank)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += scale * tl.sum(left[:, None] * right, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + row * stride_om + cols * stride_op
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _gpu_configs() -> list[triton.Config]:
+    # (BLOCK_M, BLOCK_P, BLOCK_Q, warps, stages): wide tiles amortise the per-tile dequantization over BLOCK_M rows.
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+              (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_Q": q, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, p, q, w, s in shapes]
+
+
+_matmul_tuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["m_bucket", "P", "Q", "WEIGHT_TRANSPOSED", "HAS_LORA", "BLOCKSIZE", "NESTED"],
+    restore_value=["out_ptr"],  # ACCUMULATE adds into out: every timing run must start from the same values
+)(_matmul_kernel)
+# Under the interpreter: few, small tiles (it is slow per program), column tiles of 64 and 32 so that blocksize 32
+# exercises the several-scales-per-row branch of _dequant_tile and larger blocksizes the one-scale branch.
+_INTERPRETER_TILES = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 64, "GROUP_M": 4}
+_GEMV_TILES = {"BLOCK_P": 32, "BLOCK_Q": 64} if triton_interpreted() else {"BLOCK_P": 64, "BLOCK_Q": 128}
+
+
+def _weight_args(w: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Pointer arguments and layout switches of a Packed4bit (unused nested pointers alias absmax)."""
+    nested = w.nested
+    ptrs = (w.data, w.absmax, w.nested_absmax if nested else w.absmax, w.nested_code if nested else w.absmax,
+            w.nested_offset if nested else w.absmax, w.table)
+    cols = w.shape[1]
+    flags = {"BLOCKSIZE": w.blocksize, "NESTED_BLOCKSIZE": w.nested_blocksize if nested else 1, "NESTED": nested,
+             "EVEN_COLS": cols % 2 == 0, "ROW_BLOCKS": cols % w.blocksize == 0}
+    return ptrs, flags
+
+
+def dequantize_4bit(w: Any, out: torch.Tensor) -> torch.Tensor:
+    """Write the ``[R, C]`` weight into ``out`` (its dtype): fp32 code value times fp32 block scale, rounded once."""
+    ptrs, flags = _weight_args(w)
+    rows, cols = w.shape
+    block_r, block_c = (16, 64) if triton_interpreted() else (32, 128)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    # No fused multiply-add: the nested scale must be rounded after the multiply, as bitsandbytes rounds it.
+    _dequantize_kernel[grid](*ptrs, out, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c, **flags,
+                             enable_fp_fusion=False)
+    return out
+
+
+def matmul_4bit_lora(a: torch.Tensor, w: Any, *, weight_transposed: bool = True,
+                     lora: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float = 1.0,
+                     bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     accumulate: bool = False) -> torch.Tensor:
+    """``out (+)= a @ op(W) + scale * left @ right + bias`` for 2-D ``a`` [M, Q], in a's dtype unless ``out`` is given.
+
+    ``weight_transposed``: op(W) = W^T (W is [P, Q], the forward), else W (W is [Q, P], the input gradient).
+    ``lora = (left [M, r], right [r, P])``, any strides (pass ``B.t()`` as ``right`` in the forward); the
+    epilogue multiplies them in their own dtype. ``accumulate`` adds into ``out`` instead of overwriting it.
+    """
+    M, Q = a.shape
+    P = w.shape[0] if weight_transposed else w.shape[1]
+    if (w.shape[1] if weight_transposed else w.shape[0]) != Q:
+        raise ValueError(f"a is [{M}, {Q}] but the 4-bit weight is {list(w.shape)}")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs out")
+        out = torch.empty(M, P, dtype=a.dtype, device=a.device)
+    ptrs, flags = _weight_args(w)
+    left, right = lora if lora is not None else (a, a)  # unused when there is no LoRA term
+    rank = left.shape[1] if lora is not None else 0
+    args = (a, *ptrs, left, right, bias if bias is not None else a, out)
+    strides = (*a.stride(), *out.stride(), *left.stride(), *right.stride())
+    switches = {**flags, "WEIGHT_TRANSPOSED": weight_transposed, "HAS_LORA": lora is not None,
+                "HAS_BIAS": bias is not None, "ACCUMULATE": accumulate}
+    if M <= GEMV_MAX_ROWS:
+        grid = (triton.cdiv(P, _GEMV_TILES["BLOCK_P"]), M)
+        _gemv_kernel[grid](*args, P, Q, w.shape[1], rank, scale, *strides, **switches,
+                           RANK_PAD=triton.next_power_of_2(max(rank, 1)), **_GEMV_TILES)
+        return out
+    # fp32 operands multiply in IEEE fp32, not TF32: the fp32 path is the exact one (CPU parity, tests).
+    switches.update(RANK_PAD=max(16, triton.next_power_of_2(rank)),
+                    PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                    LORA_PRECISION="ieee" if left.dtype == torch.float32 and a.dtype == torch.float32 else "tf32")
+    scalars = (M, P, Q, w.shape[1], rank, scale, triton.next_power_of_2(M))
+    if triton_interpreted():
+        tiles = _INTERPRETER_TILES
+        grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(P, tiles["BLOCK_P"]),)
+        _matmul_kernel[grid](*args, *scalars, *strides, **switches, **tiles)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_P"]),)
+        _matmul_tuned[grid](*args, *scalars, *strides, **switches)
+    return out

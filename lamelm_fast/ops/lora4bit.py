@@ -1,0 +1,497 @@
+"""QLoRA linear layers: a frozen 4-bit base (bitsandbytes storage, read as it is) plus a LoRA adapter, in one op.
+
+``y = x @ dequant(W)^T + bias + s * (dropout(x) @ A^T) @ B^T`` with the hand-derived backward
+
+    dx = dy @ dequant(W) + s * ((dy @ B) @ A) * dropout_mask / (1 - p)
+    dA = s * (dy @ B)^T @ dropout(x)        dB = s * dy^T @ (dropout(x) @ A^T)        dbias = sum(dy)
+
+saving only x, the [M, r] product ``dropout(x) @ A^T`` and, with dropout, a bool mask (autograd over PEFT also keeps
+the dropped-out input in the adapter dtype and its own mask, per layer). The 4-bit weight is dequantized again in
+backward instead of being kept. On CUDA (or ``LAMELM_KERNELS=triton``) the base matmul reads the 4-bit weight inside a
+Triton GEMM with the LoRA term in its epilogue (``lamelm_fast.kernels.nf4_lora``); otherwise the torch reference
+dequantizes with our own code and multiplies in the compute dtype, reproducing PEFT + bitsandbytes op for op.
+
+Dtypes follow PEFT over bitsandbytes: the base matmul in the layer's ``compute_dtype`` (the autocast dtype under
+autocast), the adapter in A's dtype (the autocast dtype under autocast), the result in x's dtype.
+
+:func:`patch_peft_lora4bit` makes a PEFT model use this op in place; it also fuses a Llama-style MLP
+(gate/up/SiLU/down: g and u are saved, ``silu(g) * u`` is recomputed in backward) and the q/k/v projections of an
+attention block (one op over the shared input: one input-gradient buffer, accumulated by the kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lamelm_fast.ops.dispatch import resolve_backend
+from lamelm_fast.ops.quant4bit import Packed4bit, Unsupported4bit, dequantize_reference
+
+__all__ = ["LoRALinear4bit", "lora_nf4_linear", "patch_peft_lora4bit"]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------- the math
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything about one projection that is not a differentiable tensor."""
+
+    weight: Packed4bit
+    scale: float
+    dropout: float  # the effective probability: 0 outside training
+    compute_dtype: torch.dtype  # base matmul
+    lora_dtype: torch.dtype  # adapter matmuls
+    backend: str  # "triton" or "torch"
+
+
+def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_dtype: torch.dtype,
+                 lora: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ op(W) (+ bias) + scale * left @ right`` in ``out_dtype``, added into ``out`` when it is given.
+
+    Triton: one kernel, fp32 accumulation, one rounding. Torch: the base in the compute dtype and the LoRA term in
+    its own dtype, each rounded to ``out_dtype`` and then added, exactly as PEFT + bitsandbytes do it.
+    """
+    a = a.to(spec.compute_dtype)
+    if spec.backend == "triton":
+        from lamelm_fast.kernels import nf4_lora
+
+        if out is None:
+            out = torch.empty(a.shape[0], spec.weight.shape[0 if weight_transposed else 1], dtype=out_dtype,
+                              device=a.device)
+            accumulate = False
+        else:
+            accumulate = True
+        return nf4_lora.matmul_4bit_lora(a, spec.weight, weight_transposed=weight_transposed, lora=lora,
+                                         scale=spec.scale, bias=bias, out=out, accumulate=accumulate)
+    weight = dequantize_reference(spec.weight, spec.compute_dtype)
+    if weight_transposed:
+        result = F.linear(a, weight, None if bias is None else bias.to(spec.compute_dtype)).to(out_dtype)
+    else:
+        result = (a @ weight).to(out_dtype)
+    del weight  # before the LoRA term is allocated: the CPU path keeps one dequantized weight at a time
+    if lora is not None:
+        result = result + (lora[0] @ lora[1] * spec.scale).to(out_dtype)
+    if out is None:
+        return result
+    return out.add_(result)
+
+
+def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Keep-mask of inverted dropout, drawn as ATen's CPU dropout draws it (bernoulli on a tensor like x), so CPU
+    runs reproduce PEFT's ``nn.Dropout`` sample for sample."""
+    if p == 0.0:
+        return None
+    return torch.empty_like(x).bernoulli_(1.0 - p).bool()
+
+
+def _apply_dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    if keep is None:
+        return x
+    return x * keep.to(x.dtype).div_(1.0 - p)
+
+
+def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One projection of 2-D x: (y, xa = dropout(x) @ A^T, dropout keep-mask or None)."""
+    x_lora = x.to(spec.lora_dtype)
+    keep = _dropout_mask(x_lora, spec.dropout)
+    xa = _apply_dropout(x_lora, keep, spec.dropout) @ A.to(spec.lora_dtype).t()
+    y = _base_matmul(x, spec, weight_transposed=True, out_dtype=out_dtype, lora=(xa, B.to(spec.lora_dtype).t()),
+                     bias=bias)
+    return y, xa, keep
+
+
+def _project_backward(grad: torch.Tensor, x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Tensor,
+                      xa: torch.Tensor, keep: torch.Tensor | None, needs: tuple[bool, bool, bool, bool],
+                      dx: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, dA, dB, dbias) of one projection; dx is added into ``dx`` when that is given."""
+    need_x, need_a, need_b, need_bias = needs
+    A_l = A.to(spec.lora_dtype)
+    grad_lora = grad.to(spec.lora_dtype)
+    gb = grad_lora @ B.to(spec.lora_dtype) if need_x or need_a else None  # [M, r]
+    if need_x:
+        if keep is None:  # the LoRA term rides in the kernel's epilogue
+            dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x.dtype, lora=(gb, A_l), out=dx)
+        else:
+            dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x.dtype, out=dx)
+            dx += (_apply_dropout(gb @ A_l, keep, spec.dropout) * spec.scale).to(x.dtype)
+    grad_a = (gb.t() @ _apply_dropout(x.to(spec.lora_dtype), keep, spec.dropout)).mul_(spec.scale) if need_a else None
+    grad_b = (grad_lora.t() @ xa).mul_(spec.scale) if need_b else None
+    grad_bias = grad.sum(0) if need_bias else None
+    return dx, grad_a, grad_b, grad_bias
+
+
+class _SharedInputLoRA4bit(torch.autograd.Function):
+    """Several 4-bit LoRA projections of one input (one: a plain layer; three: q/k/v). Backward accumulates every
+    projection's input gradient into one buffer."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, specs: tuple[_Spec, ...], *params: torch.Tensor | None):
+        x2 = x.reshape(-1, x.shape[-1])
+        outs, saved = [], []
+        with torch.autocast(x.device.type, enabled=False):  # dtypes were decided by the caller
+            for i, spec in enumerate(specs):
+                A, B, bias = params[3 * i: 3 * i + 3]
+                y, xa, keep = _project_forward(x2, spec, A, B, bias, x.dtype)
+                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+                saved += [xa, keep]
+        ctx.specs = specs
+        ctx.save_for_backward(x, *params, *saved)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        x, *rest = ctx.saved_tensors
+        n = len(ctx.specs)
+        params, saved = rest[: 3 * n], rest[3 * n:]
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, param_grads = None, []
+        with torch.autocast(x.device.type, enabled=False):
+            for i, (spec, grad) in enumerate(zip(ctx.specs, grads, strict=True)):
+                A, B, bias = params[3 * i: 3 * i + 3]
+                needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2 + 3 * i: 5 + 3 * i])
+                if grad is None:
+                    param_grads += [None, None, None]
+                    continue
+                dx, *grads_i = _project_backward(grad.reshape(-1, grad.shape[-1]), x2, spec, A, B, saved[2 * i],
+                                                 saved[2 * i + 1], needs, dx)
+                param_grads += grads_i
+        return (None if dx is None else dx.view(x.shape)), None, *param_grads
+
+
+class _LoRA4bitSwiGLU(torch.autograd.Function):
+    """``down(silu(gate(x)) * up(x))`` with three 4-bit LoRA projections; saves x, g, u and the [M, r] adapter
+    products, and recomputes ``silu(g) * u`` in backward (autograd would keep silu(g), and h for down's adapter)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, specs: tuple[_Spec, _Spec, _Spec], *params: torch.Tensor | None):
+        gate, up, down = specs
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            g, xa_g, keep_g = _project_forward(x2, gate, *params[0:3], x.dtype)
+            u, xa_u, keep_u = _project_forward(x2, up, *params[3:6], x.dtype)
+            y, xa_d, keep_d = _project_forward(F.silu(g) * u, down, *params[6:9], x.dtype)
+        ctx.specs = specs
+        ctx.save_for_backward(x, g, u, *params, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):
+        x, g, u, *rest = ctx.saved_tensors
+        params, (xa_g, keep_g, xa_u, keep_u, xa_d, keep_d) = rest[:9], rest[9:]
+        gate, up, down = ctx.specs
+        need = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            silu_g = F.silu(g)
+            dh, *down_grads = _project_backward(grad_y.reshape(-1, grad_y.shape[-1]), silu_g * u, down,
+                                                *params[6:8], xa_d, keep_d, (True, *need[8:11]), None)
+            # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+            sig = torch.sigmoid(g)
+            du = dh * silu_g
+            del silu_g
+            dg = dh.mul_(u).mul_(sig * (1.0 + g * (1.0 - sig)))
+            del sig
+            dx, *gate_grads = _project_backward(dg, x2, gate, *params[0:2], xa_g, keep_g, (need[0], *need[2:5]),
+                                                None)
+            dx, *up_grads = _project_backward(du, x2, up, *params[3:5], xa_u, keep_u, (need[0], *need[5:8]), dx)
+        return (None if dx is None else dx.view(x.shape)), None, *gate_grads, *up_grads, *down_grads
+
+
+# --------------------------------------------------------------------------------------------------- public op
+
+
+def _spec(weight: Packed4bit, x: torch.Tensor, lora_weight: torch.Tensor, scale: float, dropout: float,
+          compute_dtype: torch.dtype | None) -> _Spec:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute = lora = torch.get_autocast_dtype(device_type)
+    else:
+        compute, lora = compute_dtype or x.dtype, lora_weight.dtype
+    return _Spec(weight, float(scale), float(dropout), compute, lora, resolve_backend(x.device))
+
+
+def lora_nf4_linear(x: torch.Tensor, quant_weight: torch.Tensor, quant_state: Any, A: torch.Tensor,
+                    B: torch.Tensor, scale: float, *, bias: torch.Tensor | None = None, dropout: float = 0.0,
+                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ dequant(W)^T + bias + scale * (dropout(x) @ A^T) @ B^T``, differentiable in x, A, B and bias.
+
+    ``quant_weight`` / ``quant_state``: a bitsandbytes ``Params4bit`` and its ``QuantState`` (nf4 or fp4, nested or
+    not, any blocksize), read in place. ``A`` [r, in], ``B`` [out, r] (PEFT's ``lora_A/lora_B.weight``).
+    ``dropout``: probability on the adapter's input (pass 0 outside training). ``compute_dtype``: the base
+    matmul's dtype (bitsandbytes' ``compute_dtype``; default x's dtype). Returns x's dtype.
+    """
+    spec = _spec(Packed4bit.from_bnb(quant_weight, quant_state), x, A, scale, dropout, compute_dtype)
+    (y,) = _SharedInputLoRA4bit.apply(x, (spec,), A, B, bias)
+    return y
+
+
+def _bnb_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype bitsandbytes' Linear4bit would compute in for this x (its set_compute_type rule)."""
+    if not getattr(base, "compute_type_is_set", True) and x.dtype in (torch.float32, torch.bfloat16):
+        return x.dtype
+    return getattr(base, "compute_dtype", None) or x.dtype
+
+
+class LoRALinear4bit(nn.Module):
+    """A frozen 4-bit linear layer (a bitsandbytes ``Linear4bit``, storage untouched) plus a LoRA adapter.
+
+    ``forward(x) = base_layer(x) + scaling * lora_B(lora_A(dropout(x)))``, computed by :func:`lora_nf4_linear`.
+    Parameter names match PEFT's layer up to its adapter-name level (``lora_A.weight`` vs ``lora_A.default.weight``).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float | None = None, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, lora_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {lora_dropout}")
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        # bitsandbytes would otherwise repack the weight into its CPU inference layout on an eval forward.
+        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
+            base_layer.support_avx512bf16_for_cpu = False
+        out_features, in_features = base_layer.weight.quant_state.shape
+        device = base_layer.weight.device
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=lora_dtype)  # kaiming-uniform
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=lora_dtype)
+        nn.init.zeros_(self.lora_B.weight)  # the adapter starts as a no-op
+        alpha = r if lora_alpha is None else lora_alpha
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = lora_dropout
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float | None = None, lora_dropout: float = 0.0, *,
+                    quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64,
+                    compute_dtype: torch.dtype | None = None, use_rslora: bool = False) -> LoRALinear4bit:
+        """Quantize a dense layer with bitsandbytes (on the layer's device) and put a fresh adapter on it."""
+        import bitsandbytes as bnb
+
+        base = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 compute_dtype=compute_dtype, compress_statistics=compress_statistics,
+                                 quant_type=quant_type)
+        base.weight = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False, blocksize=blocksize,
+                                        compress_statistics=compress_statistics, quant_type=quant_type, module=base)
+        if linear.bias is not None:
+            base.bias = nn.Parameter(linear.bias.detach().cpu().clone(), requires_grad=False)
+        base = base.to(linear.weight.device)  # bitsandbytes quantizes on the move
+        return cls(base, r, lora_alpha, lora_dropout, use_rslora)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return lora_nf4_linear(x, weight, weight.quant_state, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                               bias=self.base_layer.bias, dropout=self.lora_dropout if self.training else 0.0,
+                               compute_dtype=_bnb_compute_dtype(self.base_layer, x))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}")
+
+
+# --------------------------------------------------------------------------------------------------- PEFT patching
+
+
+def _peft_lora_classes() -> tuple[type, ...]:
+    """PEFT's LoRA linear layers that may sit on a 4-bit base: its bitsandbytes one and its plain one."""
+    try:
+        from peft.tuners.lora import Linear
+    except ImportError:
+        return ()
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # peft without bitsandbytes support
+        return (Linear,)
+    return Linear4bit, Linear
+
+
+def _adapter_problem(layer: nn.Module) -> str | None:
+    """Why this PEFT layer cannot run fused right now (None: it can). Checked at every call."""
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    if layer.merged:
+        return "the adapter is merged into the base weight"
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters (fused: exactly one)"
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+        return "DoRA or another LoRA variant"
+    if not isinstance(layer.lora_A[name], nn.Linear) or not isinstance(layer.lora_B[name], nn.Linear):
+        return "adapter modules are not plain nn.Linear"
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)) or (isinstance(dropout, nn.Dropout) and dropout.p >= 1):
+        return f"LoRA dropout module {dropout!r}"
+    return None
+
+
+def _layer_spec(layer: nn.Module, x: torch.Tensor) -> tuple[_Spec, tuple[torch.Tensor, ...]] | None:
+    """The fused op's spec and tensors for this PEFT layer, or None when PEFT must run it."""
+    if _adapter_problem(layer) is not None:
+        return None
+    name = next(n for n in layer.active_adapters if n in layer.lora_A)
+    base = layer.get_base_layer()
+    try:
+        weight = Packed4bit.from_bnb(base.weight, base.weight.quant_state)
+    except Unsupported4bit:
+        return None
+    dropout = layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    spec = _spec(weight, x, A, layer.scaling[name], p, _bnb_compute_dtype(base, x))
+    return spec, (A, B, base.bias)
+
+
+class _FusedPeftLoRA4bit:
+    """Mixed in front of PEFT's LoRA linear class: same module, parameters and state dict; forward runs
+    :func:`lora_nf4_linear` when the layer's state allows it, PEFT's own forward otherwise."""
+
+    _lamelm_qkv: _QKVGroup | None = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:  # adapter_names and other per-call options: PEFT's business
+            return super().forward(x, *args, **kwargs)
+        group = self._lamelm_qkv
+        if group is not None:
+            out = group.forward(self, x)
+            if out is not None:
+                return out
+        fused = _layer_spec(self, x)
+        if fused is None:
+            return super().forward(x)
+        spec, params = fused
+        (y,) = _SharedInputLoRA4bit.apply(x, (spec,), *params)
+        return y
+
+
+@functools.cache
+def _fused_class(peft_class: type) -> type:
+    cls = type(f"Fused{peft_class.__name__}", (_FusedPeftLoRA4bit, peft_class), {"__module__": __name__})
+    globals()[cls.__name__] = cls  # importable by name, so a patched model still pickles
+    return cls
+
+
+class _QKVGroup:
+    """The q, k and v projections of one attention module. The call on the first one computes all three in one
+    op over the shared input; the next calls with the same input tensor take their output from it."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        self.members = list(members)
+        self.pending: dict[int, torch.Tensor] = {}
+        self.pending_input: tuple[torch.Tensor, int] | None = None  # the input and its version counter
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        index = self.members.index(layer)
+        if index:
+            held, version = self.pending_input or (None, -1)
+            if held is not x or version != x._version or index not in self.pending:
+                return None
+            out = self.pending.pop(index)
+            if not self.pending:
+                self.pending_input = None
+            return out
+        fused = [_layer_spec(member, x) for member in self.members]
+        self.pending, self.pending_input = {}, None
+        if any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
+            return None
+        first, *rest = _SharedInputLoRA4bit.apply(x, tuple(f[0] for f in fused), *(t for f in fused for t in f[1]))
+        self.pending = dict(enumerate(rest, start=1))
+        self.pending_input = (x, x._version)
+        return first
+
+
+_SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # forward = down(silu(gate(x)) * up(x))
+
+
+def _is_silu(module: nn.Module) -> bool:
+    return isinstance(module, nn.SiLU) or type(module).__name__ in ("SiLUActivation", "SiLU")
+
+
+class _FusedSwiGLUMLP:
+    """Mixed in front of a Llama-style MLP whose three projections are patched PEFT 4-bit layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = [_layer_spec(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
+        if not _is_silu(self.act_fn) or any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
+            return super().forward(x)
+        return _LoRA4bitSwiGLU.apply(x, tuple(f[0] for f in fused), *(t for f in fused for t in f[1]))
+
+
+@functools.cache
+def _fused_mlp_class(mlp_class: type) -> type:
+    cls = type(f"Fused{mlp_class.__name__}", (_FusedSwiGLUMLP, mlp_class), {"__module__": __name__})
+    globals()[cls.__name__] = cls
+    return cls
+
+
+def _static_problem(layer: nn.Module) -> str | None:
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out weights"
+    base = layer.get_base_layer()
+    try:
+        Packed4bit.from_bnb(base.weight, base.weight.quant_state)
+    except Unsupported4bit as error:
+        return str(error)
+    return _adapter_problem(layer)
+
+
+def patch_peft_lora4bit(model: nn.Module) -> int:
+    """Make every PEFT LoRA linear layer over a bitsandbytes ``Linear4bit`` in ``model`` run our fused op.
+
+    In place: the PEFT modules, their parameters and state dict stay as they are (their class gains a forward), so
+    ``get_peft_model_state_dict``, ``save_pretrained`` and ``PeftModel.from_pretrained`` work unchanged. A patched
+    layer checks at every call that it can run fused (one active plain-LoRA adapter, not merged, adapters enabled,
+    no per-call options) and otherwise runs PEFT's forward. Layers that cannot run fused now (DoRA, several active
+    adapters, a layout or dtype we do not read) are left alone and logged with the reason. Llama-style MLPs
+    (Llama, Mistral, Qwen2/3) whose three projections are patched run as one fused SwiGLU op, and the q/k/v
+    projections of one attention module as one op over their shared input.
+
+    Idempotent. Returns the number of layers that now run fused (including ones patched before).
+    """
+    peft_classes = _peft_lora_classes()
+    if not peft_classes or importlib.util.find_spec("bitsandbytes") is None:
+        return 0
+    import bitsandbytes as bnb
+
+    fused, skipped = 0, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, peft_classes) or not isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
+            continue
+        if not isinstance(module, _FusedPeftLoRA4bit):
+            problem = _static_problem(module)
+            if problem is not None:
+                skipped[name] = problem
+                continue
+            module.get_base_layer().support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
+            module.__class__ = _fused_class(type(module))
+        fused += 1
+    for module in model.modules():
+        projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if (type(module).__name__ in _SWIGLU_MLPS and all(isinstance(p, _FusedPeftLoRA4bit) for p in projections)
+                and _is_silu(module.act_fn)):
+            module.__class__ = _fused_mlp_class(type(module))
+        qkv = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        if all(isinstance(p, _FusedPeftLoRA4bit) for p in qkv) and qkv[0]._lamelm_qkv is None:
+            group = _QKVGroup(qkv)
+            for projection in qkv:
+                projection._lamelm_qkv = group
+    if skipped:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        logger.warning("%d 4-bit LoRA layer(s) left to PEFT: %s", len(skipped), reasons)
+    return fused

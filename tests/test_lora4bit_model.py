@@ -1,0 +1,149 @@
+"""A whole tiny Llama in QLoRA (PEFT over bitsandbytes NF4), patched by patch_peft_lora4bit, against unpatched PEFT."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama_config
+
+pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+from test_lora4bit import rel_err  # noqa: E402
+from test_nf4_dequant import eager_bitsandbytes  # noqa: E402, F401  (autouse fixture)
+
+from lamelm_fast.ops.dispatch import use_backend  # noqa: E402
+from lamelm_fast.ops.lora4bit import patch_peft_lora4bit  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-4bit")
+    torch.manual_seed(0)
+    # in_features multiples of the blocksize: bitsandbytes' AVX-512 CPU kernel misreads blocks straddling rows.
+    LlamaForCausalLM(tiny_llama_config(VOCAB, intermediate_size=128)).save_pretrained(path)
+    return path
+
+
+def load_4bit(path: Path, device: str = "cpu") -> nn.Module:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": device})
+
+
+def qlora_model(path: Path, *, dropout: float, checkpointing: bool, device: str = "cpu") -> nn.Module:
+    model = peft.prepare_model_for_kbit_training(load_4bit(path, device), use_gradient_checkpointing=checkpointing,
+                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
+                             task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, config)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)  # PEFT starts B at zero, which would zero every gradient of A
+    return model
+
+
+def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], set[str]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same dropout samples for both models
+    loss = model(input_ids=ids, labels=ids).loss
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize(("backend", "dropout", "checkpointing"),
+                         [("torch", 0.1, False), ("torch", 0.0, True), ("triton", 0.1, False)])
+def test_patched_tiny_llama_equals_peft(quantized_dir: Path, backend: str, dropout: float,
+                                        checkpointing: bool) -> None:
+    ref_model = qlora_model(quantized_dir, dropout=dropout, checkpointing=checkpointing)
+    model = copy.deepcopy(ref_model)
+    assert patch_peft_lora4bit(model) == 2 * len(TARGETS)
+    layer = model.base_model.model.model.layers[0]
+    assert type(layer.mlp).__name__ == "FusedLlamaMLP"
+    torch.manual_seed(3)
+    ids = torch.randint(1, VOCAB, (2, 13))
+    with use_backend(backend):
+        loss, grads, nodes = loss_and_grads(model, ids)
+    ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    # The fused MLP and the fused q/k/v op ran (o_proj as a single fused layer).
+    assert {"_LoRA4bitSwiGLUBackward", "_SharedInputLoRA4bitBackward"} <= nodes
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4 * len(TARGETS)
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_patched_tiny_llama_equals_peft_cuda_bf16_autocast(quantized_dir: Path) -> None:
+    """As the trainer runs QLoRA on a GPU: bf16 compute under autocast, fp32 adapters, Triton kernels."""
+    ref_model = qlora_model(quantized_dir, dropout=0.0, checkpointing=True, device="cuda")
+    model = copy.deepcopy(ref_model)
+    assert patch_peft_lora4bit(model) == 2 * len(TARGETS)
+    ids = torch.randint(1, VOCAB, (4, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with use_backend("triton"):
+            loss, grads, nodes = loss_and_grads(model, ids)
+        ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    assert {"_LoRA4bitSwiGLUBackward", "_SharedInputLoRA4bitBackward"} <= nodes
+    assert rel_err(loss, ref_loss) < 1e-2
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 5e-2, name
+
+
+def test_adapter_saved_after_patching_loads_in_peft(quantized_dir: Path, tmp_path: Path) -> None:
+    model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False)
+    before = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+    patch_peft_lora4bit(model)
+    state = peft.get_peft_model_state_dict(model)
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    model.save_pretrained(tmp_path / "adapter")
+
+    loaded = peft.PeftModel.from_pretrained(load_4bit(quantized_dir), tmp_path / "adapter")
+    for module in loaded.modules():  # bitsandbytes' CPU inference repack computes differently: keep its layout
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    loaded_state = peft.get_peft_model_state_dict(loaded)
+    assert loaded_state.keys() == state.keys()
+    assert all(torch.equal(loaded_state[k], state[k]) for k in state)
+    ids = torch.randint(1, VOCAB, (1, 9))
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_kernels_fuses_the_loss_and_the_lora_layers_together(quantized_dir: Path) -> None:
+    from lamelm_fast import apply_kernels
+
+    ref_model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False)
+    model = copy.deepcopy(ref_model)
+    report = apply_kernels(model)
+    assert report.cross_entropy and report.lora_layers == 2 * len(TARGETS)
+    ids = torch.randint(1, VOCAB, (2, 11), generator=torch.Generator().manual_seed(4))
+    loss, grads, nodes = loss_and_grads(model, ids)
+    ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    assert "_LinearCrossEntropyFunctionBackward" in nodes
+    assert rel_err(loss, ref_loss) < 1e-5
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
