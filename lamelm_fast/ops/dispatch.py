@@ -1,7 +1,8 @@
 """One switch picks the backend of every fused op: ``auto``, ``cuda``, ``triton`` or ``torch``.
 
 ``auto`` = the CUDA extension if it is built and the tensors are on a CUDA device, else Triton on a CUDA device,
-else the torch reference. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported
+else the torch reference. ``cuda`` insists on the extension for the ops that have a CUDA implementation and runs
+the others with Triton. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported
 (that is how CI runs the kernels). The choice comes from :func:`set_backend` / :func:`use_backend`, else the
 environment variable ``LAMELM_KERNELS``, else ``auto``.
 """
@@ -14,6 +15,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -64,13 +66,33 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+CUDA_JIT_ENV_VAR = "LAMELM_CUDA_JIT"
+CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"  # present in a source checkout / editable install
+
+
+def jit_build_extension(verbose: bool = False) -> ModuleType:
+    """Compile csrc/ now with ``torch.utils.cpp_extension.load`` (cached in ``TORCH_EXTENSIONS_DIR``) and return it:
+    the CUDA kernels for an install that setup.py did not build (needs nvcc and a CUDA build of torch)."""
+    from torch.utils.cpp_extension import load
+
+    sources = sorted(CSRC_DIR.glob("*.cu")) + sorted(CSRC_DIR.glob("*.cpp"))
+    if not sources:
+        raise BackendUnavailable(f"no CUDA sources in {CSRC_DIR}: JIT builds need a source checkout of lamelm-fast")
+    return load(name="lamelm_fast_C", sources=[str(s) for s in sources], extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3"], verbose=verbose)
+
+
 @functools.cache
 def cuda_extension() -> ModuleType | None:
-    """The compiled ``lamelm_fast._C`` (built by setup.py when CUDA exists), or None."""
+    """The compiled ``lamelm_fast._C`` (built by setup.py when CUDA exists), else a JIT build of csrc/ when
+    ``LAMELM_CUDA_JIT=1`` and CUDA is available, else None."""
     try:
         return importlib.import_module("lamelm_fast._C")
     except ImportError:
-        return None
+        pass
+    if os.environ.get(CUDA_JIT_ENV_VAR) == "1" and torch.cuda.is_available():
+        return jit_build_extension()
+    return None
 
 
 def resolve_backend(device: torch.device, *, has_cuda: bool = False, name: str | None = None) -> str:
@@ -87,13 +109,13 @@ def resolve_backend(device: torch.device, *, has_cuda: bool = False, name: str |
         if on_cuda and has_cuda and cuda_extension() is not None:
             return "cuda"
         return "triton" if on_cuda and triton_available() else "torch"
-    if wanted == "cuda":
-        if not has_cuda:
-            raise BackendUnavailable("this op has no CUDA-extension implementation; use --kernels triton or auto")
+    if wanted == "cuda" and has_cuda:
         if not on_cuda or cuda_extension() is None:
             raise BackendUnavailable("the CUDA backend needs CUDA tensors and the compiled extension "
                                      "lamelm_fast._C (pip install -e . on a machine with nvcc and a CUDA torch)")
         return "cuda"
+    if wanted == "cuda" and not on_cuda:
+        raise BackendUnavailable("--kernels cuda needs CUDA tensors; use --kernels auto or torch on CPU")
     if not triton_available():
         raise BackendUnavailable("the Triton backend needs the triton package: pip install triton")
     if not on_cuda and not triton_interpreted():

@@ -1,103 +1,105 @@
-"""AdamW with global-norm clipping and on-device non-finite skipping, as one optimizer step.
+"""AdamW with global grad-norm clipping and on-device non-finite skipping, as one optimizer step.
 
-This is the pure-PyTorch reference (and the CPU path). It never synchronises with the host inside
-``step()``: the global norm, the clip coefficient and the "was the step finite" decision all stay
-0-dim device tensors, so the step can later be replaced by fused kernels or captured in a graph.
+``step()`` never synchronises with the host: the global norm, the clip coefficient and the "was the step finite"
+decision stay on the device. The work runs on one of three backends picked by ``lamelm_fast.ops.dispatch``
+(``LAMELM_KERNELS`` / ``set_backend``): the CUDA extension (csrc/adamw.cu), Triton (kernels/adamw.py) or the
+torch reference (CPU path and test oracle); all three share this class's state and semantics.
 """
 
-import math
-from collections import defaultdict
+from __future__ import annotations
+
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-# Per-param state keys, identical to torch.optim.AdamW so that state dicts are interchangeable.
+from lamelm_fast.ops.dispatch import BackendUnavailable, requested_backend, resolve_backend
+from lamelm_fast.optim._adamw_torch import TorchAdamW
+from lamelm_fast.optim._adamw_work import Bucket, BucketKey, StepTensors
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5 or a build without distributed support
+    DTensor = None
+
+# Per-param state keys of torch.optim.AdamW, so that state dicts are interchangeable; "master_param" (the fp32
+# copy of a low-precision param, with master_weights=True) is ours and torch.optim.AdamW ignores it.
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+_MASTER = "master_param"
+_OUR_GROUP_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding")
 
 
-def _global_grad_norm(grads: list[Tensor]) -> Tensor:
-    """fp32 L2 norm of all ``grads`` viewed as one vector, computed like ``clip_grad_norm_``.
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (sharing its storage), else the tensor itself."""
+    return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
 
-    One ``_foreach_norm`` per (device, dtype) bucket, then the norm of the stacked per-tensor norms,
-    on the device of the first gradient.
+
+def _reduction_domain(grad: Tensor) -> tuple[Any, ...]:
+    """Process groups over which this gradient's squared norm must be summed.
+
+    Plain tensors (DDP: already all-reduced, identical on every rank) and replicated DTensor dims need none;
+    each sharded mesh dim of a DTensor (FSDP2) needs a sum of the local squares over that dim's group.
     """
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-    for grad in grads:
-        buckets[(grad.device, grad.dtype)].append(grad)
-    device = grads[0].device
-    norms = [
-        norm.to(device)
-        for bucket in buckets.values()
-        for norm in torch._foreach_norm(bucket, 2.0, dtype=torch.float32)
-    ]
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    if DTensor is None or not isinstance(grad, DTensor):
+        return ()
+    groups = []
+    for mesh_dim, placement in enumerate(grad.placements):
+        if placement.is_partial():
+            raise ValueError("FusedAdamW got a gradient with a Partial placement: reduce it before the step")
+        if placement.is_shard():
+            groups.append(grad.device_mesh.get_group(mesh_dim))
+    return tuple(groups)
 
 
-def _bias_correction(beta: float, step: Tensor) -> Tensor:
-    """``1 - beta**step`` computed as ``-expm1(step * log(beta))``.
-
-    In fp32 the direct form loses ~1e-5 relative for beta2=0.999 at small steps (beta rounds to fp32,
-    then cancels against 1); this form stays within fp32 rounding of the float64 value.
-    """
-    if beta == 0.0:
-        return torch.ones_like(step)
-    return -torch.expm1(step * math.log(beta))
-
-
-def _commit(dst: Tensor, new: Tensor, apply: Tensor) -> None:
-    """``dst = new`` where ``apply`` (0-dim bool) is True, else leave ``dst`` bitwise unchanged.
-
-    Selecting (instead of blending with a 0/1 factor) is what keeps NaN/inf candidates out.
-    """
-    dst.copy_(torch.where(apply, new.to(dst.dtype), dst))
+def _global_squares(partials: Tensor, slices: list[tuple[int, int]], buckets: list[Bucket]) -> Tensor:
+    """Partial sums of squares whose total is the global squared norm (``partials`` itself without sharding)."""
+    by_domain: dict[tuple[Any, ...], list[Tensor]] = {}
+    for (begin, end), bucket in zip(slices, buckets, strict=True):
+        by_domain.setdefault(bucket.key.domain, []).append(partials[begin:end])
+    if list(by_domain) == [()]:
+        return partials
+    totals = []
+    for domain, parts in by_domain.items():  # same order on every rank: it follows the param order
+        total = torch.cat(parts).sum()
+        for group in domain:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        totals.append(total)
+    return torch.stack(totals)
 
 
-def _adamw_update(
-    param: Tensor,
-    state: dict[str, Tensor],
-    grad: Tensor,
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    apply: Tensor,
-) -> None:
-    """One AdamW step for one parameter in fp32, committed only where ``apply`` is True."""
-    # The candidate step is always >= 1, so the bias corrections below never divide by zero;
-    # a skipped step simply does not commit it.
-    step = state["step"] + 1
-    bias_correction1 = _bias_correction(beta1, step)
-    bias_correction2 = _bias_correction(beta2, step)
-    exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-    exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(eps)
-    # Decoupled weight decay acts on the pre-update weights, as in torch.optim.AdamW.
-    new_param = param.float() * (1 - lr * weight_decay) - exp_avg / denom * (lr / bias_correction1)
+def _backend_class(name: str) -> type:
+    if name == "triton":
+        from lamelm_fast.optim._adamw_triton import TritonAdamW
 
-    _commit(state["step"], step, apply)
-    _commit(state["exp_avg"], exp_avg, apply)
-    _commit(state["exp_avg_sq"], exp_avg_sq, apply)
-    _commit(param, new_param, apply)
+        return TritonAdamW
+    if name == "cuda":
+        from lamelm_fast.optim._adamw_cuda import CudaAdamW
+
+        return CudaAdamW
+    return TorchAdamW
 
 
 class FusedAdamW(torch.optim.Optimizer):
     """AdamW + global grad-norm clipping + skipping of non-finite steps, with no host sync in ``step``.
 
+    Equals ``clip_grad_norm_(params, max_grad_norm)`` followed by ``torch.optim.AdamW.step()`` (to fp32 rounding).
     After each ``step()``:
 
-    * ``grad_norm`` is the fp32 global L2 norm of all gradients before clipping (0-dim device tensor).
-    * ``skipped_steps`` (0-dim int64 device tensor) counts steps whose norm was NaN/inf; such steps leave
-      parameters and state unchanged.
+    * ``grad_norm`` is the fp32 global L2 norm of all gradients before clipping (0-dim device tensor), global
+      across ranks when gradients are sharded DTensors (FSDP2).
+    * ``skipped_steps`` (0-dim int64 device tensor, saved in the state dict) counts steps whose norm was NaN/inf;
+      such steps leave parameters and state bitwise unchanged.
 
-    Gradients (``p.grad``) are never modified: clipping is applied to the fp32 copy used by the update.
-    State is fp32 whatever the parameter dtype, and uses torch.optim.AdamW's keys, so state dicts load
-    both ways.
+    Gradients (``p.grad``) are never modified: clipping is applied in registers. State is fp32 whatever the param
+    dtype, with torch.optim.AdamW's keys, so state dicts load both ways. Per-group options:
+
+    * ``master_weights``: keep an fp32 copy of bf16/fp16 params (state ``"master_param"``); the update is computed
+      on it and written back to the param, rounded, in the same pass.
+    * ``stochastic_rounding``: round the written bf16 param stochastically (unbiased); ``seed`` fixes the bits.
     """
 
     def __init__(
@@ -108,6 +110,10 @@ class FusedAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         max_grad_norm: float | None = None,
+        *,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: int | None = None,
     ) -> None:
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas must be in [0, 1), got {betas}")
@@ -121,17 +127,92 @@ class FusedAdamW(torch.optim.Optimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "max_grad_norm": max_grad_norm,
+            "master_weights": master_weights,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults)
         self.grad_norm: Tensor | None = None
-        device = self.param_groups[0]["params"][0].device
+        device = _local(self.param_groups[0]["params"][0]).device
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # Drawn from torch's global RNG, so torch.manual_seed makes stochastic rounding reproducible.
+        self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+        self._backends: dict[str, Any] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Groups loaded from a torch.optim.AdamW state dict have no max_grad_norm.
+        # Groups loaded from a torch.optim.AdamW state dict have none of our keys.
         for group in self.param_groups:
-            group.setdefault("max_grad_norm", self.defaults["max_grad_norm"])
+            for key in _OUR_GROUP_KEYS:
+                group.setdefault(key, self.defaults[key])
+
+    def _init_state(self, param: Tensor, state: dict[str, Tensor]) -> None:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=_local(param).device)
+        state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+
+    def _collect(self) -> tuple[StepTensors, list[Bucket]] | None:
+        """Local tensors of every param with a gradient, and their buckets; None if no param has a gradient.
+
+        Runs every step over every param (hundreds for LoRA), so it keeps per-param Python work small.
+        """
+        work: StepTensors | None = None
+        buckets: dict[tuple, list[int]] = {}
+        param_id = -1
+        for group_index, group in enumerate(self.param_groups):
+            use_master, use_stochastic = group["master_weights"], group["stochastic_rounding"]
+            for param in group["params"]:
+                param_id += 1
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    self._init_state(param, state)
+                dtype = param.dtype
+                master = None
+                if use_master and dtype != torch.float32:
+                    if _MASTER not in state:
+                        state[_MASTER] = param.detach().to(torch.float32, copy=True)
+                    master = state[_MASTER]
+                stochastic = use_stochastic and dtype != torch.float32
+                if stochastic and dtype != torch.bfloat16:
+                    raise ValueError(f"stochastic_rounding supports bf16 params only, got {dtype}")
+                exp_avg, exp_avg_sq, domain = state["exp_avg"], state["exp_avg_sq"], ()
+                if DTensor is not None and isinstance(param, DTensor):
+                    domain = _reduction_domain(grad)
+                    param, grad, exp_avg, exp_avg_sq = (t.to_local() for t in (param, grad, exp_avg, exp_avg_sq))
+                    master = None if master is None else master.to_local()
+                if not grad.is_contiguous() and param.is_contiguous():
+                    grad = grad.contiguous()
+                if work is None:
+                    work = StepTensors(param.device)
+                elif param.device != work.device:
+                    work.single_device = False
+                buckets.setdefault((dtype, grad.dtype, master is not None, stochastic, domain), []).append(
+                    len(work.params))
+                work.params.append(param)
+                work.grads.append(grad)
+                work.exp_avgs.append(exp_avg)
+                work.exp_avg_sqs.append(exp_avg_sq)
+                work.masters.append(master)
+                work.steps.append(state["step"])
+                work.groups.append(group_index)
+                work.param_ids.append(param_id)
+        if work is None:
+            return None
+        return work, [Bucket(BucketKey(*key), tuple(indices)) for key, indices in buckets.items()]
+
+    def _backend(self, work: StepTensors) -> Any:
+        name = resolve_backend(work.device, has_cuda=True)
+        if name != "torch" and not work.single_device:
+            if requested_backend() != "auto":
+                raise BackendUnavailable(f"the {name} FusedAdamW backend needs all parameters on one device")
+            name = "torch"
+        if name not in self._backends:
+            self._backends[name] = _backend_class(name)()
+        return self._backends[name]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -139,47 +220,25 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        collected = self._collect()
+        if collected is None:
             return loss
-        if any(grad.is_sparse for grad in grads):
-            raise RuntimeError("FusedAdamW does not support sparse gradients")
-
-        norm = _global_grad_norm(grads)
-        finite = torch.isfinite(norm)
+        work, buckets = collected
+        if self.skipped_steps.device != work.device:  # the model moved after the optimizer was built: once only
+            self.skipped_steps = self.skipped_steps.to(work.device)
+        backend = self._backend(work)
+        partials, slices = backend.sum_squares(work, buckets)
+        squares = _global_squares(partials, slices, buckets)
+        norm = backend.finalize(work, squares, self.skipped_steps)
+        backend.update(work, buckets, self.param_groups, norm, self.seed)
         self.grad_norm = norm
-        self.skipped_steps += (~finite).to(self.skipped_steps.device)
-
-        for group in self.param_groups:
-            clip_coef = None
-            if group["max_grad_norm"] is not None:
-                # Same formula as clip_grad_norm_; clamping (not branching) avoids a host sync.
-                clip_coef = torch.clamp(group["max_grad_norm"] / (norm + 1e-6), max=1.0)
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-                    state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-                grad = param.grad.float()
-                if clip_coef is not None:
-                    grad = grad * clip_coef.to(param.device)
-                _adamw_update(
-                    param,
-                    state,
-                    grad,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    apply=finite.to(param.device),
-                )
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["skipped_steps"] = self.skipped_steps.clone()
+        state["seed"] = self.seed
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a FusedAdamW or torch.optim.AdamW state dict (amsgrad/maximize are not supported)."""
@@ -194,7 +253,12 @@ class FusedAdamW(torch.optim.Optimizer):
         for saved_id, param in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
             if saved:
+                # Moments and master copy take the param's layout (the kernels walk them in the param's order).
                 self.state[param] = {
-                    key: saved[key].to(device=param.device, dtype=torch.float32, copy=True)
-                    for key in _STATE_KEYS
+                    key: torch.empty_like(param, dtype=torch.float32).copy_(saved[key]) if key != "step"
+                    else saved[key].to(device=_local(param).device, dtype=torch.float32, copy=True)
+                    for key in (*_STATE_KEYS, _MASTER) if key in saved
                 }
+        # A torch.optim.AdamW state dict has no skip count: it starts at 0, as on a fresh FusedAdamW.
+        self.skipped_steps.copy_(state_dict.get("skipped_steps", torch.zeros((), dtype=torch.int64)))
+        self.seed = state_dict.get("seed", self.seed)

@@ -1,0 +1,169 @@
+"""FusedAdamW on a GPU (run with -m gpu): every available backend against clip_grad_norm_ + torch.optim.AdamW at
+shapes spanning many chunks, no host sync under torch.cuda's sync debug mode, launches per step, int64 offsets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from lamelm_fast.ops.dispatch import cuda_extension, use_backend
+from lamelm_fast.optim import FusedAdamW
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SHAPES = [(1,), (37,), (4096, 1024), (1000, 4099), (3, 5, 7), (70_001,)]  # 1 element up to several chunks
+
+
+def backends() -> list[str]:
+    available = ["torch", "triton"]
+    if torch.cuda.is_available() and cuda_extension() is not None:
+        available.append("cuda")
+    return available
+
+
+@pytest.fixture(params=backends())
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    with use_backend(request.param):
+        yield request.param
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [nn.Parameter((0.5 * torch.randn(s, device="cuda", generator=gen)).to(dtype)) for s in SHAPES]
+
+
+def set_grads(params: list[nn.Parameter], step: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1000 + step)
+    scale = 1.0 if step % 3 == 0 else 1e-3  # clipped on some steps only
+    for p in params:
+        p.grad = (scale * torch.randn(p.shape, device="cuda", generator=gen)).to(p.dtype)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def test_matches_clip_grad_norm_and_torch_adamw(backend: str) -> None:
+    params, ref = make_params(torch.float32), make_params(torch.float32)
+    groups = [{"params": params[2:4]}, {"params": params[:2] + params[4:], "weight_decay": 0.0}]
+    ref_groups = [{"params": ref[2:4]}, {"params": ref[:2] + ref[4:], "weight_decay": 0.0}]
+    opt = FusedAdamW(groups, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    ref_opt = torch.optim.AdamW(ref_groups, lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 + 0.5 * math.sin(s))
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 1.0 + 0.5 * math.sin(s))
+    for step in range(12):
+        set_grads(params, step)
+        for p, r in zip(params, ref, strict=True):
+            r.grad = p.grad.clone()
+        opt.step()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        assert abs(opt.grad_norm.item() / ref_norm.item() - 1) < 1e-5
+    for p, r in zip(params, ref, strict=True):
+        assert rel_err(p.detach(), r.detach()) < 1e-5
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert rel_err(opt.state[p][key], ref_opt.state[r][key]) < 1e-5
+        assert opt.state[p]["step"].item() == 12
+
+
+def test_non_finite_norm_skips_the_step_bitwise(backend: str) -> None:
+    params = make_params(torch.bfloat16)
+    opt = FusedAdamW(params, lr=1e-2, max_grad_norm=1.0, master_weights=True)
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    params[3].grad[7, 11] = math.inf
+    before = [t.clone() for p in params for t in (p.detach(), *opt.state[p].values())]
+    opt.step()
+    after = [t for p in params for t in (p.detach(), *opt.state[p].values())]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert opt.skipped_steps.item() == 1 and not math.isfinite(opt.grad_norm.item())
+
+
+def test_mixed_precision_backends_agree() -> None:
+    """bf16 params with an fp32 master copy and stochastic rounding: every backend computes the same step (the
+    rounding noise is the same hash everywhere, so even the bf16 bits agree but for rare boundary cases)."""
+    results = {}
+    for name in backends():
+        params = make_params(torch.bfloat16)
+        opt = FusedAdamW(params, lr=1e-3, max_grad_norm=1.0, master_weights=True, stochastic_rounding=True, seed=5)
+        with use_backend(name):
+            for step in range(5):
+                set_grads(params, step)
+                opt.step()
+        results[name] = (torch.cat([p.detach().view(-1) for p in params]),
+                         torch.cat([opt.state[p]["master_param"].view(-1) for p in params]))
+    base_params, base_masters = results.pop("torch")
+    for got_params, got_masters in results.values():
+        assert rel_err(got_masters, base_masters) < 1e-5
+        assert (got_params == base_params).double().mean().item() > 0.999
+
+
+def test_step_never_syncs_with_the_host(backend: str) -> None:
+    params = make_params(torch.bfloat16)
+    opt = FusedAdamW(params, lr=1e-3, max_grad_norm=1.0, master_weights=True)
+    set_grads(params, 0)
+    opt.step()  # state initialisation and kernel compilation happen here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            set_grads(params, step)
+            opt.param_groups[0]["lr"] = 1e-3 / step  # a scheduler step: new hyperparameters every step
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.skipped_steps.item() == 0
+
+
+def test_triton_step_is_a_few_launches_for_hundreds_of_tensors() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [nn.Parameter(torch.randn(16, 1536, device="cuda")) for _ in range(450)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = FusedAdamW(params, lr=1e-3, max_grad_norm=1.0)
+    with use_backend("triton"):
+        opt.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [n for n in names if not n.startswith(("Memcpy", "Memset"))]
+    assert len(kernels) <= 4, kernels
+
+
+def test_int64_offsets_in_a_tensor_past_2_31_elements() -> None:
+    numel = 2**31 + 4099
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs ~30 GB of GPU memory")
+    param = nn.Parameter(torch.zeros(numel, device="cuda", dtype=torch.bfloat16))
+    tail = slice(numel - 100_000, numel)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    param.grad = torch.zeros_like(param)
+    param.grad[tail] = torch.randn(100_000, device="cuda", generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        param[tail] = torch.randn(100_000, device="cuda", generator=gen).to(torch.bfloat16)
+    ref = nn.Parameter(param.detach()[tail].float())
+    ref.grad = param.grad[tail].float()
+    for name in [b for b in backends() if b != "torch"]:
+        opt = FusedAdamW([param], lr=1e-2, weight_decay=0.0)  # no clipping: elementwise, the tail alone is a reference
+        with use_backend(name):
+            opt.step()
+        expected = ref.detach().clone().requires_grad_()
+        expected.grad = ref.grad
+        torch.optim.AdamW([expected], lr=1e-2, weight_decay=0.0).step()
+        assert rel_err(opt.state[param]["exp_avg"][tail], (1 - 0.9) * ref.grad) < 1e-6
+        assert (param.detach()[tail] == expected.detach().to(torch.bfloat16)).double().mean().item() > 0.999
+        with torch.no_grad():
+            param[tail] = ref.detach().to(torch.bfloat16)  # undo for the next backend
+        del opt
+        torch.cuda.empty_cache()
