@@ -138,6 +138,7 @@ def test_saved_adapter_loads_in_peft_and_reproduces_val_loss(tmp_path: Path, tin
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert completed.returncode == 0, completed.stderr
         assert "QLoRA: NF4 + double quantization, float32 compute" in completed.stdout
+        assert "fused 4-bit LoRA kernels on 14 layers" in completed.stdout  # 2 layers x 7 projections
         history = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
         adapter = Path(config.output_dir) / "checkpoint-10"
     else:

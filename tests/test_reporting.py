@@ -86,17 +86,17 @@ def test_overfitting_is_reported_and_early_stopping_keeps_the_best(tmp_path: Pat
 
 def test_planted_nan_stops_with_exit_1_and_keeps_the_last_good_checkpoint(
         tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lamelm_fast.train.loop as loop
+    import lamelm_fast.train.model as model_module
 
     calls = {"n": 0}
-    real_loss = loop.causal_lm_loss
+    real_loss = model_module.causal_lm_loss
 
     def poisoned(*args, **kwargs):
         loss, correct = real_loss(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 5 else loss), correct
 
-    monkeypatch.setattr(loop, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(model_module, "causal_lm_loss", poisoned)
     config = config_for(tmp_path, tiny_model_dir, small_alpaca, max_steps=8, save_steps=2,
                         per_device_train_batch_size=4)
     with pytest.raises(TrainingStopped) as stopped:

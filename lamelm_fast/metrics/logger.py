@@ -21,14 +21,18 @@ COLUMNS = (("step", "Step", 7, "d"), ("loss", "Loss", 9, ".4f"), ("grad_norm", "
            ("tokens_per_second", "Tok/s", 9, ".0f"), ("gpu_util", "GPU%", 5, ".0f"), ("memory_gb", "Mem(GB)", 8, ".2f"))
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file and rename, so a crash leaves the previous version intact."""
     temporary = path.with_name(f".{path.name}.tmp")
     with temporary.open("w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    _write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def _format(value: Any, width: int, spec: str) -> str:
@@ -41,6 +45,18 @@ def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash mid-write
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def training_metrics(history: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -96,8 +112,8 @@ class _Trackers:
 
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, *, quiet: bool = False, log_format: str = "table",
-                 resume: bool = False, report_to: list[str] | None = None, config: dict[str, Any] | None = None,
-                 stream: TextIO | None = None) -> None:
+                 resume_step: int | None = None, report_to: list[str] | None = None,
+                 config: dict[str, Any] | None = None, stream: TextIO | None = None) -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
         self.quiet = quiet
@@ -105,12 +121,14 @@ class RunLogger:
         self.stream = stream or sys.stdout
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = run_dir / "metrics.jsonl"
-        # A resumed run continues its metrics (and its curves); a new run in the same directory starts afresh.
+        # A resumed run continues its metrics (and its curves) from the checkpoint's step: rows logged after it by
+        # the interrupted run (and a line a crash cut short) are dropped, as those steps run again. A new run in
+        # the same directory starts afresh.
         self.history: list[dict[str, Any]] = []
-        if resume and metrics_path.is_file():
-            self.history = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                            if line.strip()]
-        self._metrics = metrics_path.open("a" if resume else "w", encoding="utf-8")
+        if resume_step is not None and metrics_path.is_file():
+            self.history = [row for row in _read_rows(metrics_path) if row.get("step", 0) <= resume_step]
+            _write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in self.history))
+        self._metrics = metrics_path.open("a" if resume_step is not None else "w", encoding="utf-8")
         self._trackers = _Trackers(report_to or [], run_dir, config or {})
         self._rows_printed = 0
         self._started = time.perf_counter()

@@ -1,25 +1,36 @@
-"""Checkpoints: weights (PEFT adapter or safetensors model), optimizer, scheduler, RNG and data position.
+"""Checkpoints: weights (PEFT adapter or safetensors model), optimizer, scheduler, RNG, data position, and a manifest.
 
-A checkpoint is written into a temporary directory, fsynced, then renamed into place, so a crash never
-leaves a half-written ``checkpoint-N``. Loading restores everything needed for an exact resume.
+A checkpoint is written into a temporary directory with a manifest of every file's size and SHA-256, fsynced, then
+renamed into place, so a crash never leaves a half-written ``checkpoint-N``; a failed write (a full disk) removes
+the temporary directory and leaves the previous checkpoints as they were. Loading verifies the manifest first, and
+``latest`` skips a damaged checkpoint for the newest intact one. Under torchrun every rank takes part in gathering
+the state and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from lamelm_fast.train.config import ConfigError
+from lamelm_fast.train.config import ConfigError, first_line
+from lamelm_fast.train.distributed import Distributed
+from lamelm_fast.train.faults import TrainingStopped
 
 STATE_FILE = "training_state.pt"
+MANIFEST_FILE = "manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TEMPORARY_PATTERN = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
 
 
 def _fsync_tree(path: Path) -> None:
@@ -52,53 +63,159 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``run_dir``, oldest first (temporary directories are not matched)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+# --------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {str(item.relative_to(directory)): {"bytes": item.stat().st_size, "sha256": _sha256(item)}
+             for item in sorted(directory.rglob("*")) if item.is_file()}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
+
+
+def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
+    """None when every file in the manifest is there with its size (and checksum); else what is wrong, in words."""
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST_FILE} is missing or unreadable (an incomplete copy, or not a lamelm-fast checkpoint)"
+    for name, (size, sha256) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is truncated or changed ({file.stat().st_size} bytes, {size} expected)"
+        if checksums and _sha256(file) != sha256:
+            return f"{name} is corrupted (its SHA-256 does not match the manifest)"
+    return None
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _write(final: Path, model: nn.Module, tokenizer: Any, training_state: dict[str, Any],
+           model_state: dict[str, torch.Tensor] | None) -> None:
+    """temp dir + manifest + fsync + rename; on a failed write the temp dir goes and nothing else changes."""
+    run_dir = final.parent
+    temporary = run_dir / f".{final.name}.tmp"
+    try:
+        temporary.mkdir()
+        # PEFT: adapter only; full: a safetensors model. model_state: the whole tensors gathered from FSDP shards.
+        model.save_pretrained(temporary, safe_serialization=True, state_dict=model_state)
+        tokenizer.save_pretrained(temporary)
+        torch.save(training_state, temporary / STATE_FILE)
+        _write_manifest(temporary)
+        _fsync_tree(temporary)
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save and safetensors wrap OSError
+        shutil.rmtree(temporary, ignore_errors=True)
+        previous = list_checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        free = shutil.disk_usage(run_dir).free / 1e9
+        raise TrainingStopped(
+            f"could not save {final} ({first_line(error)}; {free:.2f} GB free on that disk): nothing was left "
+            f"half-written and {kept}; free space (or fix the directory), then resume with "
+            "--resume-from-checkpoint latest", exit_code=1) from None
+    # Replacing a checkpoint of the same step: move the old one aside first, so one is always complete on disk.
+    aside = run_dir / f".{final.name}.old"
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(temporary, final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _prune(run_dir: Path, save_total_limit: int, protected: set[Path]) -> None:
+    """Delete the oldest checkpoints beyond the limit, never a protected one (the new one, the best one)."""
+    prunable = [p for p in list_checkpoints(run_dir) if p not in protected]
+    for old in prunable[:max(0, len(prunable) + len(protected) - save_total_limit)]:
+        shutil.rmtree(old)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer: Any, training_state: dict[str, Any],
-                    save_total_limit: int | None = None, keep: Path | None = None) -> Path:
-    """Atomic save; then prune to ``save_total_limit``, never deleting the new one or ``keep`` (the best)."""
+                    distributed: Distributed, save_total_limit: int | None = None, keep: Path | None = None) -> Path:
+    """Gather (every rank), write atomically (rank 0), then prune to ``save_total_limit``.
+
+    The new checkpoint is checked against its manifest (the sizes: the checksums were just computed from these
+    files) before any older one is deleted, so pruning never removes the last intact checkpoint. A failed save
+    raises TrainingStopped on every rank.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
-    temporary = run_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    model.save_pretrained(temporary, safe_serialization=True)  # PEFT: adapter only; full: safetensors model
-    tokenizer.save_pretrained(temporary)
-    torch.save({**training_state, "rng": rng_state()}, temporary / STATE_FILE)
-    _fsync_tree(temporary)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    _fsync_dir(run_dir)
-    if save_total_limit is not None:
-        protected = {final, keep}
-        prunable = [p for p in list_checkpoints(run_dir) if p not in protected]
-        for old in prunable[:max(0, len(prunable) + len(protected - {None}) - save_total_limit)]:
-            shutil.rmtree(old)
+    model_state = distributed.full_model_state(model)
+    state = {**training_state, "rng": distributed.gather(rng_state())}
+    error = None
+    if distributed.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in run_dir.iterdir():  # from a run killed while saving
+                if TEMPORARY_PATTERN.match(leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
+            _write(final, model, tokenizer, state, model_state)
+            problem = verify_checkpoint(final, checksums=False)
+            if problem is not None:
+                raise TrainingStopped(f"{final} did not verify after saving ({problem}): older checkpoints are "
+                                      "kept; check the disk", exit_code=1)
+            if save_total_limit is not None:
+                _prune(run_dir, save_total_limit, {final} | ({keep} if keep else set()))
+        except TrainingStopped as stopped:
+            error = str(stopped)
+    error = distributed.from_main(error)
+    if error is not None:
+        raise TrainingStopped(error, exit_code=1)
     return final
 
 
-def resolve_resume_path(resume_from: str, run_dir: str | Path) -> Path:
+# --------------------------------------------------------------------------- loading
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories in ``run_dir``, oldest first (temporary directories are not matched)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    notes: list[str] = field(default_factory=list)  # damaged checkpoints skipped on the way, for the banner
+
+
+def find_resume_checkpoint(resume_from: str, run_dir: str | Path) -> ResumePoint:
+    """The checkpoint to resume from, verified; ``latest`` walks back past damaged ones to the newest intact one."""
     if resume_from.lower() in ("latest", "true", "last"):
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
             raise ConfigError(f"--resume-from-checkpoint {resume_from}: no checkpoint in {run_dir}: "
                               "check --output-dir, or start without --resume-from-checkpoint")
-        return checkpoints[-1]
+        notes = []
+        for path in reversed(checkpoints):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return ResumePoint(path, notes)
+            notes.append(f"{path} is damaged ({problem}): skipped")
+        raise ConfigError(f"--resume-from-checkpoint {resume_from}: no intact checkpoint in {run_dir} "
+                          f"({'; '.join(notes)}): start without --resume-from-checkpoint")
     path = Path(resume_from)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume-from-checkpoint {resume_from}: not a checkpoint directory "
-                          f"(no {STATE_FILE}): give a checkpoint-N directory or 'latest'")
-    return path
+    if not path.is_dir():
+        raise ConfigError(f"--resume-from-checkpoint {resume_from}: not a checkpoint directory: give a "
+                          "checkpoint-N directory or 'latest'")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        intact = [p for p in list_checkpoints(path.parent) if p != path and verify_checkpoint(p) is None]
+        fix = f"resume from {intact[-1]} instead" if intact else "start without --resume-from-checkpoint"
+        raise ConfigError(f"--resume-from-checkpoint {resume_from}: the checkpoint is damaged ({problem}): {fix}")
+    return ResumePoint(path)
 
 
 def _load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -133,3 +250,25 @@ def load_weights(path: Path, model: nn.Module) -> None:
 
 def load_training_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def check_same_data(state: dict[str, Any], fingerprint: str, path: Path, ignore_change: bool) -> str | None:
+    """Refuse (ConfigError) to resume on data that differs from the checkpoint's; with ``ignore_change``, a note."""
+    if state["data_fingerprint"] == fingerprint:
+        return None
+    what = (f"the training data differs from what {path} was trained on (the dataset file changed, or the "
+            "tokenizer, --max-seq-length, --dataset-format, --train-on-prompt or --eval-split-ratio)")
+    if ignore_change:
+        return f"{what}: resuming anyway (--ignore-data-change), from the same step and example position"
+    raise ConfigError(f"{what}: resuming would not continue the original run; restore the original data, or pass "
+                      "--ignore-data-change to resume on the new data anyway")
+
+
+def restore_rng(states: list[dict[str, Any]], rank: int, world_size: int) -> str | None:
+    """Each rank's saved RNG state; a note when the checkpoint came from another number of ranks."""
+    if rank < len(states):
+        set_rng_state(states[rank])
+    if len(states) == world_size:
+        return None
+    return (f"the checkpoint was saved by {len(states)} process(es), this run has {world_size}: exact for the "
+            "weights, optimizer and data position; dropout draws new random masks")

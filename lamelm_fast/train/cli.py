@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from lamelm_fast.train.config import ConfigError, TrainConfig, from_mapping, load_yaml
+from lamelm_fast.train.distributed import launched_rank
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -49,15 +50,18 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lamelm_fast.train.loop import TrainingStopped, train
+    from lamelm_fast.train.faults import TrainingStopped
+    from lamelm_fast.train.loop import train
 
+    # Under torchrun every rank meets the same error: rank 0 alone says it.
+    say = print if launched_rank() == 0 else lambda *args, **kwargs: None
     try:
         config = parse_config(argv)
         train(config)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
+        say(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
     return 0

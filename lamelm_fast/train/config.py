@@ -63,6 +63,9 @@ class TrainConfig:
     kernels: Literal["auto", "cuda", "triton", "torch"] = field(default="auto", metadata=_help(
         "fused-op backend: auto = CUDA extension, else Triton on a GPU, else the torch reference (on CPU); "
         "auto also honours the LAMELM_KERNELS environment variable"))
+    distributed: Literal["auto", "ddp", "fsdp"] = field(default="auto", metadata=_help(
+        "under torchrun: ddp (a full replica per GPU) or fsdp (FSDP2, weights, gradients and optimizer state "
+        "sharded); auto = fsdp when DDP would fill over half of a GPU with them, else ddp"))
     # Data
     dataset: str | None = field(default=None, metadata=_help(
         "local jsonl/json/parquet/csv/txt file or HF datasets id; omitted: the embedded stdlib instruction set"))
@@ -101,7 +104,12 @@ class TrainConfig:
     save_steps: int | None = field(default=None, metadata=_help("checkpoint every N steps; always at the end"))
     save_total_limit: int | None = field(default=None, metadata=_help("keep at most N checkpoints"))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help(
-        "checkpoint directory to resume from, or 'latest' for the newest in --output-dir"))
+        "checkpoint directory to resume from, or 'latest' for the newest intact one in --output-dir"))
+    ignore_data_change: bool = field(default=False, metadata=_help(
+        "resume even if the training data differs from the checkpoint's (refused by default)"))
+    max_consecutive_skipped_steps: int = field(default=10, metadata=_help(
+        "stop when this many optimizer steps in a row were skipped for a non-finite gradient (checked at "
+        "logging steps); 0 = never stop"))
     quiet: bool = field(default=False, metadata=_help("no per-step table, only errors and the summary"))
     log_format: Literal["table", "json"] = field(default="table", metadata=_help(
         "console output: a table with a progress bar, or one JSON object per line on stdout (for scripts)"))
@@ -223,17 +231,26 @@ def validate(config: TrainConfig) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(config, name) < 1.0:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)}")
-    if config.max_grad_norm < 0 or config.weight_decay < 0 or config.warmup_steps < 0:
-        raise ConfigError("max_grad_norm, weight_decay and warmup_steps must be >= 0")
+    if config.warmup_steps < 0 or config.max_consecutive_skipped_steps < 0:
+        raise ConfigError("warmup_steps and max_consecutive_skipped_steps must be >= 0")
+    # A NaN or inf here would train silently wrong (or crash deep inside), so they are refused by name.
+    for name in ("max_grad_norm", "weight_decay", "adam_epsilon"):
+        if not (getattr(config, name) >= 0 and math.isfinite(getattr(config, name))):
+            raise ConfigError(f"{name} must be a number >= 0, got {getattr(config, name)}")
+    if not (config.lora_alpha > 0 and math.isfinite(config.lora_alpha)):
+        raise ConfigError(f"lora_alpha must be a number > 0, got {config.lora_alpha}")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
     unknown = sorted(set(config.report_to or []) - set(REPORT_TO))
     if unknown:
         raise ConfigError(f"report_to: unknown destination {unknown[0]!r}; choose from {', '.join(REPORT_TO)}")
-    if config.peak_tflops is not None and not config.peak_tflops > 0:
+    if config.peak_tflops is not None and not (config.peak_tflops > 0 and math.isfinite(config.peak_tflops)):
         raise ConfigError(f"peak_tflops must be > 0, got {config.peak_tflops}")
     if config.early_stopping_patience and not (config.eval_split_ratio > 0 and config.eval_steps):
         raise ConfigError("early_stopping_patience needs evaluations: set --eval-steps and --eval-split-ratio > 0")
-    if config.max_steps <= 0 and not config.num_train_epochs > 0:
-        raise ConfigError("set num_train_epochs > 0 or max_steps > 0: as given the run would train 0 steps")
+    if config.max_steps <= 0 and not (config.num_train_epochs > 0 and math.isfinite(config.num_train_epochs)):
+        raise ConfigError("set num_train_epochs to a finite number > 0, or max_steps > 0: as given the run would "
+                          "train 0 (or endless) steps")
     if config.lr_scheduler_type not in LR_SCHEDULER_TYPES:
         raise ConfigError(f"lr_scheduler_type: invalid value {config.lr_scheduler_type!r}; "
                           f"choose one of {', '.join(LR_SCHEDULER_TYPES)}")

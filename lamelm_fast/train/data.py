@@ -6,9 +6,11 @@ shifted here, per sequence, so packed sequences never predict across a boundary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -62,23 +64,38 @@ class DatasetStats:
 # --------------------------------------------------------------------------- loading
 
 
+def _decode(path: Path, data: bytes, line_number: int = 1) -> str:
+    """UTF-8 text (a leading byte-order mark dropped); an invalid byte is a ConfigError naming its line.
+
+    ``line_number``: the file line ``data`` starts on.
+    """
+    try:
+        return data.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        line = line_number + data.count(b"\n", 0, error.start)
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {error.start}): re-encode the file as UTF-8"
+                          ) from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{where}: not valid JSON ({error.msg} at column {error.colno}): "
+                          "fix or remove that line") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: JSON nested too deeply to read: fix or remove that line") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             where = f"{path}:{line_number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ConfigError(f"{where}: not valid UTF-8 (byte {error.start}): re-encode the file as UTF-8"
-                                  ) from None
+            line = _decode(path, raw, line_number)
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{where}: not valid JSON ({error.msg} at column {error.colno}): "
-                                  "fix or remove that line") from None
+            value = _parse_json(line, where)
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a JSON object per line, got {type(value).__name__}")
             records.append(Record(value, where))
@@ -86,12 +103,13 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 
 def _read_json(path: Path) -> list[Record]:
+    text = _decode(path, path.read_bytes())
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid UTF-8: re-encode the file as UTF-8") from None
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(value, dict):
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -109,10 +127,7 @@ def _read_json(path: Path) -> list[Record]:
 
 def _read_text(path: Path) -> list[Record]:
     # A blank line separates documents, so paragraphs of prose stay together.
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid UTF-8: re-encode the file as UTF-8") from None
+    text = _decode(path, path.read_bytes())
     records, lines, start = [], [], 1
     for line_number, line in enumerate([*text.splitlines(), ""], start=1):
         if line.strip():
@@ -192,7 +207,17 @@ def _string_field(record: Record, name: str, required: bool = True) -> str:
         raise ConfigError(f"{record.where}: missing field '{name}'")
     if not isinstance(value, str):
         raise ConfigError(f"{record.where}: field '{name}' must be a string, got {type(value).__name__}")
-    return value
+    return _encodable(record, name, value)
+
+
+def _encodable(record: Record, name: str, text: str) -> str:
+    # JSON can spell a lone UTF-16 surrogate (\ud800): it is no character, and the tokenizer cannot take it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(f"{record.where}: field '{name}' holds an unpaired surrogate "
+                          f"({text[error.start]!r}), which is not text: fix or remove that record") from None
+    return text
 
 
 def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
@@ -220,16 +245,28 @@ def _encode_chat(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise ConfigError(f"{record.where}: messages[{index}] needs a string 'content'")
+        _encodable(record, f"messages[{index}].content", message["content"])
         if message.get("role") not in CHAT_ROLES:
             raise ConfigError(f"{record.where}: messages[{index}] has unknown role {message.get('role')!r}; "
                               f"use one of {', '.join(CHAT_ROLES)}")
+    if messages[0]["role"] == "assistant":
+        # Its header is rendered only as the generation prompt after earlier turns, so it cannot be kept out of
+        # the loss; transformers refuses to render the empty conversation before it.
+        raise ConfigError(f"{record.where}: field 'messages' opens with an assistant turn: start the conversation "
+                          "with a system or user message")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError("the tokenizer has no chat template, so chat records cannot be rendered: "
                           "use a chat model's tokenizer or --dataset-format alpaca/text")
 
+    from jinja2 import TemplateError
+
     def render(upto: int, generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except (TemplateError, ValueError) as error:  # a template refusing a conversation (roles not alternating)
+            raise ConfigError(f"{record.where}: field 'messages': the tokenizer's chat template refused this "
+                              f"conversation ({first_line(error)}): fix or remove that record") from None
 
     # Render growing prefixes and tokenize the new text of each step: assistant content is a target,
     # everything else (headers, user turns, generation prompt) is prompt.
@@ -242,8 +279,8 @@ def _encode_chat(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]
     pieces = []
     for text, is_target in segments:
         if not text.startswith(done):
-            raise ConfigError("the tokenizer's chat template does not render conversations prefix by prefix, "
-                              "so response-only labels cannot be located: use --train-on-prompt")
+            raise ConfigError(f"{record.where}: the tokenizer's chat template does not render this conversation "
+                              "prefix by prefix, so response-only labels cannot be located: use --train-on-prompt")
         pieces.append((_encode(tokenizer, text[len(done):]), is_target))
         done = text
     return pieces
@@ -318,6 +355,11 @@ def shifted_labels(example: Example) -> list[int]:
 
 
 def collate(examples: list[Example], packing: bool, pad_token_id: int) -> Batch:
+    if not examples:
+        # A rank whose share of a short last batch is empty still runs a forward and backward (DDP and FSDP need
+        # every rank there): one padding token, no target, counted as nothing.
+        return Batch(torch.full((1, 1), pad_token_id), torch.full((1, 1), IGNORE_INDEX), None,
+                     torch.zeros((1, 1), dtype=torch.long), 0, 0, 0)
     lengths = [len(e.input_ids) for e in examples]
     labels = [shifted_labels(e) for e in examples]
     num_targets = sum(e.num_targets for e in examples)
@@ -340,7 +382,11 @@ def collate(examples: list[Example], packing: bool, pad_token_id: int) -> Batch:
 
 
 class DataOrder:
-    """Deterministic batch order: epoch e is a permutation seeded by (seed, e), so a resume can skip ahead."""
+    """Deterministic batch order: epoch e is a permutation seeded by (seed, e), so a resume can skip ahead.
+
+    Positions are counted in examples, not batches, so a run can resume with another global batch size (another
+    number of ranks) from the same example.
+    """
 
     def __init__(self, num_examples: int, batch_size: int, shuffle: bool, seed: int) -> None:
         self.num_examples, self.batch_size, self.shuffle, self.seed = num_examples, batch_size, shuffle, seed
@@ -349,17 +395,36 @@ class DataOrder:
     def batches_per_epoch(self) -> int:
         return math.ceil(self.num_examples / self.batch_size)
 
-    def epoch(self, epoch: int) -> list[list[int]]:
+    def epoch(self, epoch: int, start: int = 0) -> list[list[int]]:
+        """The batches of ``epoch`` from its ``start``-th example on."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.num_examples, generator=generator).tolist()
         else:
             order = list(range(self.num_examples))
-        return [order[i:i + self.batch_size] for i in range(0, self.num_examples, self.batch_size)]
+        return [order[i:i + self.batch_size] for i in range(start, self.num_examples, self.batch_size)]
+
+    def progress(self, epoch: int, next_example: int) -> float:
+        """Epochs done, counted in batches as HF's Trainer counts them (a short last batch is a whole one)."""
+        return epoch + math.ceil(next_example / self.batch_size) / self.batches_per_epoch
+
+
+def fingerprint(*example_sets: list[Example]) -> str:
+    """A digest of the tokenized data (tokens, targets, split): any change to the file, the tokenizer or the data
+    settings changes it, so a resume can refuse to continue on different data."""
+    digest = hashlib.sha256()
+    for examples in example_sets:
+        digest.update(len(examples).to_bytes(8, "little"))
+        for example in examples:
+            digest.update(len(example.input_ids).to_bytes(8, "little"))
+            digest.update(array("q", example.input_ids).tobytes())
+            digest.update(bytes(example.target_mask))
+    return digest.hexdigest()
 
 
 def iterate_batches(examples: list[Example], batch_size: int, packing: bool, pad_token_id: int,
-                    ) -> Iterator[Batch]:
-    """Fixed-order batches (evaluation)."""
+                    share: Callable[[list[Example]], list[Example]] | None = None) -> Iterator[Batch]:
+    """Fixed-order batches (evaluation); ``share`` picks this rank's part of each batch under torchrun."""
     for start in range(0, len(examples), batch_size):
-        yield collate(examples[start:start + batch_size], packing, pad_token_id)
+        chunk = examples[start:start + batch_size]
+        yield collate(share(chunk) if share else chunk, packing, pad_token_id)

@@ -1,4 +1,4 @@
-"""The training loop. The step is in :func:`train`; data, loss, metrics and checkpoints are called from it."""
+"""The training loop. The step is in :func:`train`; data, loss, metrics, checkpoints and faults are called from it."""
 
 from __future__ import annotations
 
@@ -18,26 +18,13 @@ from transformers.utils import logging as transformers_logging
 from lamelm_fast.metrics import RunLogger
 from lamelm_fast.ops.dispatch import BackendUnavailable, resolve_backend, use_backend
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
-from lamelm_fast.train import checkpoint
+from lamelm_fast.train import checkpoint, distributed, faults
 from lamelm_fast.train.config import ConfigError, TrainConfig, resolve, validate
-from lamelm_fast.train.data import DataOrder, Example, collate, iterate_batches, prepare_datasets
-from lamelm_fast.train.model import (
-    causal_lm_loss,
-    load_model,
-    load_model_config,
-    load_tokenizer,
-    model_context,
-    pick_device,
-)
-from lamelm_fast.train.reporting import TrainingReport, WindowMetrics
-
-
-class TrainingStopped(Exception):
-    """The run ended early on purpose (interrupt, non-finite loss); the message says what to do next."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+from lamelm_fast.train.data import DataOrder, Example, collate, fingerprint, iterate_batches, prepare_datasets
+from lamelm_fast.train.distributed import Distributed
+from lamelm_fast.train.faults import SkipStreak, TrainingStopped
+from lamelm_fast.train.model import CausalLMLoss, load_model, load_model_config, load_tokenizer, model_context
+from lamelm_fast.train.reporting import SilentLogger, TrainingReport, WindowMetrics, peak_memory_gb
 
 
 @dataclass
@@ -51,21 +38,21 @@ class TrainResult:
 
 @dataclass
 class Position:
-    """Where the run is: the next optimizer step and the next micro-batch of the epoch order."""
+    """Where the run is: the next optimizer step, and the next example of the epoch's order."""
 
     step: int = 0
     epoch: int = 0
-    batch: int = 0
+    example: int = 0
 
 
 def training_windows(order: DataOrder, accumulation: int, start: Position) -> Iterator[tuple[int, int, list]]:
-    """(epoch, next batch index, index lists of the window's micro-batches); windows never cross an epoch."""
-    epoch, first = start.epoch, start.batch
+    """(epoch, next example, index lists of the window's global micro-batches); windows never cross an epoch."""
+    epoch, first = start.epoch, start.example
     while True:
-        batches = order.epoch(epoch)
-        for begin in range(first, len(batches), accumulation):
+        batches = order.epoch(epoch, first)
+        for begin in range(0, len(batches), accumulation):
             window = batches[begin:begin + accumulation]
-            yield epoch, begin + len(window), window
+            yield epoch, min(first + (begin + len(window)) * order.batch_size, order.num_examples), window
         epoch, first = epoch + 1, 0
 
 
@@ -81,19 +68,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> FusedAdamW:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], config: TrainConfig, pad_token_id: int,
-             device: torch.device, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+             dist: Distributed) -> dict[str, float]:
+    """Validation loss, perplexity and token accuracy; under torchrun each rank takes its share of every batch."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    correct = torch.zeros((), dtype=torch.float64, device=dist.device)
     targets = 0
-    for batch in iterate_batches(examples, config.per_device_eval_batch_size, config.packing, pad_token_id):
-        loss, batch_correct = causal_lm_loss(model, batch.to(device), None, autocast_dtype)
-        loss_sum += loss.float()
-        correct += batch_correct.float()
+    for batch in iterate_batches(examples, config.per_device_eval_batch_size * dist.world_size, config.packing,
+                                 pad_token_id, dist.shard):
+        loss, batch_correct = model(batch.to(dist.device), None)
+        loss_sum += loss.double()
+        correct += batch_correct.double()
         targets += batch.num_targets
     model.train(was_training)
-    total, right = torch.stack([loss_sum, correct]).tolist()
+    count = torch.tensor(float(targets), dtype=torch.float64, device=dist.device)
+    total, right, targets = dist.sum(torch.stack([loss_sum, correct, count])).tolist()
     val_loss = total / max(targets, 1)
     return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0)),
             "val_token_accuracy": right / max(targets, 1)}
@@ -125,11 +115,12 @@ class _StopRequest:
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written."""
     validate(config)
-    with contextlib.nullcontext() if config.kernels == "auto" else use_backend(config.kernels):
-        return _train(config)
+    with (contextlib.nullcontext() if config.kernels == "auto" else use_backend(config.kernels),
+          distributed.setup() as dist):
+        return _train(config, dist)
 
 
-def _train(config: TrainConfig) -> TrainResult:
+def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     transformers_logging.disable_progress_bar()  # our own table reports progress
     tokenizer = load_tokenizer(config)
     model_config = load_model_config(config)
@@ -137,96 +128,136 @@ def _train(config: TrainConfig) -> TrainResult:
     train_set, eval_set, stats = prepare_datasets(
         config.dataset, config.dataset_split, config.dataset_format, tokenizer, config.max_seq_length,
         config.train_on_prompt, config.eval_split_ratio, config.seed)
+    data_fingerprint = fingerprint(train_set, eval_set)
     run_dir = Path(config.output_dir)
-    resume_path = (checkpoint.resolve_resume_path(config.resume_from_checkpoint, run_dir)
-                   if config.resume_from_checkpoint else None)
-    device = pick_device()
+    resume = (checkpoint.find_resume_checkpoint(config.resume_from_checkpoint, run_dir)
+              if config.resume_from_checkpoint else None)
+    device = dist.device
     try:
         resolve_backend(device, has_cuda=True)
     except BackendUnavailable as error:
         raise ConfigError(f"--kernels {config.kernels}: {error}") from None
     loaded = load_model(config, model_config, device)
-    model, autocast_dtype = loaded.model, loaded.autocast_dtype
-    optimizer = make_optimizer(model, config)
-    order = DataOrder(len(train_set), config.per_device_train_batch_size, config.shuffle, config.seed)
+    notes: list[str | None] = [*loaded.notes]
+    state = None
+    if resume is not None:
+        state = checkpoint.load_training_state(resume.path)
+        notes += [*resume.notes, checkpoint.check_same_data(state, data_fingerprint, resume.path,
+                                                            config.ignore_data_change)]
+        checkpoint.load_weights(resume.path, loaded.model)  # before wrapping: FSDP shards what is loaded
+    total_params, trainable_params = loaded.parameter_counts()
+    model, wrap_note = dist.wrap(CausalLMLoss(loaded.model, loaded.autocast_dtype), config)
+    optimizer = make_optimizer(loaded.model, config)
+    order = DataOrder(len(train_set), config.per_device_train_batch_size * dist.world_size, config.shuffle,
+                      config.seed)
     steps_per_epoch = math.ceil(order.batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
     warmup = config.warmup_steps or math.ceil(total_steps * config.warmup_ratio)
     scheduler = get_lr_scheduler(config.lr_scheduler_type, optimizer, warmup, total_steps)
     position = Position()
-    torch.manual_seed(config.seed)
-    if resume_path is not None:
-        state = checkpoint.load_training_state(resume_path)
-        checkpoint.load_weights(resume_path, model)
-        optimizer.load_state_dict(state["optimizer"])
+    torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks; rank 0 those of one process
+    if state is not None:
+        optimizer.load_state_dict(dist.shard_optimizer_state(state["optimizer"], optimizer))
         scheduler.load_state_dict(state["scheduler"])
         position = Position(**state["position"])
-        checkpoint.set_rng_state(state["rng"])
+        notes.append(checkpoint.restore_rng(state["rng"], dist.rank, dist.world_size))
 
     logger = RunLogger(run_dir, total_steps, quiet=config.quiet, log_format=config.log_format,
-                       resume=resume_path is not None, report_to=config.report_to, config=dataclasses.asdict(config))
-    total_params, trainable_params = loaded.parameter_counts()
-    logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, loaded.notes,
-                       resume_path))
+                       resume_step=position.step if resume else None, report_to=config.report_to,
+                       config=dataclasses.asdict(config)) if dist.is_main else SilentLogger()
+    logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, dist.world_size,
+                       [note for note in [*notes, wrap_note] if note], resume))
     mean_length = stats.train_tokens / max(stats.train_examples, 1)
-    report = TrainingReport(logger, model, model_config, device, mean_length, bool(eval_set), config.peak_tflops,
-                            config.early_stopping_patience)
-    result = TrainResult(run_dir, position.step)
-    window = WindowMetrics(device)
+    report = TrainingReport(logger, loaded.model, model_config, device, mean_length, bool(eval_set),
+                            config.peak_tflops, config.early_stopping_patience, config.max_consecutive_skipped_steps,
+                            dist.sum)
+    result = TrainResult(run_dir, position.step, checkpoint=resume.path if resume else None)
+    window = WindowMetrics(device, dist.sum)
+    skips = SkipStreak(optimizer.skipped_steps)
     windows = training_windows(order, config.gradient_accumulation_steps, position)
     best_checkpoint, stopped_early = None, False
-    epoch_progress = position.epoch + position.batch / order.batches_per_epoch
+    epoch_progress = order.progress(position.epoch, position.example)
 
     def save(step: int) -> Path:
-        state = _training_state(optimizer, scheduler, position, config)
-        return checkpoint.save_checkpoint(run_dir, step, model, tokenizer, state, config.save_total_limit,
-                                          keep=best_checkpoint)
+        if result.checkpoint == run_dir / f"checkpoint-{step}":  # saved at this step already (best, then periodic)
+            return result.checkpoint
+        state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
+                 "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
+                 "data_fingerprint": data_fingerprint}
+        result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
+                                                       config.save_total_limit, keep=best_checkpoint)
+        return result.checkpoint
 
     def run_eval(step: int, epoch: float) -> bool:
         return report.log_eval(window, step, epoch, lambda: evaluate(
-            model, eval_set, config, tokenizer.pad_token_id, device, autocast_dtype))
+            model, eval_set, config, tokenizer.pad_token_id, dist))
+
+    @contextlib.contextmanager
+    def out_of_memory_guard(step: int, weights_intact: bool) -> Iterator[None]:
+        """Out of memory: free the step, save the last complete step if the weights are whole, say what to lower."""
+        try:
+            yield
+        except torch.OutOfMemoryError as error:
+            faults.free_memory(error, optimizer)
+            can_save = weights_intact and dist.world_size == 1 and position.step > 0
+            why = ("the optimizer update was cut short, so the weights are half-updated" if not weights_intact else
+                   "the other ranks cannot join a save after one ran out of memory" if dist.world_size > 1 else
+                   "no step was completed")
+            capacity = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else None
+            message = faults.out_of_memory_message(step, config, peak_memory_gb(device), capacity,
+                                                   save(position.step) if can_save else None, why)
+            raise TrainingStopped(message, exit_code=1) from None
 
     model.train()
     try:
         with _StopRequest() as stop:
             for step in range(position.step + 1, total_steps + 1):
-                epoch, next_batch, indices = next(windows)
-                micro_batches = [collate([train_set[i] for i in idx], config.packing, tokenizer.pad_token_id)
-                                 for idx in indices]
-                # Normalise by the label tokens of the whole window: the split into micro-batches is invisible.
-                num_items = sum(b.num_targets for b in micro_batches)
-                for batch in micro_batches:
-                    loss, correct = causal_lm_loss(model, batch.to(device), num_items, autocast_dtype)
-                    loss.backward()
-                    window.add_micro_batch(loss, correct, batch)
+                epoch, next_example, indices = next(windows)
+                micro_batches = [collate([train_set[i] for i in dist.shard(idx)], config.packing,
+                                         tokenizer.pad_token_id) for idx in indices]
+                # Normalise by the label tokens of the whole global window: the split into micro-batches and
+                # ranks is invisible.
+                num_items = sum(train_set[i].num_targets for idx in indices for i in idx)
+                with out_of_memory_guard(step, weights_intact=True):
+                    for index, batch in enumerate(micro_batches):
+                        with dist.gradient_sync(model, sync=index == len(micro_batches) - 1):
+                            loss, correct = model(batch.to(device), num_items)
+                            # DDP and FSDP average gradients over ranks, but each rank's loss is already its
+                            # share of the global mean: scale the average back to the sum.
+                            (loss * dist.world_size).backward()
+                        window.add_micro_batch(loss, correct, batch)
                 learning_rate = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                with out_of_memory_guard(step, weights_intact=False):
+                    optimizer.step()
+                skips.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 report.end_step(window, sum(b.num_tokens for b in micro_batches),
                                 sum(b.num_sequences for b in micro_batches), step)
-                position = _next_position(step, epoch, next_batch, order)
-                epoch_progress = epoch + next_batch / order.batches_per_epoch
+                position = _next_position(step, epoch, next_example, order)
+                epoch_progress = order.progress(epoch, next_example)
                 result.global_step = step
 
                 if step % config.logging_steps == 0 or step == total_steps:
                     expected = config.learning_rate * scheduler.lr_lambdas[0](step - 1)
-                    fatal = report.log_train(window, optimizer.grad_norm, step, learning_rate, expected,
+                    fatal = report.log_train(window, optimizer.grad_norm, skips, step, learning_rate, expected,
                                              epoch_progress)
                     if fatal is not None:
                         raise TrainingStopped(fatal.message, exit_code=1)
                 if eval_set and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
                     if run_eval(step, epoch_progress) and config.early_stopping_patience:
-                        best_checkpoint = result.checkpoint = save(step)
+                        best_checkpoint = save(step)
                     if report.health.should_stop:
                         stopped_early = True
                         break
-                if (config.save_steps and step % config.save_steps == 0) or step == total_steps or stop.signal_name:
-                    result.checkpoint = save(step)
-                if stop.signal_name:
+                stopping = dist.any(stop.signal_name is not None)  # every rank stops after the same step
+                if (config.save_steps and step % config.save_steps == 0) or step == total_steps or stopping:
+                    save(step)
+                if stopping:
                     raise TrainingStopped(
-                        f"{stop.signal_name} at step {step}: saved {result.checkpoint}; resume with the same "
-                        f"command plus --resume-from-checkpoint {result.checkpoint}", exit_code=0)
+                        f"{stop.signal_name or 'a signal to another rank'} at step {step}: saved {result.checkpoint}; "
+                        f"resume with the same command plus --resume-from-checkpoint {result.checkpoint}",
+                        exit_code=0)
 
         if eval_set and not stopped_early:
             run_eval(result.global_step, epoch_progress)
@@ -238,21 +269,16 @@ def _train(config: TrainConfig) -> TrainResult:
     return result
 
 
-def _next_position(step: int, epoch: int, next_batch: int, order: DataOrder) -> Position:
-    if next_batch >= order.batches_per_epoch:
+def _next_position(step: int, epoch: int, next_example: int, order: DataOrder) -> Position:
+    if next_example >= order.num_examples:
         return Position(step, epoch + 1, 0)
-    return Position(step, epoch, next_batch)
-
-
-def _training_state(optimizer: FusedAdamW, scheduler: Any, position: Position, config: TrainConfig,
-                    ) -> dict[str, Any]:
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "position": dataclasses.asdict(position), "config": dataclasses.asdict(config)}
+    return Position(step, epoch, next_example)
 
 
 def _banner(config: TrainConfig, stats: Any, device: torch.device, total: int, trainable: int, steps: int,
-            notes: list[str], resume_path: Path | None) -> str:
+            world_size: int, notes: list[str], resume: checkpoint.ResumePoint | None) -> str:
     model_name = config.model or "embedded tiny Llama (lamelm_fast/assets/model)"
+    ranks = f" x {world_size} processes" if world_size > 1 else ""
     lines = [
         f"lamelm-fast: {config.finetune} fine-tuning of {model_name} on {device.type}",
         f"  parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.2f}M trainable ({100 * trainable / total:.1f}%)",
@@ -262,10 +288,10 @@ def _banner(config: TrainConfig, stats: Any, device: torch.device, total: int, t
         f"{stats.skipped_no_targets}; packing {'on' if config.packing else 'off'}; loss on "
         f"{'all tokens' if config.train_on_prompt else 'responses only'}",
         f"  {steps} steps x {config.gradient_accumulation_steps} micro-batches of "
-        f"{config.per_device_train_batch_size}; lr {config.learning_rate:g} ({config.lr_scheduler_type}); "
+        f"{config.per_device_train_batch_size}{ranks}; lr {config.learning_rate:g} ({config.lr_scheduler_type}); "
         f"clip {config.max_grad_norm:g}; run dir {config.output_dir}",
         *[f"  note: {note}" for note in notes],
     ]
-    if resume_path is not None:
-        lines.append(f"  resuming from {resume_path}")
+    if resume is not None:
+        lines.append(f"  resuming from {resume.path}")
     return "\n".join(lines)

@@ -146,8 +146,10 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     else:
         load_kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights; bf16 via autocast
 
+    # Seeded before any weight is drawn (the embedded model's, LoRA's): a run is reproducible, and every rank
+    # under torchrun builds the same initial weights (FSDP shards them as they are, without a broadcast).
+    torch.manual_seed(config.seed)
     if config.model is None:
-        torch.manual_seed(config.seed)
         model_config._attn_implementation = config.attn_implementation
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
         notes.append("embedded default: a tiny Llama with random weights, so it is trained in full "
@@ -173,9 +175,16 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=_lora_targets(config), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:  # e.g. a target module name the model does not have
+            raise ConfigError(f"--lora-target-modules: {first_line(error)}") from None
         if config.model is None:
             notes.append("LoRA on the embedded model's random weights learns little: prefer --finetune full")
+        if config.finetune == "qlora":
+            # The 4-bit base and its adapter run as one fused op (dequantize inside the matmul, LoRA epilogue).
+            swapped = patching.apply_kernels(model, cross_entropy=False, lora=True).lora_layers
+            notes.append(f"fused 4-bit LoRA kernels on {swapped} layers")
     else:
         for param in model.parameters():
             param.requires_grad_(True)
@@ -220,3 +229,19 @@ def causal_lm_loss(model: nn.Module, batch: Batch, num_items: int | None, autoca
             head, hidden, batch.labels, num_items=num_items if num_items is not None else 1,
             softcap=getattr(patching.text_config(model), "final_logit_softcapping", None), return_accuracy=True)
     return loss, accuracy * batch.num_targets
+
+
+class CausalLMLoss(nn.Module):
+    """The model and its loss as one module, so DDP and FSDP2 wrap the whole forward.
+
+    Under FSDP2 this is the root unit: its forward gathers the root's parameters, the LM head weight among them,
+    so the fused cross-entropy reads the whole weight and its gradient goes back to the shards in backward.
+    """
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, batch: Batch, num_items: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_lm_loss(self.model, batch, num_items, self.autocast_dtype)

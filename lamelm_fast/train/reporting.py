@@ -7,6 +7,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,23 @@ from lamelm_fast.metrics.gpu import GpuMonitor, torch_peak_memory_gb
 from lamelm_fast.metrics.health import HealthMonitor, HealthWarning
 from lamelm_fast.metrics.throughput import count_parameters, flops_per_token, mfu, peak_flops
 from lamelm_fast.train.data import Batch
+from lamelm_fast.train.faults import SkipStreak, skipped_steps_message
+
+
+def _no_reduction(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class WindowMetrics:
-    """Sums over a logging window. Device values stay on device until :meth:`read` (one sync)."""
+    """Sums over a logging window. Device values stay on device until :meth:`read` (one sync).
 
-    def __init__(self, device: torch.device) -> None:
+    ``reduce`` sums a tensor across ranks (under torchrun): loss, correct tokens and counts are summed at logging
+    steps only, so each rank's sums are of its own share.
+    """
+
+    def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction) -> None:
         self.device = device
+        self.reduce = reduce
         self.reset()
 
     def reset(self) -> None:
@@ -40,10 +51,44 @@ class WindowMetrics:
         self.targets += batch.num_targets
         self.sequences += batch.num_sequences
 
-    def read(self, grad_norm: torch.Tensor | None) -> tuple[float, float, float]:
+    def read(self, grad_norm: torch.Tensor | None, skips: SkipStreak) -> dict[str, float]:
+        """The window over all ranks, and the last step's grad norm and skip counts (already global)."""
+        counts = torch.tensor([self.tokens, self.targets, self.sequences], dtype=torch.float64, device=self.device)
+        sums = self.reduce(torch.cat([torch.stack([self.loss, self.correct]).double(), counts]))
         norm = grad_norm if grad_norm is not None else torch.full((), math.nan, device=self.device)
-        loss_sum, correct, norm_value = torch.stack([self.loss, self.correct, norm.float()]).tolist()
-        return loss_sum / max(self.steps, 1), correct / max(self.targets, 1), norm_value
+        last = torch.stack([norm.double(), skips.streak.double(), skips.skipped_steps.double()])
+        loss, correct, tokens, targets, sequences, norm_value, streak, skipped = torch.cat([sums, last]).tolist()
+        return {"loss": loss / max(self.steps, 1), "token_accuracy": correct / max(targets, 1),
+                "grad_norm": norm_value, "tokens": tokens, "sequences": sequences, "skip_streak": streak,
+                "skipped_steps": skipped}
+
+
+class SilentLogger:
+    """Stands in for the RunLogger on ranks other than 0: under torchrun only rank 0 prints and writes files."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+
+    def say(self, text: str) -> None:
+        pass
+
+    def progress(self, step: int) -> None:
+        pass
+
+    def train_row(self, row: dict[str, Any]) -> None:
+        self.history.append({"type": "train", **row})
+
+    def eval_row(self, row: dict[str, Any]) -> None:
+        self.history.append({"type": "eval", **row})
+
+    def warning(self, step: int, check: str, message: str) -> None:
+        self.history.append({"type": "warning", "step": step, "check": check, "message": message})
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -56,10 +101,13 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class TrainingReport:
-    def __init__(self, logger: RunLogger, model: nn.Module, model_config: Any, device: torch.device,
+    def __init__(self, logger: RunLogger | SilentLogger, model: nn.Module, model_config: Any, device: torch.device,
                  mean_sequence_length: float, has_eval: bool, peak_tflops: float | None,
-                 early_stopping_patience: int | None) -> None:
+                 early_stopping_patience: int | None, max_consecutive_skipped_steps: int = 0,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction) -> None:
         self.logger = logger
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self.reduce = reduce
         self.device = device
         self.gpu = GpuMonitor(device.index if device.type == "cuda" else None) if device.type == "cuda" else None
         if self.gpu is not None:
@@ -84,21 +132,26 @@ class TrainingReport:
             self.logger.warning(warning.step, warning.check, warning.message)
         return next((w for w in warnings if w.fatal), None)
 
-    def log_train(self, window: WindowMetrics, grad_norm: torch.Tensor | None, step: int, learning_rate: float,
-                  expected_learning_rate: float, epoch: float) -> HealthWarning | None:
+    def log_train(self, window: WindowMetrics, grad_norm: torch.Tensor | None, skips: SkipStreak, step: int,
+                  learning_rate: float, expected_learning_rate: float, epoch: float) -> HealthWarning | None:
         """Reads the window (the one device sync of a logging step); returns a fatal health warning, if any."""
-        loss, accuracy, norm = window.read(grad_norm)
+        values = window.read(grad_norm, skips)
         elapsed = max(time.perf_counter() - window.started, 1e-9)
-        tokens_per_second = window.tokens / elapsed
+        tokens_per_second = values["tokens"] / elapsed
         gpu = self.gpu.window() if self.gpu is not None else {}
-        row = {"step": step, "loss": loss, "grad_norm": norm, "learning_rate": float(learning_rate),
-               "epoch": epoch, "token_accuracy": accuracy, "tokens_per_second": tokens_per_second,
-               "samples_per_second": window.sequences / elapsed,
+        row = {"step": step, "loss": values["loss"], "grad_norm": values["grad_norm"],
+               "learning_rate": float(learning_rate), "epoch": epoch, "token_accuracy": values["token_accuracy"],
+               "tokens_per_second": tokens_per_second, "samples_per_second": values["sequences"] / elapsed,
                "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops),
-               "memory_gb": peak_memory_gb(self.device), **gpu}
+               "memory_gb": peak_memory_gb(self.device), "skipped_steps": int(values["skipped_steps"]), **gpu}
         self.logger.train_row(row)
         window.reset()
-        return self._warn(self.health.on_train_row(row, expected_lr=expected_learning_rate))
+        warnings = self.health.on_train_row(row, expected_lr=expected_learning_rate)
+        streak = values["skip_streak"]
+        if self.max_consecutive_skipped_steps and streak >= self.max_consecutive_skipped_steps:
+            warnings.append(HealthWarning("nonfinite_gradients", step, skipped_steps_message(int(streak), step),
+                                          fatal=True))
+        return self._warn(warnings)
 
     def log_eval(self, window: WindowMetrics, step: int, epoch: float, evaluate: Any) -> bool:
         """Runs ``evaluate()`` (not counted as training time); True when it set a new best validation loss."""
@@ -117,7 +170,9 @@ class TrainingReport:
         evals = [row for row in history if row["type"] == "eval"]
         best = min(evals, key=lambda row: row["val_loss"], default=None)
         runtime = time.perf_counter() - self.run_started
-        tokens_per_second = self.run_tokens / max(runtime, 1e-9)
+        run_tokens, run_samples = self.reduce(torch.tensor([self.run_tokens, self.run_samples], dtype=torch.float64,
+                                                           device=self.device)).tolist()
+        tokens_per_second = run_tokens / max(runtime, 1e-9)
         return {
             "steps": global_step,
             "stopped_early": stopped_early,
@@ -128,7 +183,7 @@ class TrainingReport:
             "best_val_step": best["step"] if best else None,
             "final_val_perplexity": evals[-1]["val_perplexity"] if evals else None,
             "runtime_seconds": runtime,
-            "samples_per_second": self.run_samples / max(runtime, 1e-9),
+            "samples_per_second": run_samples / max(runtime, 1e-9),
             "tokens_per_second": tokens_per_second,
             "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops),
             "peak_memory_gb": peak_memory_gb(self.device),

@@ -1,0 +1,138 @@
+"""Exact resume after kill -9, checkpoints verified on load, save_total_limit, changed data refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lamelm_fast.train import ConfigError, TrainConfig, TrainingStopped, train
+from lamelm_fast.train import checkpoint as checkpoint_module
+from lamelm_fast.train.checkpoint import find_resume_checkpoint, verify_checkpoint
+from lamelm_fast.train.cli import main
+
+# LoRA dropout and shuffling across epochs: the RNG and the data position must both come back.
+SETTINGS = dict(finetune="lora", lora_dropout=0.2, learning_rate=5e-3, per_device_train_batch_size=4,
+                gradient_accumulation_steps=2, max_steps=12, save_steps=1, logging_steps=1, shuffle=True,
+                max_seq_length=128, eval_split_ratio=0.0, seed=7)
+
+
+def config(model_dir: Path, dataset: Path, output_dir: Path, **overrides) -> TrainConfig:
+    return TrainConfig(model=str(model_dir), dataset=str(dataset), output_dir=str(output_dir), quiet=True,
+                       **{**SETTINGS, **overrides})
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.mark.slow
+def test_kill_9_at_a_random_step_then_resume_latest_equals_an_uninterrupted_run(
+        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+    reference = train(config(tiny_model_dir, small_alpaca, tmp_path / "reference"))
+    expected = {row["step"]: row["loss"] for row in reference.history if row["type"] == "train"}
+
+    kill_at = random.randrange(2, 11)  # any step: the kill may land in a step, a log write or a checkpoint write
+    run_dir = tmp_path / "killed"
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in SETTINGS.items()]
+    command = [sys.executable, "-m", "lamelm_fast.train", "--model", str(tiny_model_dir), "--dataset",
+               str(small_alpaca), "--output-dir", str(run_dir), "--log-format", "json", *flags]
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in process.stdout:
+            if json.loads(line).get("step") == kill_at:
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
+
+    resumed = train(config(tiny_model_dir, small_alpaca, run_dir, resume_from_checkpoint="latest"))
+    losses = {row["step"]: row["loss"] for row in resumed.history if row["type"] == "train"}  # the resumed rows last
+    assert sorted(losses) == sorted(expected), f"killed at step {kill_at}"
+    for step, loss in expected.items():
+        assert rel(losses[step], loss) < 1e-6, f"step {step} (killed at step {kill_at})"
+    final = load_file(str(run_dir / "checkpoint-12" / "adapter_model.safetensors"))
+    for key, value in load_file(str(reference.run_dir / "checkpoint-12" / "adapter_model.safetensors")).items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-7, msg=f"{key} (killed at step {kill_at})")
+    assert not list(run_dir.glob(".checkpoint-*")), "the killed run's temporary directory was not cleaned"
+    # metrics.jsonl holds each step once: the killed run's rows after its checkpoint were replaced, not repeated.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["type"] == "train"] == sorted(expected), f"killed at step {kill_at}"
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> Path:
+    train(config(tiny_model_dir, small_alpaca, tmp_path / "run", max_steps=3))
+    return tmp_path / "run"
+
+
+def test_a_damaged_checkpoint_is_detected_and_latest_resumes_from_the_previous_one(
+        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+    run_dir = three_checkpoints
+    assert all(verify_checkpoint(run_dir / f"checkpoint-{n}") is None for n in (1, 2, 3))
+    state = run_dir / "checkpoint-3" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    adapter = run_dir / "checkpoint-2" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte, same size
+    adapter.write_bytes(bytes(data))
+
+    assert "training_state.pt is truncated" in verify_checkpoint(run_dir / "checkpoint-3")
+    assert "adapter_model.safetensors is corrupted" in verify_checkpoint(run_dir / "checkpoint-2")
+    found = find_resume_checkpoint("latest", run_dir)
+    assert found.path == run_dir / "checkpoint-1" and len(found.notes) == 2
+    with pytest.raises(ConfigError, match=r"checkpoint-3.*damaged \(training_state.pt is truncated.*resume from "
+                                          r".*checkpoint-1 instead"):
+        find_resume_checkpoint(str(run_dir / "checkpoint-3"), run_dir)
+
+    resumed = train(config(tiny_model_dir, small_alpaca, run_dir, max_steps=3, resume_from_checkpoint="latest"))
+    assert [row["step"] for row in resumed.history if row["type"] == "train"][-2:] == [2, 3]
+    assert verify_checkpoint(run_dir / "checkpoint-3") is None  # rewritten whole
+
+
+def test_save_total_limit_never_deletes_the_last_intact_checkpoint(
+        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write_manifest = checkpoint_module._write_manifest
+
+    def manifest_then_damage(directory: Path) -> None:  # a checkpoint that does not verify once written
+        real_write_manifest(directory)
+        if directory.name == ".checkpoint-2.tmp":
+            with (directory / "training_state.pt").open("ab") as handle:
+                handle.write(b"garbage")
+
+    monkeypatch.setattr(checkpoint_module, "_write_manifest", manifest_then_damage)
+    with pytest.raises(TrainingStopped, match="checkpoint-2 did not verify"):
+        train(config(tiny_model_dir, small_alpaca, tmp_path / "run", max_steps=3, save_total_limit=1))
+    assert verify_checkpoint(tmp_path / "run" / "checkpoint-1") is None  # not pruned for a bad newer one
+
+
+def test_changed_data_is_refused_on_resume_unless_ignore_data_change(
+        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    records = small_alpaca.read_text().splitlines()
+    edited = json.loads(records[3])
+    edited["output"] += " changed"
+    small_alpaca.write_text("\n".join([*records[:3], json.dumps(edited), *records[4:]]) + "\n")
+
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in {**SETTINGS, "max_steps": 4}.items()]
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(small_alpaca), "--output-dir", str(three_checkpoints),
+            "--resume-from-checkpoint", "latest", "--quiet", *flags]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "the training data differs from what" in error
+    assert "--ignore-data-change" in error
+    assert not (three_checkpoints / "checkpoint-4").exists()
+
+    assert main([*argv, "--ignore-data-change"]) == 0
+    assert (three_checkpoints / "checkpoint-4").is_dir()
