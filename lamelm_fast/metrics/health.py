@@ -5,6 +5,7 @@ Pure Python over the rows the trainer already logs (no torch, no I/O), so it cos
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -16,6 +17,8 @@ from typing import Any
 _TINY = 1e-12
 # How many previous windows' grad norms the jump check compares against.
 _GRAD_NORM_HISTORY = 5
+# How many earlier windows estimate the window-to-window noise of the loss (for the rising check).
+_NOISE_HISTORY = 20
 # Below this fraction of the largest LR seen, a decayed schedule is in its tail and a flat loss is expected.
 _SCHEDULE_TAIL_FRACTION = 0.1
 
@@ -26,10 +29,15 @@ class HealthThresholds:
 
     grad_norm_max: float = 10.0  # exploding gradients (norm before clipping)
     grad_norm_jump: float = 10.0  # norm jumps >= this factor vs the median of recent windows
+    # ... in this many consecutive windows: one clipped spike is routine, a run of them is not.
+    grad_norm_windows: int = 2
     flat_windows: int = 5  # loss flat over this many consecutive windows -> not learning
     flat_tolerance: float = 0.005  # "flat" = relative change of the loss across those windows below this
     rising_windows: int = 3  # loss rising in this many consecutive windows -> LR too high
     rising_tolerance: float = 0.01  # each rise must exceed this relative amount (noise guard)
+    # ... and the whole rise this many standard deviations of the loss's own window-to-window noise: with batch
+    # noise, three rises in a row happen by chance every few dozen windows.
+    rising_noise_sigmas: float = 4.0
     overfit_patience: int = 2  # val loss rising this many evals in a row while train loss falls
     gpu_util_min: float = 50.0  # % averaged over a window -> input pipeline bottleneck
     gpu_util_windows: int = 2  # consecutive low windows before warning (first window includes warmup)
@@ -71,8 +79,10 @@ class HealthMonitor:
         t = self.thresholds
         self._active: set[str] = set()  # checks whose condition held at their last evaluation
         # (loss, learning rate) of the latest consecutive windows with a finite loss.
-        self._windows: deque[tuple[float, float | None]] = deque(maxlen=max(t.flat_windows, t.rising_windows + 1))
+        self._windows: deque[tuple[float, float | None]] = deque(
+            maxlen=max(t.flat_windows, t.rising_windows + 1 + _NOISE_HISTORY))
         self._grad_norms: deque[float] = deque(maxlen=_GRAD_NORM_HISTORY)
+        self._high_grad_windows = 0
         self._max_lr = 0.0
         self._zero_lr_windows = 0
         self._low_gpu_windows = 0
@@ -137,8 +147,6 @@ class HealthMonitor:
     def _check_grad_norm(self, step: int, grad_norm: float) -> list[HealthWarning]:
         t = self.thresholds
         median = statistics.median(self._grad_norms) if self._grad_norms else 0.0
-        if math.isfinite(grad_norm):
-            self._grad_norms.append(grad_norm)
         fix = "lower --learning-rate or check --max-grad-norm (clipping)."
         message = None
         if grad_norm > t.grad_norm_max:
@@ -148,6 +156,11 @@ class HealthMonitor:
             message = (f"Gradient norm jumped to {grad_norm:.4g} at step {step}, {grad_norm / median:.1f}x the "
                        f"median {median:.4g} of the previous windows: the gradients are exploding, usually because "
                        f"the learning rate is too high; {fix}")
+        else:
+            self._grad_norms.append(grad_norm)  # the baseline of the jump check is the norm of healthy windows
+        self._high_grad_windows = self._high_grad_windows + 1 if message else 0
+        if self._high_grad_windows < t.grad_norm_windows:
+            message = None
         return self._report("exploding_gradients", step, message)
 
     def _check_lr_schedule(self, step: int, lr: float, expected_lr: float) -> list[HealthWarning]:
@@ -186,10 +199,15 @@ class HealthMonitor:
 
     def _check_loss_rising(self, step: int) -> list[HealthWarning]:
         t = self.thresholds
-        losses = [loss for loss, _ in list(self._windows)[-(t.rising_windows + 1):]]
+        history = [loss for loss, _ in self._windows]
+        losses, before = history[-(t.rising_windows + 1):], history[:-(t.rising_windows + 1)]
+        # Noise of one window's loss, from the differences of consecutive earlier windows (slow trends cancel).
+        differences = [b - a for a, b in itertools.pairwise(before)]
+        noise = statistics.stdev(differences) / math.sqrt(2) if len(differences) >= 2 else 0.0
         message = None
         if len(losses) == t.rising_windows + 1 and all(
-                losses[i + 1] - losses[i] > t.rising_tolerance * abs(losses[i]) for i in range(t.rising_windows)):
+                losses[i + 1] - losses[i] > t.rising_tolerance * abs(losses[i]) for i in range(t.rising_windows)
+        ) and losses[-1] - losses[0] > t.rising_noise_sigmas * noise:
             message = (f"The loss rose in each of the last {t.rising_windows} logging windows, from {losses[0]:.4g} "
                        f"to {losses[-1]:.4g} at step {step}: the learning rate is too high. Lower --learning-rate "
                        "or add warmup (--warmup-ratio).")
