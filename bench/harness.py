@@ -28,6 +28,10 @@ class Measurement:
     repeats: int
     peak_memory_bytes: int | None  # above the memory allocated before the call; None on CPU
 
+    @property
+    def peak_mb(self) -> float | None:
+        return None if self.peak_memory_bytes is None else self.peak_memory_bytes / 2**20
+
     def as_dict(self, prefix: str = "") -> dict[str, Any]:
         return {f"{prefix}{key}": value for key, value in asdict(self).items()}
 
@@ -73,6 +77,33 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 5, rep
             fn()
             times.append((time.perf_counter() - began) * 1e3)
     return Measurement(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), repeats, peak)
+
+
+def measure_into(row: dict[str, Any], name: str, fn: Callable[[], Any], device: torch.device,
+                 **options: Any) -> Measurement | None:
+    """:func:`measure` ``fn`` into ``row`` as ``<name>_ms`` and ``<name>_peak_mb``; "oom" and None if it does not
+    fit (the other implementations of the row are still measured)."""
+    try:
+        measured = measure(fn, device, **options)
+    except torch.OutOfMemoryError:
+        row[f"{name}_ms"] = "oom"
+        torch.cuda.empty_cache()
+        return None
+    row[f"{name}_ms"] = measured.median_ms
+    if measured.peak_mb is not None:
+        row[f"{name}_peak_mb"] = measured.peak_mb
+    return measured
+
+
+def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+    """``fn`` followed by a device sync, for pytest-benchmark's wall-clock timer (it has no device timing)."""
+
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
 
 
 @functools.cache

@@ -80,15 +80,8 @@ def test_fused_adamw_step(benchmark, device: torch.device, peaks: dict[str, floa
                               "roofline_ms": must_move / bandwidth * 1e3}
 
     def record_time(name: str, step: Callable[[], object]) -> float | None:
-        try:
-            measured = harness.measure(step, device, warmup=3, repeats=REPEATS[kind])
-        except torch.OutOfMemoryError:
-            row[f"{name}_ms"] = "oom"
-            return None
-        row[f"{name}_ms"] = measured.median_ms
-        if measured.peak_memory_bytes is not None:
-            row[f"{name}_peak_mb"] = measured.peak_memory_bytes / 2**20
-        return measured.median_ms
+        measured = harness.measure_into(row, name, step, device, warmup=3, repeats=REPEATS[kind])
+        return None if measured is None else measured.median_ms
 
     ours: dict[str, float] = {}
     for backend in our_backends():
@@ -126,9 +119,5 @@ def test_fused_adamw_step(benchmark, device: torch.device, peaks: dict[str, floa
 
     opt = FusedAdamW(params, lr=1e-4, weight_decay=0.01, max_grad_norm=MAX_GRAD_NORM, master_weights=master)
 
-    def timed() -> None:  # the default backend, as users get it
-        opt.step()
-        if ON_CUDA:
-            torch.cuda.synchronize(device)
-
-    benchmark.pedantic(timed, rounds=REPEATS[kind], iterations=1, warmup_rounds=1)
+    # The default backend, as users get it.
+    benchmark.pedantic(harness.synchronized(opt.step, device), rounds=REPEATS[kind], iterations=1, warmup_rounds=1)

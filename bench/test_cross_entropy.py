@@ -71,29 +71,20 @@ def test_fused_linear_cross_entropy(benchmark, device: torch.device, peaks: dict
     floor_ms = 6 * tokens * hidden_size * vocab / peaks["matmul_flops"] * 1e3
     row["matmul_floor_ms"] = floor_ms
     for name, fn in candidates().items():
-        try:
-            measured = harness.measure(step(fn), device, warmup=3, repeats=20 if device.type == "cuda" else 5,
-                                       setup=clear)
-        except torch.OutOfMemoryError:
-            row[f"{name}_ms"] = "oom"
-            torch.cuda.empty_cache()
-            continue
-        row[f"{name}_ms"] = measured.median_ms
-        row[f"{name}_peak_mb"] = None if measured.peak_memory_bytes is None else measured.peak_memory_bytes / 2**20
+        harness.measure_into(row, name, step(fn), device, warmup=3, repeats=20 if device.type == "cuda" else 5,
+                             setup=clear)
     ours = row["lamelm_ms"]
     for name in candidates():
         if name != "lamelm" and isinstance(row.get(f"{name}_ms"), float):
             row[f"time_vs_{name}"] = ours / row[f"{name}_ms"]
-            if row.get("lamelm_peak_mb") is not None:
+            if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
                 row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
     row["matmul_floor_fraction"] = floor_ms / ours
     harness.record("fused_linear_cross_entropy", row)
     benchmark.extra_info.update(row)
 
-    def timed() -> None:
+    def ours() -> None:
         clear()
         fused_linear_cross_entropy(hidden, weight, labels).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(harness.synchronized(ours, device), rounds=5, iterations=1, warmup_rounds=1)

@@ -86,10 +86,6 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def _fmt_peak(measured: harness.Measurement) -> float | None:
-    return None if measured.peak_memory_bytes is None else measured.peak_memory_bytes / 2**20
-
-
 def _compare(row: dict[str, object], names: list[str]) -> None:
     ours = row["lamelm_ms"]
     for name in names:
@@ -97,14 +93,6 @@ def _compare(row: dict[str, object], names: list[str]) -> None:
             row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / ours
             if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
                 row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
-
-
-def _synced(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    def run() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return run
 
 
 @pytest.mark.parametrize(("projection", "tokens"), CASES, ids=lambda v: v[0] if isinstance(v, tuple) else str(v))
@@ -133,20 +121,13 @@ def test_nf4_lora_fwd_bwd(benchmark, device: torch.device, peaks: dict[str, floa
     row: dict[str, object] = {"projection": name, "in": in_features, "out": out_features, "tokens": tokens,
                               "rank": RANK, "dtype": str(dtype), "roofline_ms": flops / peaks["matmul_flops"] * 1e3}
     for label, layer in layers.items():
-        try:
-            measured = harness.measure(step(layer), device, warmup=3, repeats=20 if ON_GPU else 3, setup=clear)
-        except torch.OutOfMemoryError:
-            row[f"{label}_ms"] = "oom"
-            torch.cuda.empty_cache()
-            continue
-        row[f"{label}_ms"] = measured.median_ms
-        row[f"{label}_peak_mb"] = _fmt_peak(measured)
+        harness.measure_into(row, label, step(layer), device, warmup=3, repeats=20 if ON_GPU else 3, setup=clear)
     _compare(row, list(layers))
     row["roofline_fraction"] = row["roofline_ms"] / row["lamelm_ms"]
     harness.record("nf4_lora_fwd_bwd", row)
     benchmark.extra_info.update(row)
     ours = step(layers["lamelm"])
-    benchmark.pedantic(_synced(lambda: (clear(), ours()), device), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(harness.synchronized(lambda: (clear(), ours()), device), rounds=5, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize(("projection", "tokens"), DECODE, ids=lambda v: v[0] if isinstance(v, tuple) else str(v))
@@ -170,8 +151,8 @@ def test_nf4_lora_decode(benchmark, device: torch.device, peaks: dict[str, float
     row: dict[str, object] = {"projection": name, "in": in_features, "out": out_features, "tokens": tokens,
                               "bandwidth_floor_ms": weight_bytes / peaks["copy_bytes_per_second"] * 1e3}
     for label, layer in layers.items():
-        row[f"{label}_ms"] = harness.measure(step(layer), device, warmup=5, repeats=50 if ON_GPU else 5).median_ms
+        harness.measure_into(row, label, step(layer), device, warmup=5, repeats=50 if ON_GPU else 5)
     _compare(row, list(layers))
     harness.record("nf4_lora_decode", row)
     benchmark.extra_info.update(row)
-    benchmark.pedantic(_synced(step(layers["lamelm"]), device), rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(harness.synchronized(step(layers["lamelm"]), device), rounds=10, iterations=1, warmup_rounds=1)

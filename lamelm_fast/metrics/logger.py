@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from lamelm_fast.metrics.atomic import atomic_write
+
 # (metrics key, column title, width, format spec)
 COLUMNS = (("step", "Step", 7, "d"), ("loss", "Loss", 9, ".4f"), ("grad_norm", "Grad Norm", 10, ".4f"),
            ("learning_rate", "Learning Rate", 14, ".3e"), ("epoch", "Epoch", 7, ".3f"),
@@ -22,13 +24,8 @@ COLUMNS = (("step", "Step", 7, "d"), ("loss", "Loss", 9, ".4f"), ("grad_norm", "
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file and rename, so a crash leaves the previous version intact."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    with atomic_write(path) as handle:
+        handle.write(text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

@@ -7,7 +7,6 @@ figure list stay untouched (safe in a training process, a notebook or a headless
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from lamelm_fast.metrics.atomic import atomic_write
 
 TRAINING_CURVE = "training_curve.png"
 LOSS_BY_EPOCH = "loss_by_epoch.png"
@@ -109,18 +110,8 @@ def epoch_data(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]
 
 
 def _save_atomic(figure: Figure, path: Path) -> None:
-    """Render to a temporary file beside ``path`` and rename it over, so a crash leaves the previous PNG."""
-    # The pid keeps two processes plotting into one directory apart; open() keeps the usual umask permissions.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("wb") as handle:
-            FigureCanvasAgg(figure).print_png(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        FigureCanvasAgg(figure).print_png(handle)
 
 
 def _training_curve(data: CurveData) -> Figure:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 
-def _logical_numel(param: torch.Tensor) -> int:
-    # bitsandbytes packs two 4-bit weights per uint8 element; its quant_state keeps the logical shape.
+def logical_numel(param: torch.Tensor) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit one packs two per uint8 element, and its quant_state
+    keeps the logical shape."""
     quant_state = getattr(param, "quant_state", None)
     return math.prod(quant_state.shape) if quant_state is not None else param.numel()
 
@@ -37,7 +38,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int, int]:
         (lookup_ids if isinstance(module, nn.Embedding) else matmul_ids).update(owned)
     trainable = frozen = embedding = 0
     for param in model.parameters():  # yields a tied parameter once
-        count = _logical_numel(param)
+        count = logical_numel(param)
         if id(param) in lookup_ids and id(param) not in matmul_ids:
             embedding += count
         elif param.requires_grad:

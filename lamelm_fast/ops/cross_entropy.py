@@ -30,6 +30,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 _CPU_CHUNK_BYTES = 64 * 2**20
 _CUDA_CHUNK_BYTES_CAP = 2**30
 _CUDA_FREE_MEMORY_FRACTION = 8
+# torch >= 2.8 has addmm with an output dtype wider than its inputs (CUDA only).
+_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 @dataclass(frozen=True)
@@ -148,12 +150,11 @@ def _chunked_pass(
         from lamelm_fast.kernels.cross_entropy import cross_entropy_rows
 
         bias_c = None if bias is None else bias.to(hidden.dtype)  # added by the matmul, in its dtype
-        correct_rows = torch.empty(n_rows, dtype=torch.int32, device=device) if want_correct else None
     else:
         bias_c = None if bias is None else bias.to(compute_dtype)
 
     losses = torch.empty(n_rows, dtype=compute_dtype, device=device)
-    num_correct = torch.zeros((), dtype=torch.int64, device=device) if want_correct else None
+    correct_rows = torch.empty(n_rows, dtype=torch.int32, device=device) if want_correct else None
     grad_hidden = torch.empty(n_rows, hidden_size, dtype=hidden.dtype, device=device) if need_hidden else None
     # Accumulators stay in the compute dtype even for bf16 inputs: many chunks are summed into them.
     grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight else None
@@ -186,7 +187,7 @@ def _chunked_pass(
             )
             losses[start:end] = loss
             if correct is not None:
-                num_correct += correct.sum()
+                correct_rows[start:end] = correct
         if need_hidden:
             torch.mm(dlogits.to(hidden.dtype), weight, out=grad_hidden[start:end])
         if need_weight:
@@ -194,11 +195,9 @@ def _chunked_pass(
         if need_bias:
             grad_bias += dlogits.sum(dim=0, dtype=compute_dtype)
 
-    if use_triton and num_correct is not None:
-        num_correct = correct_rows.sum(dtype=torch.int64)
     return _PassResult(
         losses,
-        num_correct,
+        None if correct_rows is None else correct_rows.sum(dtype=torch.int64),
         grad_hidden,
         None if grad_weight is None else grad_weight.to(weight.dtype),
         None if grad_bias is None else grad_bias.to(bias.dtype),
@@ -217,21 +216,19 @@ def _accumulate_product(accumulator: torch.Tensor, left: torch.Tensor, right: to
         accumulator.addmm_(left.to(accumulator.dtype), right.to(accumulator.dtype))
 
 
-# torch >= 2.8 has addmm with an output dtype wider than its inputs (CUDA only).
-_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
-
-
 def _scale_gradients(grads: tuple[torch.Tensor | None, ...], grad_loss: torch.Tensor, backend: str) -> None:
     # In place: an out-of-place multiply would need a second V x H buffer. The Triton kernel reads the scale on
     # the device and skips the tensor when it is 1, which a plain loss.backward() gives, without a host sync.
-    for grad in grads:
-        if grad is None:
-            continue
-        if backend == "triton":
-            from lamelm_fast.kernels.cross_entropy import scale_inplace
+    if backend == "triton":
+        from lamelm_fast.kernels.cross_entropy import scale_inplace
 
-            scale_inplace(grad, grad_loss.to(torch.float32))
-        else:
+        scale = grad_loss.to(torch.float32)
+        for grad in grads:
+            if grad is not None:
+                scale_inplace(grad, scale)
+        return
+    for grad in grads:
+        if grad is not None:
             grad.mul_(grad_loss)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lamelm_fast import patching
+from lamelm_fast.metrics.throughput import logical_numel
 from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
 
@@ -88,14 +89,8 @@ class LoadedModel:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def parameter_counts(self) -> tuple[int, int]:
-        total = sum(_numel(p) for p in self.model.parameters())
+        total = sum(logical_numel(p) for p in self.model.parameters())
         return total, sum(p.numel() for p in self.trainable_parameters)
-
-
-def _numel(param: torch.Tensor) -> int:
-    # bitsandbytes packs two 4-bit values per uint8 element; count logical weights.
-    quant_state = getattr(param, "quant_state", None)
-    return int(torch.Size(quant_state.shape).numel()) if quant_state is not None else param.numel()
 
 
 def pick_device() -> torch.device:
