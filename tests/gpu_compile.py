@@ -1,0 +1,166 @@
+"""Compile the Triton kernels' GPU variants for a CUDA architecture on a machine without a GPU.
+
+The CPU tests run the kernels in Triton's interpreter, which never compiles them: a kernel that the interpreter runs
+can still fail to compile for a GPU, or compile differently with another Triton release (the GPU machines we are
+lent have an older Triton than CI). This script calls the real launch functions of ``lamelm_fast.kernels`` with CPU
+tensors while Triton believes it drives a CUDA device of the given architecture; each launch is compiled (the
+autotuner's configs one by one) and never run. It reports every (kernel, specialisation, config) it compiled and
+fails on the first one that does not compile.
+
+Run without ``TRITON_INTERPRET``: ``python tests/gpu_compile.py --arch 90`` (tests/test_gpu_compile.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+# What a Hopper SM gives one block (227 KB opt-in); a config over it fails at load time and the autotuner skips it.
+MAX_SHARED_BYTES = 232448
+
+
+class _CompileOnlyDriver:
+    """Just enough of Triton's active driver for JITFunction.run to specialise and compile for ``target``."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+class CompileRecorder:
+    """Patches JITFunction/Autotuner so that a launch compiles (with warmup) instead of running."""
+
+    def __init__(self, arch: int) -> None:
+        self.arch = arch
+        self.compiled: list[dict[str, Any]] = []
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> CompileRecorder:
+        self._run, self._tuned_run, self._driver = JITFunction.run, Autotuner.run, driver._active
+        recorder = self
+
+        def run(kernel: JITFunction, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+            compiled = recorder._run(kernel, *args, grid=grid, warmup=True, **kwargs)
+            recorder._record(kernel, compiled, kwargs)
+            return compiled
+
+        def tuned_run(tuner: Autotuner, *args: Any, **kwargs: Any) -> None:
+            for config in tuner.configs:  # every config the GPU would time
+                tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+
+        JITFunction.run, Autotuner.run = run, tuned_run
+        driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", self.arch, 32)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        JITFunction.run, Autotuner.run = self._run, self._tuned_run
+        driver._active = self._driver  # not reset_active(): that would look for a real GPU driver
+
+    def _record(self, kernel: JITFunction, compiled: Any, kwargs: dict[str, Any]) -> None:
+        metadata = compiled.metadata
+        switches = {k: str(v) for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        key = json.dumps([kernel.fn.__name__, compiled.hash if hasattr(compiled, "hash") else "", switches],
+                         sort_keys=True)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        ptx = compiled.asm.get("ptx", "")
+        self.compiled.append({
+            "kernel": kernel.fn.__name__, "switches": switches, "shared": metadata.shared,
+            "num_warps": metadata.num_warps, "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx,
+        })
+
+
+def _cross_entropy_launches() -> list[Callable[[], None]]:
+    from lamelm_fast.kernels import cross_entropy as k
+
+    def rows(dtype: torch.dtype, vocab: int, grad: str, softcap: float | None, correct: bool) -> Callable[[], None]:
+        def launch() -> None:
+            n = 3
+            logits = torch.randn(n, vocab, dtype=dtype)
+            scale = {"none": None, "scalar": torch.ones(()), "rows": torch.ones(n)}[grad]
+            k.cross_entropy_rows(logits, torch.zeros(n, dtype=torch.int64), torch.empty(n),
+                                 torch.empty(n, dtype=torch.int32) if correct else None, scale, ignore_index=-100,
+                                 label_smoothing=0.1, z_loss=1e-4, logit_scale=1.0, softcap=softcap)
+        return launch
+
+    launches = [rows(dtype, vocab, "scalar", None, True) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+                for vocab in (32000, 128256)]
+    launches += [rows(torch.bfloat16, 256000, "rows", 30.0, False), rows(torch.bfloat16, 32000, "none", None, True)]
+    launches += [lambda dtype=dtype: k.scale_inplace(torch.randn(5, 7, dtype=dtype), torch.ones(()))
+                 for dtype in (torch.bfloat16, torch.float32)]
+    return launches
+
+
+def _nf4_launches() -> list[Callable[[], None]]:
+    import bitsandbytes.functional as bnb_functional
+
+    from lamelm_fast.kernels import nf4_lora as k
+    from lamelm_fast.ops.quant4bit import Packed4bit
+
+    def packed(rows: int, cols: int, nested: bool, blocksize: int = 64, quant_type: str = "nf4") -> Packed4bit:
+        weight = torch.randn(rows, cols)
+        return Packed4bit.from_bnb(*bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type,
+                                                                 compress_statistics=nested))
+
+    def matmul(dtype: torch.dtype, rows: int, nested: bool, transposed: bool, lora: bool, bias: bool,
+               accumulate: bool) -> Callable[[], None]:
+        def launch() -> None:
+            w = packed(96, 128, nested)
+            p, q = (96, 128) if transposed else (128, 96)
+            a = torch.randn(rows, q, dtype=dtype)
+            factors = (torch.randn(rows, 16, dtype=dtype), torch.randn(16, p, dtype=dtype)) if lora else None
+            out = torch.randn(rows, p, dtype=dtype) if accumulate else None
+            k.matmul_4bit_lora(a, w, weight_transposed=transposed, lora=factors, scale=0.5,
+                               bias=torch.randn(p, dtype=dtype) if bias else None, out=out, accumulate=accumulate)
+        return launch
+
+    def dequantize(rows: int, cols: int, nested: bool, blocksize: int, dtype: torch.dtype) -> Callable[[], None]:
+        return lambda: k.dequantize_4bit(packed(rows, cols, nested, blocksize), torch.empty(rows, cols, dtype=dtype))
+
+    return [
+        dequantize(96, 128, True, 64, torch.bfloat16), dequantize(96, 128, False, 64, torch.float16),
+        dequantize(5, 96, False, 64, torch.float32), dequantize(7, 33, True, 32, torch.bfloat16),
+        # The autotuned GEMM: forward (LoRA + bias), input gradient accumulated (fused MLP / QKV), no LoRA.
+        matmul(torch.bfloat16, 64, True, True, True, True, False),
+        matmul(torch.bfloat16, 64, True, False, True, False, True),
+        matmul(torch.float16, 64, False, True, False, False, False),
+        # GEMV (decoding): both directions.
+        matmul(torch.bfloat16, 1, True, True, True, True, False),
+        matmul(torch.bfloat16, 3, False, False, True, False, True),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (80, 90, ...)")
+    args = parser.parse_args(argv)
+    with CompileRecorder(args.arch) as recorder:
+        for launch in _cross_entropy_launches() + _nf4_launches():
+            launch()
+    too_big = [c for c in recorder.compiled if c["shared"] > MAX_SHARED_BYTES]
+    print(json.dumps({"triton": triton.__version__, "arch": args.arch, "compiled": recorder.compiled,
+                      "over_shared_limit": too_big}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
