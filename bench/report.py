@@ -1,10 +1,12 @@
 """Render every recorded benchmark result into one Markdown report with plots.
 
-    python bench/report.py [--results bench/results] [--out bench/results]
+    python bench/report.py [--results bench/results] [--out bench/results] [--readme README.md]
 
 Reads each ``<device>-<date>.json`` written by ``pytest bench --benchmark-only`` (one run, or ``{"runs": [...]}``
 when a day holds several), and writes ``REPORT.md`` (the latest run per device first, with its device, date,
 commit and versions; then every run) and ``<suite>.png`` plots of time and peak memory against problem size.
+``--readme`` also rewrites the README's block between ``README_START`` and ``README_END``: the ratios of the latest
+GPU run (every ratio column, the ones where we lose included), so the README never quotes a number by hand.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from matplotlib.figure import Figure
 # Per suite: the columns that identify a case (its size), and the measured columns worth a table.
 SIZE_KEYS = ("hidden", "vocab", "tokens", "variant", "case", "params", "tensors", "dtype", "shape", "seq_len",
              "batch", "steps")
+README_START = "<!-- gpu-results: written by bench/report.py --readme -->"
+README_END = "<!-- /gpu-results -->"
 
 
 def load_runs(results: Path) -> list[dict[str, Any]]:
@@ -108,16 +112,54 @@ def render(runs: list[dict[str, Any]], out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_ratio(key: str) -> bool:
+    return key.startswith(("speedup_", "time_vs_", "memory_vs_")) or key.endswith(("_ratio", "_fraction"))
+
+
+def readme_block(runs: list[dict[str, Any]]) -> str:
+    """The README's results block: per suite of the latest GPU run, its size columns, ratios and final losses."""
+    gpu_runs = [run for run in runs if not run["device"].lower().startswith("cpu")]
+    if not gpu_runs:
+        return ("**Latest GPU results: none recorded yet.** The CPU runs only prove that the suite works; "
+                "`bench/gpu_run.sh` records GPU numbers.")
+    run = gpu_runs[-1]
+    lines = [f"**Latest GPU results: {run['device']}, {run['date'][:10]}, commit {str(run.get('commit'))[:10]}** "
+             f"(every column: [bench/results/REPORT.md](bench/results/REPORT.md)). Ratios are ours / theirs for "
+             "`time_vs_*` and `memory_*` (below 1 is better), theirs / ours for `speedup_*` (above 1 is better); "
+             "`*_fraction` is the share of the device's measured peak.", ""]
+    for suite in dict.fromkeys(row["suite"] for row in run["results"]):
+        rows = [{k: v for k, v in row.items() if k in SIZE_KEYS or k in ("projection", "in", "out") or _is_ratio(k)
+                 or k.endswith("final_loss") or k.endswith("max_context")}
+                for row in run["results"] if row["suite"] == suite]
+        lines += [f"*{suite}*", "", *table(rows), ""]
+    return "\n".join(lines).rstrip()
+
+
+def update_readme(path: Path, runs: list[dict[str, Any]]) -> None:
+    text = path.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{path}: no results block; add the lines {README_START!r} and {README_END!r} where the "
+                         "table belongs")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    path.write_text(f"{head}{README_START}\n{readme_block(runs)}\n{README_END}{tail}", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = Path(__file__).parent / "results"
     parser.add_argument("--results", type=Path, default=here)
     parser.add_argument("--out", type=Path, default=here)
+    parser.add_argument("--readme", type=Path, help="also rewrite this README's results block")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = render(load_runs(args.results), args.out)
+    runs = load_runs(args.results)
+    report = render(runs, args.out)
     (args.out / "REPORT.md").write_text(report, encoding="utf-8")
     print(f"wrote {args.out / 'REPORT.md'}")
+    if args.readme is not None:
+        update_readme(args.readme, runs)
+        print(f"wrote the results block of {args.readme}")
     return 0
 
 

@@ -36,3 +36,22 @@ def test_benchmarks_run_on_cpu_and_the_report_renders(tmp_path: Path) -> None:
     assert "fused_linear_cross_entropy" in report and "end_to_end" in report
     for png in (tmp_path / "report").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The README block quotes GPU runs only: with CPU results alone it says so; given a run under another device
+    # name (this CPU run, relabelled to exercise the renderer) it lists that run's ratios and where it came from.
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    render_readme = [sys.executable, str(ROOT / "bench" / "report.py"), "--out", str(tmp_path / "report"),
+                     "--readme", str(readme), "--results"]
+    assert subprocess.run([*render_readme, str(tmp_path)], capture_output=True, timeout=120).returncode == 0
+    assert "Latest GPU results: none recorded yet" in readme.read_text()
+    relabelled = tmp_path / "relabelled"
+    relabelled.mkdir()
+    (relabelled / "gpu.json").write_text(json.dumps({**payload, "device": "Relabelled CPU run"}))
+    assert subprocess.run([*render_readme, str(relabelled)], capture_output=True, timeout=120).returncode == 0
+    text = readme.read_text()
+    block = text.split("<!-- gpu-results")[1].split("<!-- /gpu-results -->")[0]
+    assert f"Relabelled CPU run, {payload['date'][:10]}, commit {payload['commit'][:10]}" in block
+    assert "*end_to_end*" in block and "speedup_tokens_per_second" in block and "time_vs_eager" in block
+    assert text.replace(block, "") == (ROOT / "README.md").read_text().replace(
+        (ROOT / "README.md").read_text().split("<!-- gpu-results")[1].split("<!-- /gpu-results -->")[0], "")
