@@ -21,8 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 # Per suite: the columns that identify a case (its size), and the measured columns worth a table.
-SIZE_KEYS = ("hidden", "vocab", "tokens", "variant", "case", "params", "tensors", "dtype", "shape", "seq_len",
-             "batch", "steps")
+SIZE_KEYS = ("projection", "direction", "activations", "hidden", "vocab", "tokens", "variant", "case", "params",
+             "tensors", "dtype", "shape", "seq_len", "batch", "steps")
 README_START = "<!-- gpu-results: written by bench/report.py --readme -->"
 README_END = "<!-- /gpu-results -->"
 
@@ -128,7 +128,7 @@ def readme_block(runs: list[dict[str, Any]]) -> str:
              "`time_vs_*` and `memory_*` (below 1 is better), theirs / ours for `speedup_*` (above 1 is better); "
              "`*_fraction` is the share of the device's measured peak.", ""]
     for suite in dict.fromkeys(row["suite"] for row in run["results"]):
-        rows = [{k: v for k, v in row.items() if k in SIZE_KEYS or k in ("projection", "in", "out") or _is_ratio(k)
+        rows = [{k: v for k, v in row.items() if k in SIZE_KEYS or k in ("in", "out") or _is_ratio(k)
                  or k.endswith("final_loss") or k.endswith("max_context")}
                 for row in run["results"] if row["suite"] == suite]
         lines += [f"*{suite}*", "", *table(rows), ""]

@@ -9,6 +9,10 @@ flat values (fp32, or uint8 codes into a 256-entry table times a nested fp32 abs
   ``weight_transposed=False``): 4-bit tiles are dequantized in registers and fed to ``tl.dot``; the LoRA product
   is added in the epilogue. The forward is ``x @ W^T + s (x A^T) B^T``, the input gradient
   ``dy @ W + s (dy B) A``. Tiny row counts (decoding) take a GEMV kernel without ``tl.dot``.
+- :func:`dequant_matmul_4bit_lora`: the same sum as :func:`dequantize_4bit` into a transient weight buffer, then
+  one cuBLAS GEMM that also carries the LoRA term and the bias (appended to its reduction, or through its
+  ``beta = 1`` input), for large row counts where cuBLAS outruns the in-register dequantization
+  (``lamelm_fast.ops.nf4_matmul`` chooses).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import triton.language as tl
 
 from lamelm_fast.ops.dispatch import triton_interpreted
 
-__all__ = ["GEMV_MAX_ROWS", "dequantize_4bit", "matmul_4bit_lora"]
+__all__ = ["GEMV_MAX_ROWS", "dequant_matmul_4bit_lora", "dequantize_4bit", "lora_placement", "matmul_4bit_lora"]
 
 GEMV_MAX_ROWS = 4  # up to this many rows the weight is streamed once per row, without tensor cores
+# torch.mm(..., out_dtype=float32) on half operands (CUDA, recent torch): the dequant path's fp32 results in one write.
+_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads()
 
 
 @triton.jit
@@ -84,7 +90,7 @@ def _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_p
 
 @triton.jit
 def _dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
-                       n_rows, n_cols,
+                       n_rows, n_cols, stride_out,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr,
                        NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_COLS: tl.constexpr,
                        ROW_BLOCKS: tl.constexpr):
@@ -93,7 +99,7 @@ def _dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, ta
     values = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, rows, col0,
                            n_rows, n_cols, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, EVEN_COLS, ROW_BLOCKS)
     cols = col0 + tl.arange(0, BLOCK_C)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :],
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
              values.to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
 
 
@@ -235,15 +241,33 @@ def _weight_args(w: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def dequantize_4bit(w: Any, out: torch.Tensor) -> torch.Tensor:
-    """Write the ``[R, C]`` weight into ``out`` (its dtype): fp32 code value times fp32 block scale, rounded once."""
-    ptrs, flags = _weight_args(w)
+    """Write the ``[R, C]`` weight into ``out`` (its dtype): fp32 code value times fp32 block scale, rounded once.
+    ``out``'s rows may be strided (a column slice of a wider buffer); its elements within a row are not."""
     rows, cols = w.shape
+    if tuple(out.shape) != (rows, cols) or (cols > 1 and out.stride(1) != 1):
+        raise ValueError(f"out must be [{rows}, {cols}] with unit column stride, got {list(out.shape)} "
+                         f"strides {out.stride()}")
+    ptrs, flags = _weight_args(w)
     block_r, block_c = (16, 64) if triton_interpreted() else (32, 128)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     # No fused multiply-add: the nested scale must be rounded after the multiply, as bitsandbytes rounds it.
-    _dequantize_kernel[grid](*ptrs, out, rows, cols, BLOCK_R=block_r, BLOCK_C=block_c, **flags,
+    _dequantize_kernel[grid](*ptrs, out, rows, cols, out.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, **flags,
                              enable_fp_fusion=False)
     return out
+
+
+def _problem(a: torch.Tensor, w: Any, weight_transposed: bool, out: torch.Tensor | None,
+             accumulate: bool) -> tuple[int, int, int]:
+    """(M, P, Q) of ``a [M, Q] @ op(W) -> [M, P]``, after checking that the operands fit."""
+    M, Q = a.shape
+    P = w.shape[0] if weight_transposed else w.shape[1]
+    if (w.shape[1] if weight_transposed else w.shape[0]) != Q:
+        raise ValueError(f"a is [{M}, {Q}] but the 4-bit weight is {list(w.shape)}")
+    if out is None and accumulate:
+        raise ValueError("accumulate=True needs out")
+    if out is not None and tuple(out.shape) != (M, P):
+        raise ValueError(f"out is {list(out.shape)}, the product is [{M}, {P}]")
+    return M, P, Q
 
 
 def matmul_4bit_lora(a: torch.Tensor, w: Any, *, weight_transposed: bool = True,
@@ -256,13 +280,8 @@ def matmul_4bit_lora(a: torch.Tensor, w: Any, *, weight_transposed: bool = True,
     ``lora = (left [M, r], right [r, P])``, any strides (pass ``B.t()`` as ``right`` in the forward); the
     epilogue multiplies them in their own dtype. ``accumulate`` adds into ``out`` instead of overwriting it.
     """
-    M, Q = a.shape
-    P = w.shape[0] if weight_transposed else w.shape[1]
-    if (w.shape[1] if weight_transposed else w.shape[0]) != Q:
-        raise ValueError(f"a is [{M}, {Q}] but the 4-bit weight is {list(w.shape)}")
+    M, P, Q = _problem(a, w, weight_transposed, out, accumulate)
     if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs out")
         out = torch.empty(M, P, dtype=a.dtype, device=a.device)
     ptrs, flags = _weight_args(w)
     left, right = lora if lora is not None else (a, a)  # unused when there is no LoRA term
@@ -289,3 +308,107 @@ def matmul_4bit_lora(a: torch.Tensor, w: Any, *, weight_transposed: bool = True,
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_P"]),)
         _matmul_tuned[grid](*args, *scalars, *strides, **switches)
     return out
+
+
+def _add_product(result: torch.Tensor, init: torch.Tensor | None, left: torch.Tensor, right: torch.Tensor,
+                 alpha: float = 1.0) -> None:
+    """``result = init + alpha * left @ right`` in one cuBLAS call; ``init`` is ``result`` itself, a row vector
+    (broadcast) or None (``beta = 0``: whatever ``result`` holds is ignored, NaN included)."""
+    if init is None or init is result:
+        result.addmm_(left, right, beta=0.0 if init is None else 1.0, alpha=alpha)
+    else:
+        torch.addmm(init, left, right, alpha=alpha, out=result)
+
+
+def _concatenated(a: torch.Tensor, w: Any, weight_transposed: bool, lora: tuple[torch.Tensor, torch.Tensor] | None,
+                  scale: float, bias: torch.Tensor | None, dtype: torch.dtype,
+                  terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[a | left | 1 | 0]`` and ``[op(W); scale * right; bias; 0]`` in ``dtype``: the whole sum as one product
+    whose reduction runs ``terms`` entries past a's columns (rounded up to keep 16-byte rows; zeros there)."""
+    M, Q = a.shape
+    P = w.shape[0] if weight_transposed else w.shape[1]
+    width = -(-(Q + terms) // 8) * 8
+    lhs = torch.empty(M, width, dtype=dtype, device=a.device)
+    lhs[:, :Q] = a  # the cast to the compute dtype, which the other paths pay as a pass of its own, lands here
+    # Forward: W [P, Q] in the first Q columns of a [P, width] buffer (read transposed); input gradient: W [Q, P] in
+    # the first Q rows of a [width, P] buffer. Either way rhs is the [width, P] operand.
+    weight = torch.empty((P, width) if weight_transposed else (width, P), dtype=dtype, device=a.device)
+    dequantize_4bit(w, weight[:, :Q] if weight_transposed else weight[:Q])
+    rhs = weight.t() if weight_transposed else weight
+    rank = 0
+    if lora is not None:
+        rank = lora[0].shape[1]
+        lhs[:, Q:Q + rank] = lora[0]
+        rhs[Q:Q + rank] = lora[1] * scale  # scaled in the adapter's dtype, rounded once
+    if bias is not None:
+        lhs[:, Q + rank] = 1
+        rhs[Q + rank] = bias
+    lhs[:, Q + terms:] = 0  # both sides: garbage times zero can be NaN
+    rhs[Q + terms:] = 0
+    return lhs, rhs
+
+
+def lora_placement(in_dtype: torch.dtype, dtype: torch.dtype, reduction: int, columns: int, terms: int) -> str:
+    """Where :func:`dequant_matmul_4bit_lora` puts ``terms`` extra terms (LoRA rank, bias) by default: ``concat``
+    when a is cast anyway or its rows (``reduction``) are shorter than the result's (``columns``): copying a costs
+    4 bytes per a entry, the addmm passes 4 per result entry; ``addmm`` otherwise."""
+    return "concat" if terms and (in_dtype != dtype or reduction < columns) else "addmm"
+
+
+def dequant_matmul_4bit_lora(a: torch.Tensor, w: Any, *, dtype: torch.dtype | None = None,
+                             weight_transposed: bool = True, lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             scale: float = 1.0, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                             accumulate: bool = False, placement: str | None = None) -> torch.Tensor:
+    """:func:`matmul_4bit_lora` (same arguments and result, up to rounding) as dequantize, then one cuBLAS GEMM.
+
+    ``dtype``: the compute dtype (default a's; ``a`` is cast on the way into the GEMM's operand). The weight is
+    dequantized into a buffer that lives for this call only (QLoRA exists to not hold bf16 weights). The LoRA term
+    and the bias ride in the same GEMM, ``placement``:
+
+    - ``"concat"``: appended to the reduction (``[a | left | 1] @ [op(W); scale * right; bias]``, r + 1 more
+      entries): the result is written once, a is copied once into the wider operand (free when it needs a cast
+      anyway).
+    - ``"addmm"``: ``scale * left @ right + bias`` first, then the GEMM adds onto it (``beta = 1``): one extra write
+      and read of the [M, P] result.
+    - None: the one that moves fewer bytes (:func:`lora_placement`).
+
+    ``out`` of the compute dtype is written in place (``accumulate``: added onto). An fp32 ``out`` with half
+    compute (fp32 activations, bf16 autocast) is written by cuBLAS directly when overwritten and the extra terms
+    are concatenated (CUDA); otherwise it receives the finished result in one more pass.
+    """
+    M, P, Q = _problem(a, w, weight_transposed, out, accumulate)
+    dtype = a.dtype if dtype is None else dtype
+    terms = (0 if lora is None else lora[0].shape[1]) + (bias is not None)
+    if placement is None:
+        placement = lora_placement(a.dtype, dtype, Q, P, terms)
+    elif placement not in ("concat", "addmm"):
+        raise ValueError(f"placement must be 'concat', 'addmm' or None, got {placement!r}")
+    concat = placement == "concat" and terms > 0
+    if concat:
+        lhs, rhs = _concatenated(a, w, weight_transposed, lora, scale, bias, dtype, terms)
+    else:
+        lhs = a.to(dtype)
+        rhs = dequantize_4bit(w, torch.empty(w.shape, dtype=dtype, device=a.device))
+        rhs = rhs.t() if weight_transposed else rhs
+    if (out is not None and not accumulate and (concat or not terms) and out.dtype == torch.float32
+            and dtype in (torch.float16, torch.bfloat16) and out.is_cuda and _MM_OUT_DTYPE):
+        # fp32 results from half operands (the trainer's QLoRA): cuBLAS rounds its fp32 accumulator straight into
+        # out, no half-precision result and no conversion pass.
+        return torch.mm(lhs, rhs, out_dtype=torch.float32, out=out)
+    direct = out is not None and out.dtype == dtype
+    result = out if direct else torch.empty(M, P, dtype=dtype, device=a.device)
+    init = result if direct and accumulate else None  # what the next product adds onto (None: overwrite)
+    if not concat:
+        if bias is not None:
+            if init is None:
+                init = bias.to(dtype)
+            else:  # correct, not fast: our ops never accumulate a product with a bias
+                result.add_(bias.to(dtype))
+        if lora is not None:
+            _add_product(result, init, lora[0].to(dtype), lora[1].to(dtype), scale)
+            init = result
+    _add_product(result, init, lhs, rhs)
+    del lhs, rhs  # the weight buffer back to the allocator now, before a conversion below allocates
+    if direct or out is None:
+        return result
+    return out.add_(result) if accumulate else out.copy_(result)

@@ -28,6 +28,24 @@ def tiny_llama_config(vocab_size: int, **overrides: object):
     return LlamaConfig(**values)
 
 
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the calls of each 4-bit matmul strategy's launch function (fused Triton GEMM, dequantize + cuBLAS)."""
+    from lamelm_fast.kernels import nf4_lora
+
+    counts = {"fused": 0, "dequant": 0}
+
+    def counting(name: str, launch):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return launch(*args, **kwargs)
+        return counted
+
+    for name, attr in (("fused", "matmul_4bit_lora"), ("dequant", "dequant_matmul_4bit_lora")):
+        monkeypatch.setattr(nf4_lora, attr, counting(name, getattr(nf4_lora, attr)))
+    return counts
+
+
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
     from lamelm_fast.train.config import TrainConfig

@@ -1,4 +1,5 @@
-"""The backend switch: what each request resolves to on CPU tensors, and clear errors instead of fallbacks."""
+"""The backend switch: what each request resolves to on CPU tensors, and clear errors instead of fallbacks; the
+4-bit matmul strategy setting."""
 
 from __future__ import annotations
 
@@ -39,3 +40,25 @@ def test_environment_then_pinned_choice(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="LAMELM_KERNELS"):
         dispatch.requested_backend()
+
+
+def test_nf4_matmul_setting_reads_the_environment_and_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(dispatch.NF4_MATMUL_ENV_VAR, raising=False)
+    assert dispatch.requested_nf4_matmul() == "auto"
+    monkeypatch.setenv(dispatch.NF4_MATMUL_ENV_VAR, "dequant")
+    assert dispatch.requested_nf4_matmul() == "dequant"
+    with dispatch.use_nf4_matmul("fused"):
+        assert dispatch.requested_nf4_matmul() == "fused"
+    assert dispatch.requested_nf4_matmul() == "dequant"
+    dispatch.set_nf4_matmul("fused")
+    try:
+        assert dispatch.requested_nf4_matmul() == "fused"
+    finally:
+        dispatch.set_nf4_matmul(None)
+    assert dispatch.requested_nf4_matmul() == "dequant"
+    monkeypatch.setenv(dispatch.NF4_MATMUL_ENV_VAR, "cublas")
+    with pytest.raises(ValueError, match=r"'cublas' \(from LAMELM_NF4_MATMUL\); choose from auto, fused, dequant"):
+        dispatch.requested_nf4_matmul()
+    with pytest.raises(ValueError, match="LAMELM_NF4_MATMUL"):
+        with dispatch.use_nf4_matmul("fastest"):
+            pass

@@ -17,7 +17,8 @@ peft = pytest.importorskip("peft")
 from test_lora4bit import rel_err  # noqa: E402
 from test_nf4_dequant import eager_bitsandbytes  # noqa: E402, F401  (autouse fixture)
 
-from lamelm_fast.ops.dispatch import use_backend  # noqa: E402
+from lamelm_fast.ops import dispatch  # noqa: E402
+from lamelm_fast.ops.dispatch import use_backend, use_nf4_matmul  # noqa: E402
 from lamelm_fast.ops.lora4bit import patch_peft_lora4bit  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -94,16 +95,45 @@ def test_patched_tiny_llama_equals_peft(quantized_dir: Path, backend: str, dropo
         assert rel_err(grad, ref_grads[name]) < 1e-5, name
 
 
+def test_apply_kernels_with_the_dequant_strategy_equals_peft(quantized_dir: Path, launches: dict[str, int],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAMELM_NF4_MATMUL=dequant: every 4-bit product of the fused MLP, the fused q/k/v op (their input gradients
+    accumulate into one buffer) and o_proj is dequantize + matmul; loss and LoRA gradients equal PEFT's."""
+    from lamelm_fast import apply_kernels
+
+    ref_model = qlora_model(quantized_dir, dropout=0.1, checkpointing=False)
+    model = copy.deepcopy(ref_model)
+    assert apply_kernels(model).lora_layers == 2 * len(TARGETS)
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    monkeypatch.setenv(dispatch.NF4_MATMUL_ENV_VAR, "dequant")
+    loss, grads, nodes = loss_and_grads(model, ids)
+    # Each projection: forward and input gradient, but for q/k/v of layer 0, whose input (the embeddings, frozen,
+    # no checkpointing hook) needs no gradient.
+    assert launches == {"fused": 0, "dequant": 2 * 2 * len(TARGETS) - 3}
+    with use_nf4_matmul("fused"):
+        fused_loss, fused_grads, _ = loss_and_grads(model, ids)
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    assert {"_LoRA4bitSwiGLUBackward", "_SharedInputLoRA4bitBackward"} <= nodes
+    assert rel_err(loss, ref_loss) < 1e-5 and rel_err(loss, fused_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4 * len(TARGETS)
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+        assert rel_err(grad, fused_grads[name]) < 1e-5, name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_patched_tiny_llama_equals_peft_cuda_bf16_autocast(quantized_dir: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fused", "dequant", "auto"])
+def test_patched_tiny_llama_equals_peft_cuda_bf16_autocast(quantized_dir: Path, strategy: str) -> None:
     """As the trainer runs QLoRA on a GPU: bf16 compute under autocast, fp32 adapters, Triton kernels."""
     ref_model = qlora_model(quantized_dir, dropout=0.0, checkpointing=True, device="cuda")
     model = copy.deepcopy(ref_model)
     assert patch_peft_lora4bit(model) == 2 * len(TARGETS)
     ids = torch.randint(1, VOCAB, (4, 64), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        with use_backend("triton"):
+        with use_backend("triton"), use_nf4_matmul(strategy):
             loss, grads, nodes = loss_and_grads(model, ids)
         ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
     assert {"_LoRA4bitSwiGLUBackward", "_SharedInputLoRA4bitBackward"} <= nodes

@@ -91,6 +91,24 @@ def test_blocks_straddling_rows_follow_the_flat_layout(backend: str) -> None:
         assert torch.equal(_bits(ours), _bits(expected)), (shape, blocksize)
 
 
+def test_triton_dequantization_into_a_column_slice_of_a_wider_buffer() -> None:
+    """The dequant matmul strategy writes W into the first columns of a wider operand buffer: strided rows, and
+    nothing outside the slice touched."""
+    from lamelm_fast.kernels import nf4_lora
+
+    for shape, blocksize in [((9, 35), 32), ((6, 256), 128)]:
+        q, state = _quantized(shape, "nf4", True, blocksize)
+        w = Packed4bit.from_bnb(q, state)
+        with use_backend("torch"):
+            expected = dequantize(w, torch.float32)
+        wide = torch.full((shape[0], shape[1] + 13), 7.0)
+        nf4_lora.dequantize_4bit(w, wide[:, : shape[1]])
+        assert torch.equal(_bits(wide[:, : shape[1]]), _bits(expected)), shape
+        assert (wide[:, shape[1]:] == 7.0).all()
+    with pytest.raises(ValueError, match="unit column stride"):
+        nf4_lora.dequantize_4bit(w, torch.empty(shape[1], shape[0]).t())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -1,10 +1,14 @@
-"""One switch picks the backend of every fused op: ``auto``, ``cuda``, ``triton`` or ``torch``.
+"""Process-wide kernel settings: the backend of every fused op, and how 4-bit LoRA matmuls multiply.
 
-``auto`` = the CUDA extension if it is built and the tensors are on a CUDA device, else Triton on a CUDA device,
-else the torch reference. ``cuda`` insists on the extension for the ops that have a CUDA implementation and runs
-the others with Triton. ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before triton is imported
-(that is how CI runs the kernels). The choice comes from :func:`set_backend` / :func:`use_backend`, else the
-environment variable ``LAMELM_KERNELS``, else ``auto``.
+Backend: ``auto``, ``cuda``, ``triton`` or ``torch``. ``auto`` = the CUDA extension if it is built and the tensors
+are on a CUDA device, else Triton on a CUDA device, else the torch reference. ``cuda`` insists on the extension for
+the ops that have a CUDA implementation and runs the others with Triton. ``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1`` set before triton is imported (that is how CI runs the kernels). The choice comes from
+:func:`set_backend` / :func:`use_backend`, else the environment variable ``LAMELM_KERNELS``, else ``auto``.
+
+4-bit matmul strategy (the Triton backend of the QLoRA projections, :mod:`lamelm_fast.ops.nf4_matmul`): ``auto``,
+``fused`` or ``dequant``, from :func:`set_nf4_matmul` / :func:`use_nf4_matmul`, else ``LAMELM_NF4_MATMUL``, else
+``auto``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,52 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+
+class Setting:
+    """One process-wide choice among fixed names: pinned from Python (:meth:`set`, :meth:`use`), else an environment
+    variable, else the first name. Read (and checked) at every use, so a bad value fails at the first op that needs
+    it, with the variable and the allowed values in the message."""
+
+    def __init__(self, env_var: str, choices: tuple[str, ...], what: str, flag: str | None = None) -> None:
+        self.env_var, self.choices, self.what, self.flag = env_var, choices, what, flag
+        self._chosen: str | None = None
+
+    def check(self, name: str) -> str:
+        if name not in self.choices:
+            source = self.env_var if self.flag is None else f"{self.env_var} or {self.flag}"
+            raise ValueError(f"unknown {self.what} {name!r} (from {source}); choose from {', '.join(self.choices)}")
+        return name
+
+    def set(self, name: str | None) -> None:
+        self._chosen = None if name is None else self.check(name)
+
+    def requested(self) -> str:
+        if self._chosen is not None:
+            return self._chosen
+        return self.check(os.environ.get(self.env_var, "") or self.choices[0])
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        previous, self._chosen = self._chosen, self.check(name)
+        try:
+            yield
+        finally:
+            self._chosen = previous
+
+
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "LAMELM_KERNELS"
+_backend = Setting(ENV_VAR, BACKENDS, "kernel backend", flag="--kernels")
 
-_chosen: str | None = None
+NF4_MATMUL_STRATEGIES = ("auto", "fused", "dequant")
+NF4_MATMUL_ENV_VAR = "LAMELM_NF4_MATMUL"
+_nf4_matmul = Setting(NF4_MATMUL_ENV_VAR, NF4_MATMUL_STRATEGIES, "4-bit matmul strategy")
 
 
 class BackendUnavailable(RuntimeError):
@@ -31,30 +71,35 @@ class BackendUnavailable(RuntimeError):
 
 
 def _check(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r} (from {ENV_VAR} or --kernels); choose from "
-                         f"{', '.join(BACKENDS)}")
-    return name
+    return _backend.check(name)
 
 
 def set_backend(name: str | None) -> None:
     """Pin the backend for the whole process (None: back to ``LAMELM_KERNELS`` / ``auto``)."""
-    global _chosen
-    _chosen = None if name is None else _check(name)
+    _backend.set(name)
 
 
 def requested_backend() -> str:
-    return _chosen if _chosen is not None else _check(os.environ.get(ENV_VAR, "auto") or "auto")
+    return _backend.requested()
 
 
-@contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    global _chosen
-    previous, _chosen = _chosen, _check(name)
-    try:
-        yield
-    finally:
-        _chosen = previous
+def use_backend(name: str) -> AbstractContextManager[None]:
+    """Pin the backend inside a ``with`` block."""
+    return _backend.use(name)
+
+
+def set_nf4_matmul(name: str | None) -> None:
+    """Pin the 4-bit matmul strategy for the whole process (None: back to ``LAMELM_NF4_MATMUL`` / ``auto``)."""
+    _nf4_matmul.set(name)
+
+
+def requested_nf4_matmul() -> str:
+    return _nf4_matmul.requested()
+
+
+def use_nf4_matmul(name: str) -> AbstractContextManager[None]:
+    """Pin the 4-bit matmul strategy inside a ``with`` block."""
+    return _nf4_matmul.use(name)
 
 
 def triton_interpreted() -> bool:

@@ -8,8 +8,10 @@
 saving only x, the [M, r] product ``dropout(x) @ A^T`` and, with dropout, a bool mask (autograd over PEFT also keeps
 the dropped-out input in the adapter dtype and its own mask, per layer). The 4-bit weight is dequantized again in
 backward instead of being kept. On CUDA (or ``LAMELM_KERNELS=triton``) the base matmul reads the 4-bit weight inside a
-Triton GEMM with the LoRA term in its epilogue (``lamelm_fast.kernels.nf4_lora``); otherwise the torch reference
-dequantizes with our own code and multiplies in the compute dtype, reproducing PEFT + bitsandbytes op for op.
+Triton GEMM with the LoRA term in its epilogue (``lamelm_fast.kernels.nf4_lora``), or, where that measures slower
+(large row counts; ``LAMELM_NF4_MATMUL``, :mod:`lamelm_fast.ops.nf4_matmul`), dequantizes W into a transient buffer
+and lets cuBLAS multiply onto the LoRA term; otherwise the torch reference dequantizes with our own code and
+multiplies in the compute dtype, reproducing PEFT + bitsandbytes op for op.
 
 Dtypes follow PEFT over bitsandbytes: the base matmul in the layer's ``compute_dtype`` (the autocast dtype under
 autocast), the adapter in A's dtype (the autocast dtype under autocast), the result in x's dtype.
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamelm_fast.ops.dispatch import resolve_backend
+from lamelm_fast.ops.dispatch import requested_nf4_matmul, resolve_backend
 from lamelm_fast.ops.quant4bit import Packed4bit, Unsupported4bit, dequantize_reference
 
 __all__ = ["LoRALinear4bit", "lora_nf4_linear", "patch_peft_lora4bit"]
@@ -54,6 +56,7 @@ class _Spec:
     compute_dtype: torch.dtype  # base matmul
     lora_dtype: torch.dtype  # adapter matmuls
     backend: str  # "triton" or "torch"
+    matmul: str  # the Triton backend's 4-bit matmul strategy: "auto", "fused" or "dequant"
 
 
 def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_dtype: torch.dtype,
@@ -61,12 +64,12 @@ def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_d
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ op(W) (+ bias) + scale * left @ right`` in ``out_dtype``, added into ``out`` when it is given.
 
-    Triton: one kernel, fp32 accumulation, one rounding. Torch: the base in the compute dtype and the LoRA term in
-    its own dtype, each rounded to ``out_dtype`` and then added, exactly as PEFT + bitsandbytes do it.
+    Triton: one kernel, fp32 accumulation, one rounding (or dequantize + cuBLAS, per ``spec.matmul``). Torch: the
+    base in the compute dtype and the LoRA term in its own dtype, each rounded to ``out_dtype`` and then added,
+    exactly as PEFT + bitsandbytes do it.
     """
-    a = a.to(spec.compute_dtype)
     if spec.backend == "triton":
-        from lamelm_fast.kernels import nf4_lora
+        from lamelm_fast.ops import nf4_matmul
 
         if out is None:
             out = torch.empty(a.shape[0], spec.weight.shape[0 if weight_transposed else 1], dtype=out_dtype,
@@ -74,8 +77,11 @@ def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_d
             accumulate = False
         else:
             accumulate = True
-        return nf4_lora.matmul_4bit_lora(a, spec.weight, weight_transposed=weight_transposed, lora=lora,
-                                         scale=spec.scale, bias=bias, out=out, accumulate=accumulate)
+        # a goes in uncast: the dequant strategy writes the cast into its GEMM operand.
+        return nf4_matmul.matmul_4bit_lora(a, spec.weight, strategy=spec.matmul, dtype=spec.compute_dtype,
+                                           weight_transposed=weight_transposed, lora=lora, scale=spec.scale,
+                                           bias=bias, out=out, accumulate=accumulate)
+    a = a.to(spec.compute_dtype)
     weight = dequantize_reference(spec.weight, spec.compute_dtype)
     if weight_transposed:
         result = F.linear(a, weight, None if bias is None else bias.to(spec.compute_dtype)).to(out_dtype)
@@ -223,7 +229,9 @@ def _spec(weight: Packed4bit, x: torch.Tensor, lora_weight: torch.Tensor, scale:
         compute = lora = torch.get_autocast_dtype(device_type)
     else:
         compute, lora = compute_dtype or x.dtype, lora_weight.dtype
-    return _Spec(weight, float(scale), float(dropout), compute, lora, resolve_backend(x.device))
+    # Both settings are read (and checked) per call and kept in the spec, so the backward runs as the forward did.
+    return _Spec(weight, float(scale), float(dropout), compute, lora, resolve_backend(x.device),
+                 requested_nf4_matmul())
 
 
 def lora_nf4_linear(x: torch.Tensor, quant_weight: torch.Tensor, quant_state: Any, A: torch.Tensor,
