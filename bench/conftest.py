@@ -1,4 +1,4 @@
-"""Benchmark session: the device, its measured peaks, and the results file written at the end.
+"""Benchmark session: the device, its measured peaks, and the results file (rewritten after every result).
 
 ``pytest bench --benchmark-only`` on a GPU writes ``bench/results/<device>-<date>.json`` and a Markdown table beside
 it; on CPU (small sizes, so the suite never rots) results go to ``$LAMELM_BENCH_RESULTS`` only if that is set.
@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import harness  # noqa: E402
+
+from lamelm_fast.metrics.atomic import atomic_write  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -74,27 +76,45 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not harness.RESULTS:
-        return
-    on_gpu = torch.cuda.is_available()
-    target = os.environ.get("LAMELM_BENCH_RESULTS")
-    if target is None and not on_gpu:
-        return
-    directory = Path(target) if target else RESULTS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name() if on_gpu else f"cpu-{platform.machine()}"
-    stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-{datetime.date.today().isoformat()}"
-    device = torch.device("cuda" if on_gpu else "cpu")
-    payload = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "commit": _commit(), "versions": _versions(), "peaks": harness.device_peaks(device),
-               "results": harness.RESULTS}
-    path = directory / f"{stem}.json"
-    if path.exists():  # a second run the same day adds to the file instead of overwriting the first
-        previous = json.loads(path.read_text())
-        runs = previous["runs"] if "runs" in previous else [previous]
-        payload = {"runs": [*runs, payload]}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    runs = payload.get("runs", [payload])
-    (directory / f"{stem}.md").write_text("\n\n".join(
-        f"# {run['device']} {run['date']} (commit {run['commit']})\n\n{_markdown(run['results'])}" for run in runs))
+class _ResultsFile:
+    """This session's results file, rewritten after every recorded row: a run cut short (the device command's time
+    limit, a crash in a kernel) keeps what it measured. A second session on the same day adds a run to the file."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.previous: list[dict[str, Any]] = []
+        self.header: dict[str, Any] = {}
+
+    def _open(self) -> bool:
+        on_gpu = torch.cuda.is_available()
+        target = os.environ.get("LAMELM_BENCH_RESULTS")
+        if target is None and not on_gpu:
+            return False
+        directory = Path(target) if target else RESULTS_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        name = torch.cuda.get_device_name() if on_gpu else f"cpu-{platform.machine()}"
+        stem = f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}-{datetime.date.today().isoformat()}"
+        self.path = directory / f"{stem}.json"
+        if self.path.exists():
+            previous = json.loads(self.path.read_text())
+            self.previous = previous["runs"] if "runs" in previous else [previous]
+        device = torch.device("cuda" if on_gpu else "cpu")
+        self.header = {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                       "commit": _commit(), "versions": _versions(), "peaks": harness.device_peaks(device)}
+        return True
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        if self.path is None and not self._open():
+            return
+        runs = [*self.previous, {**self.header, "results": rows}]
+        payload = runs[0] if len(runs) == 1 else {"runs": runs}
+        markdown = "\n\n".join(f"# {run['device']} {run['date']} (commit {run['commit']})\n\n"
+                               f"{_markdown(run['results'])}" for run in runs)
+        for path, text in ((self.path, json.dumps(payload, indent=2) + "\n"), (self.path.with_suffix(".md"), markdown)):
+            with atomic_write(path) as handle:
+                handle.write(text.encode())
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    results = _ResultsFile()
+    harness.ON_RECORD.append(lambda: results.write(harness.RESULTS))

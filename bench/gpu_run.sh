@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # Refresh the GPU numbers on a fresh GPU machine without network, in one or two device runs:
 #
-#   bench/gpu_run.sh OUTDIR [STAGE ...]      stages: tests ops e2e qlora full (default: tests ops e2e)
+#   bench/gpu_run.sh OUTDIR [STAGE ...]      default: tests ops
 #
-# tests: the `gpu`-marked tests; ops: the op benchmarks (cross-entropy, AdamW, NF4 LoRA); e2e: the trainer against
-# the HF Trainer (QLoRA and full, LAMELM_BENCH_STEPS steps, default 200) and, with LAMELM_BENCH_MAX_CONTEXT=1, the
-# max-context probe; qlora / full: one half of e2e each (the probe goes with qlora). Each stage is bounded by
-# `timeout` so the whole call ends inside the 10-minute limit of one device command: run `tests ops` and `e2e` (or
-# `qlora`, then `full`, when 200 steps of both do not fit) as separate calls.
+# Stages, run in the order given:
+#   tests   the `gpu`-marked tests
+#   ops     the op benchmarks: ce adamw nf4 (each is also a stage of its own)
+#   e2e     the trainer against the HF Trainer, QLoRA and full (LAMELM_BENCH_STEPS steps, default 200), and with
+#           LAMELM_BENCH_MAX_CONTEXT=1 the max-context probe; qlora / full run one half each (the probe goes with
+#           qlora) when 200 steps of both do not fit one call.
+# The whole script keeps inside LAMELM_GPU_BUDGET_S seconds (default 560, under the device command's 10 minutes):
+# each stage gets at most its own cap and what is left, is interrupted (SIGINT: pytest still reports) when it runs
+# over, and a stage with less than 30 s left is skipped. Results are written after every measured row, so a stage
+# cut short keeps what it measured.
 #
 # Installs the wheels that ../shared/tools/prepare-gpu-wheels put in .whl/ (carry .whl), then the project itself
 # (building the CUDA extension when nvcc is there). Writes to OUTDIR few files (the device tool returns at most 8):
 # the results JSON + Markdown (bench/results format: copy the JSON to bench/results/, then run
-# `python bench/report.py`), device.txt, install.log and run.log (every stage's output).
+# `python bench/report.py --readme README.md`), device.txt, install.log and run.log (every stage's output).
 set -uo pipefail
-OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [ops] [e2e]}
-STAGES="${*:2}"; STAGES=${STAGES:-tests ops e2e}
+OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [ops|ce adamw nf4] [e2e|qlora full]}
+shift
+STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
+BUDGET=${LAMELM_GPU_BUDGET_S:-560}
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export LAMELM_BENCH_RESULTS="$OUTDIR"
@@ -28,22 +35,31 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUTD
   || { echo "project install failed, see install.log"; tail -20 "$OUTDIR/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/device.txt"
 
-want() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
-if want tests; then
-  timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee -a "$OUTDIR/run.log" | tail -25
+stage() {  # stage NAME CAP_SECONDS COMMAND...
+  local name=$1 cap=$2 left=$((BUDGET - SECONDS))
+  shift 2
+  if [ $left -lt 30 ]; then
+    echo "== $name: skipped, the time budget is spent" | tee -a "$OUTDIR/run.log"; status=1; return
+  fi
+  [ $left -lt "$cap" ] && cap=$left
+  echo "== $name (at most ${cap}s)" | tee -a "$OUTDIR/run.log"
+  timeout -s INT -k 20 "$cap" "$@" 2>&1 | tee -a "$OUTDIR/run.log" | tail -25
   status=$((status | PIPESTATUS[0]))
-fi
-if want ops; then
-  timeout 300 python3 -m pytest -q bench --benchmark-only -p no:cacheprovider --ignore=bench/test_end_to_end.py \
-    2>&1 | tee -a "$OUTDIR/run.log" | tail -25
-  status=$((status | PIPESTATUS[0]))
-fi
-for stage in e2e qlora full; do
-  want $stage || continue
-  select=(); [ $stage = e2e ] || select=(-k "$stage")
-  timeout 540 python3 -m pytest -q bench/test_end_to_end.py --benchmark-only -p no:cacheprovider "${select[@]}" \
-    2>&1 | tee -a "$OUTDIR/run.log" | tail -25
-  status=$((status | PIPESTATUS[0]))
+}
+BENCH=(python3 -m pytest -q --benchmark-only -p no:cacheprovider)
+for name in "${STAGES[@]}"; do
+  case $name in
+    tests) stage tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    ops) stage ce 150 "${BENCH[@]}" bench/test_cross_entropy.py
+         stage adamw 90 "${BENCH[@]}" bench/test_adamw.py
+         stage nf4 240 "${BENCH[@]}" bench/test_nf4_lora.py ;;
+    ce) stage ce 300 "${BENCH[@]}" bench/test_cross_entropy.py ;;
+    adamw) stage adamw 300 "${BENCH[@]}" bench/test_adamw.py ;;
+    nf4) stage nf4 400 "${BENCH[@]}" bench/test_nf4_lora.py ;;
+    e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py ;;
+    qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name" ;;
+    *) echo "unknown stage $name: choose from tests ops ce adamw nf4 e2e qlora full"; exit 2 ;;
+  esac
 done
 exit $status

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-RESULTS: list[dict[str, Any]] = []  # every record() of this session; bench/conftest.py writes them at the end
+RESULTS: list[dict[str, Any]] = []  # every record() of this session
+ON_RECORD: list[Callable[[], None]] = []  # called after each record(): bench/conftest.py rewrites the results file
 
 
 @dataclass(frozen=True)
@@ -129,4 +130,6 @@ def record(suite: str, case: dict[str, Any]) -> dict[str, Any]:
     """Keep one result row (a dict of plain numbers and strings) for the session's results file."""
     row = {"suite": suite, **case}
     RESULTS.append(row)
+    for callback in ON_RECORD:
+        callback()
     return row

@@ -143,6 +143,10 @@ def _nf4_launches() -> list[Callable[[], None]]:
         matmul(torch.bfloat16, 64, True, True, True, True, False),
         matmul(torch.bfloat16, 64, True, False, True, False, True),
         matmul(torch.float16, 64, False, True, False, False, False),
+        # Dequantize + cuBLAS (the other strategy): W written into the rows of a wider GEMM operand.
+        lambda: k.dequant_matmul_4bit_lora(torch.randn(64, 128), packed(96, 128, True), dtype=torch.bfloat16,
+                                           lora=(torch.randn(64, 16), torch.randn(16, 96)), scale=0.5,
+                                           placement="concat"),
         # GEMV (decoding): both directions.
         matmul(torch.bfloat16, 1, True, True, True, True, False),
         matmul(torch.bfloat16, 3, False, False, True, False, True),
