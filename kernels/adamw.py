@@ -10,11 +10,12 @@ A step is three kinds of launch, whatever the number of tensors:
 Multi-tensor layout: a device int64 table with one row per tensor (``META_WIDTH`` columns: data pointers of
 param, moments, master copy and step counter, numel, param group, a stable param id), a vector of gradient
 pointers (one per row: gradients are re-allocated every step, so they live apart from what stays put) and a chunk
-table (row, chunk index within the tensor); lamelm_fast/optim/_adamw_tables.py builds them. Kernels load a pointer
-from a table and cast it with ``tl.pointer_type``; this works compiled and in the interpreter, whose loads go to
-raw host addresses. Pointers loaded from memory carry no alignment facts, so the caller states alignment
-(``aligned``) and the kernel re-asserts it with ``tl.multiple_of``; chunk starts are ``index * CHUNK``, which
-Triton knows to be multiples of CHUNK, and full chunks run unmasked: together these allow 16-byte vector accesses.
+table (row, chunk index within the tensor); lamelm_fast/optim/_adamw_tables.py builds them, and the CUDA kernels
+(csrc/adamw.cu) read the same ones. Kernels load a pointer from a table and cast it with ``tl.pointer_type``; this
+works compiled and in the interpreter, whose loads go to raw host addresses. Pointers loaded from memory carry no
+alignment facts, so the caller states alignment (``aligned``) and the kernel re-asserts it with
+``tl.multiple_of``; chunk starts are ``index * CHUNK``, which Triton knows to be multiples of CHUNK, and full
+chunks run unmasked: together these allow 16-byte vector accesses.
 
 Arithmetic on loaded values is fp32 (bf16/fp16 are only storage: the interpreter cannot do bf16 arithmetic, and
 fp32 is what torch.optim.AdamW computes in). Per-tensor scalars (bias corrections, step size) are fp64, as
@@ -27,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns of the tensor table, one row per tensor. Unused pointer columns (no master copy) hold 0. Gradient
-# pointers are a separate vector.
+# Columns of the tensor table, one row per tensor; csrc/adamw.h mirrors them (LAMELM_META_*), so the CUDA kernels
+# read the same tables. Unused pointer columns (no master copy) hold 0. Gradient pointers are a separate vector.
 META_COLUMNS = ("param", "exp_avg", "exp_avg_sq", "master", "step", "numel", "group", "param_id")
 META_WIDTH = len(META_COLUMNS)
 _PARAM = tl.constexpr(META_COLUMNS.index("param"))
@@ -41,7 +42,7 @@ _GROUP = tl.constexpr(META_COLUMNS.index("group"))
 _PARAM_ID = tl.constexpr(META_COLUMNS.index("param_id"))
 _META_WIDTH = tl.constexpr(META_WIDTH)
 
-# Columns of the fp64 hyperparameter table, one row per param group. No clipping = +inf.
+# Columns of the fp64 hyperparameter table, one row per param group (csrc/adamw.h: LAMELM_LR...). No clipping = +inf.
 HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "max_norm")
 HYPER_WIDTH = len(HYPER_COLUMNS)
 _LR = tl.constexpr(HYPER_COLUMNS.index("lr"))

@@ -4,7 +4,7 @@ Every way the cached plan can go stale must rebuild it: gradients at new address
 param's ``.data`` replaced, gradients appearing and disappearing, a non-contiguous or re-typed gradient,
 load_state_dict, add_param_group, group switches. Each case is compared with clip_grad_norm_ + torch.optim.AdamW
 (or, where torch has no equivalent, with a FusedAdamW that rebuilds everything every step), on the torch
-reference and the Triton (interpreted) backend.
+reference, the Triton (interpreted) and the CUDA backend's Python side (with the stand-in extension).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_adamw_cuda_tables import fake_cuda  # noqa: F401  (fixture)
 from torch import nn
 
 from lamelm_fast.ops.dispatch import use_backend
@@ -28,11 +29,15 @@ from lamelm_fast.optim import FusedAdamW
 MAX_GRAD_NORM = 1.0
 LR = 1e-2
 SHAPES = [(37, 19), (5, 3, 7), (37,), (300,), (1,), (4, 4)]
-REL = {"torch": 1e-6, "triton": 1e-5}
+REL = {"torch": 1e-6, "triton": 1e-5, "cuda": 1e-5}
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "cuda"])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "cuda":
+        request.getfixturevalue("fake_cuda")
+        yield "cuda"
+        return
     with use_backend(request.param):
         yield request.param
 

@@ -1,6 +1,6 @@
-"""Device-resident tensor and chunk tables, and the launch loop of the table-driven FusedAdamW backends (Triton).
+"""Device-resident tensor and chunk tables, and the launch loop shared by the Triton and CUDA FusedAdamW backends.
 
-The kernels (kernels/adamw.py) read:
+Both backends' kernels read the same tables (kernels/adamw.py; csrc/adamw.cu mirrors the columns in adamw.h):
 
 * the tensor table, int64 ``[tensors, META_WIDTH]``: data pointers of param, moments, master copy and step
   counter, numel, param group and a stable param id (``kernels.adamw.meta_row``);

@@ -3,7 +3,9 @@
 ``step()`` never synchronises with the host: the global norm, the clip coefficient and the "was the step finite"
 decision stay on the device. The work runs on one of three backends picked by ``lamelm_fast.ops.dispatch``
 (``LAMELM_KERNELS`` / ``set_backend``): the CUDA extension (csrc/adamw.cu), Triton (kernels/adamw.py) or the
-torch reference (CPU path and test oracle); all three share this class's state and semantics.
+torch reference (CPU path and test oracle); all three share this class's state and semantics. The CUDA and Triton
+kernels read the same device tables (_adamw_tables.py), so either takes 3 launches per step (one bucket) whatever
+the number of tensors.
 """
 
 from __future__ import annotations
