@@ -1,13 +1,13 @@
 // Multi-tensor fused AdamW with global grad-norm clipping (CUDA backend of lamelm_fast.optim.FusedAdamW).
 //
-// Multi-tensor apply: each launch carries a fixed-size table of tensor pointers in its kernel arguments (no table
-// upload, nothing to free) and one thread block per chunk of `chunk_size` elements. Blocks find their tensor by
-// binary search over the table's chunk prefix sums. Tables are sized to stay under the 4 KB argument limit of
-// every architecture; a list longer than a table is split over several launches.
+// Multi-tensor apply over device-resident tables, the same ones the Triton kernels read (layout in adamw.h; built
+// and uploaded only when they change by lamelm_fast/optim/_adamw_tables.py): one thread block per entry of a chunk
+// table finds its tensor's pointers in the tensor table and the gradient-pointer vector. So a step is three launches per bucket set (sum of
+// squares, finalize, update) whatever the number of tensors, with no per-launch table in the kernel arguments.
 //
 // Same math and rounding choices as kernels/adamw.py: fp32 arithmetic, fp64 bias corrections, the global norm
-// summed in a fixed order (deterministic), non-finite norm = nothing written, the same integer hash for
-// stochastic rounding (so every backend draws the same bits).
+// summed in a fixed order (deterministic, no atomics), non-finite norm = nothing written, the same integer hash for
+// stochastic rounding (so every backend draws the same bits), int64 element indices.
 
 #include <cfloat>
 #include <cstdint>
@@ -22,41 +22,31 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
-constexpr int kSumTensors = 160;
-constexpr int kUpdateTensors = 48;
-constexpr int kStepPointers = 448;
-constexpr int64_t kMaxLaunchChunks = int64_t(1) << 30;  // keeps chunk prefix sums in int32
 
-struct SumTable {
-  const void* grad[kSumTensors];
-  int64_t numel[kSumTensors];
-  int32_t chunk_begin[kSumTensors + 1];
-  int32_t count;
+// A pointer stored as an integer in a table: device memory, which the compiler must be told to get global (not
+// generic) loads and stores through a pointer read from memory. Never called for an unused (0) entry.
+template <typename T> __device__ __forceinline__ T* table_pointer(const int64_t* entry) {
+  T* p = reinterpret_cast<T*>(static_cast<uintptr_t>(*entry));
+  __builtin_assume(__isGlobal(p));
+  return p;
+}
+
+// The block's chunk: its tensor (table index and row) and its element range [start, end) within that tensor.
+struct Chunk {
+  int64_t index;
+  const int64_t* row;
+  int64_t start, end;
 };
 
-struct UpdateTable {
-  void* param[kUpdateTensors];
-  const void* grad[kUpdateTensors];
-  float* exp_avg[kUpdateTensors];
-  float* exp_avg_sq[kUpdateTensors];
-  float* master[kUpdateTensors];
-  float* step[kUpdateTensors];
-  int64_t numel[kUpdateTensors];
-  int32_t chunk_begin[kUpdateTensors + 1];
-  int32_t group[kUpdateTensors];
-  uint32_t param_id[kUpdateTensors];
-  int32_t count;
-};
-
-struct StepTable {
-  float* step[kStepPointers];
-  int32_t count;
-};
-
-// Leave room for the other kernel arguments under the 4 KB limit.
-static_assert(sizeof(SumTable) <= 3840, "SumTable too large for kernel arguments");
-static_assert(sizeof(UpdateTable) <= 3840, "UpdateTable too large for kernel arguments");
-static_assert(sizeof(StepTable) <= 3840, "StepTable too large for kernel arguments");
+__device__ __forceinline__ Chunk block_chunk(const int64_t* meta, const int64_t* chunks, int64_t chunk_size) {
+  const int64_t* entry = chunks + 2 * static_cast<int64_t>(blockIdx.x);
+  Chunk c;
+  c.index = entry[0];
+  c.row = meta + c.index * LAMELM_META_WIDTH;
+  c.start = entry[1] * chunk_size;
+  c.end = min(c.start + chunk_size, c.row[LAMELM_META_NUMEL]);
+  return c;
+}
 
 template <typename T> __device__ __forceinline__ float to_float(T x);
 template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
@@ -86,16 +76,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 to_param<__nv_bfloat16>(flo
   return __float2bfloat16_rn(__uint_as_float((__float_as_uint(x) + noise) & 0xFFFF0000u));  // exact
 }
 
-template <int N>
-__device__ __forceinline__ int find_tensor(const int32_t (&chunk_begin)[N], int32_t count, int32_t chunk) {
-  int lo = 0, hi = count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (chunk_begin[mid] <= chunk) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 // Sum over the block in a fixed order; the result is valid in thread 0.
 __device__ __forceinline__ float block_sum(float x) {
   __shared__ float warp_sums[32];
@@ -120,16 +100,17 @@ template <typename T> __device__ __forceinline__ void load4(const T* p, int64_t 
 }
 
 template <typename G, bool kVec>
-__global__ void __launch_bounds__(kThreads) sum_squares_kernel(SumTable table, int64_t chunk_size, float* partials) {
-  const int t = find_tensor(table.chunk_begin, table.count, blockIdx.x);
-  const int64_t start = static_cast<int64_t>(blockIdx.x - table.chunk_begin[t]) * chunk_size;
-  const int64_t end = min(start + chunk_size, table.numel[t]);
-  const G* grad = static_cast<const G*>(table.grad[t]);
+__global__ void __launch_bounds__(kThreads) sum_squares_kernel(const int64_t* __restrict__ meta,
+                                                               const int64_t* __restrict__ grads,
+                                                               const int64_t* __restrict__ chunks, int64_t chunk_size,
+                                                               float* __restrict__ partials) {
+  const Chunk c = block_chunk(meta, chunks, chunk_size);
+  const G* grad = table_pointer<const G>(grads + c.index);
   float acc = 0.0f;
-  int64_t i = start;
+  int64_t i = c.start;
   if (kVec) {
-    const int64_t vec_end = start + ((end - start) & ~int64_t(3));
-    for (i = start + 4 * threadIdx.x; i < vec_end; i += 4 * kThreads) {
+    const int64_t vec_end = c.start + ((c.end - c.start) & ~int64_t(3));
+    for (i = c.start + 4 * threadIdx.x; i < vec_end; i += 4 * kThreads) {
       float g[4];
       load4(grad, i, g);
 #pragma unroll
@@ -137,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) sum_squares_kernel(SumTable table, i
     }
     i = vec_end;
   }
-  for (i += threadIdx.x; i < end; i += kThreads) {
+  for (i += threadIdx.x; i < c.end; i += kThreads) {
     const float g = to_float(grad[i]);
     acc += g * g;
   }
@@ -145,26 +126,37 @@ __global__ void __launch_bounds__(kThreads) sum_squares_kernel(SumTable table, i
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
-__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const float* partials, int64_t num_partials,
-                                                                   float* norm_out, int64_t* skipped,
-                                                                   StepTable steps, bool compute_norm) {
+// One block: the norm, the skip count and every tensor's step counter, whatever the number of tensors.
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const float* __restrict__ partials,
+                                                                   int64_t num_partials, const int64_t* meta,
+                                                                   int64_t num_tensors, float* norm_out,
+                                                                   int64_t* skipped) {
   __shared__ float norm;
-  if (compute_norm) {
-    float acc = 0.0f;
-    for (int64_t i = threadIdx.x; i < num_partials; i += kFinalizeThreads) acc += partials[i];
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) {
-      norm = sqrtf(acc);
-      *norm_out = norm;
-      if (!(norm <= FLT_MAX)) *skipped += 1;
-    }
-  } else if (threadIdx.x == 0) {
-    norm = *norm_out;  // a later batch of step counters: the first launch computed the norm
+  float acc = 0.0f;
+  for (int64_t i = threadIdx.x; i < num_partials; i += kFinalizeThreads) acc += partials[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) {
+    norm = sqrtf(acc);
+    *norm_out = norm;
+    if (!(norm <= FLT_MAX)) *skipped += 1;
   }
   __syncthreads();
   if (norm <= FLT_MAX) {
-    for (int i = threadIdx.x; i < steps.count; i += kFinalizeThreads) *steps.step[i] += 1.0f;
+    for (int64_t i = threadIdx.x; i < num_tensors; i += kFinalizeThreads) {
+      *table_pointer<float>(meta + i * LAMELM_META_WIDTH + LAMELM_META_STEP) += 1.0f;
+    }
   }
+}
+
+// 1 - beta**exponent in fp64 by square-and-multiply, the same operations as _one_minus_pow in kernels/adamw.py (so
+// both backends get the same bias corrections); inline, where a pow() call would spill live registers around it.
+__device__ __forceinline__ double one_minus_pow(double beta, int32_t exponent) {
+  double power = 1.0;
+  for (; exponent > 0; exponent >>= 1) {
+    if (exponent & 1) power *= beta;
+    beta *= beta;
+  }
+  return 1.0 - power;
 }
 
 struct Scalars {
@@ -192,17 +184,19 @@ __device__ __forceinline__ void update_one(P* param, const G* grad, float* exp_a
 }
 
 template <typename P, typename G, bool kVec>
-__global__ void __launch_bounds__(kThreads) adamw_update_kernel(UpdateTable table, const double* hyper,
-                                                                const float* norm_ptr, uint32_t seed,
-                                                                int64_t chunk_size, bool stochastic) {
+__global__ void __launch_bounds__(kThreads) adamw_update_kernel(const int64_t* __restrict__ meta,
+                                                                const int64_t* __restrict__ grads,
+                                                                const int64_t* __restrict__ chunks,
+                                                                const double* __restrict__ hyper,
+                                                                const float* __restrict__ norm_ptr, uint32_t seed,
+                                                                int64_t chunk_size, bool use_master,
+                                                                bool stochastic) {
   const float norm = *norm_ptr;
   if (!(norm <= FLT_MAX)) return;  // non-finite global norm: the step is skipped
-  const int t = find_tensor(table.chunk_begin, table.count, blockIdx.x);
-  const int64_t start = static_cast<int64_t>(blockIdx.x - table.chunk_begin[t]) * chunk_size;
-  const int64_t end = min(start + chunk_size, table.numel[t]);
-  const double* h = hyper + static_cast<int64_t>(table.group[t]) * LAMELM_HYPER_WIDTH;
+  const Chunk c = block_chunk(meta, chunks, chunk_size);
+  const double* h = hyper + c.row[LAMELM_META_GROUP] * LAMELM_HYPER_WIDTH;
   const double lr = h[LAMELM_LR], beta1 = h[LAMELM_BETA1], beta2 = h[LAMELM_BETA2];
-  const float step = *table.step[t];  // already advanced by finalize_kernel
+  const float step = *table_pointer<const float>(c.row + LAMELM_META_STEP);  // already advanced by finalize_kernel
   Scalars s;
   s.clip = fminf(static_cast<float>(h[LAMELM_MAX_NORM]) / (norm + 1e-6f), 1.0f);  // as clip_grad_norm_
   s.lerp_weight = static_cast<float>(1.0 - beta1);
@@ -210,15 +204,17 @@ __global__ void __launch_bounds__(kThreads) adamw_update_kernel(UpdateTable tabl
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   s.eps = static_cast<float>(h[LAMELM_EPS]);
   s.decay = static_cast<float>(1.0 - lr * h[LAMELM_WEIGHT_DECAY]);
-  s.step_size = static_cast<float>(lr / (1.0 - pow(beta1, static_cast<double>(step))));
-  s.bias_correction2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, static_cast<double>(step))));
-  const uint32_t key = mix32(seed ^ mix32(table.param_id[t] ^ mix32(static_cast<uint32_t>(step))));
+  s.step_size = static_cast<float>(lr / one_minus_pow(beta1, static_cast<int32_t>(step)));
+  s.bias_correction2_sqrt = static_cast<float>(sqrt(one_minus_pow(beta2, static_cast<int32_t>(step))));
+  const uint32_t param_id = static_cast<uint32_t>(c.row[LAMELM_META_PARAM_ID]);  // low 32 bits, as the Triton kernel
+  const uint32_t key = mix32(seed ^ mix32(param_id ^ mix32(static_cast<uint32_t>(step))));
 
-  P* param = static_cast<P*>(table.param[t]);
-  const G* grad = static_cast<const G*>(table.grad[t]);
-  float* exp_avg = table.exp_avg[t];
-  float* exp_avg_sq = table.exp_avg_sq[t];
-  float* master = table.master[t];
+  P* param = table_pointer<P>(c.row + LAMELM_META_PARAM);
+  const G* grad = table_pointer<const G>(grads + c.index);
+  float* exp_avg = table_pointer<float>(c.row + LAMELM_META_EXP_AVG);
+  float* exp_avg_sq = table_pointer<float>(c.row + LAMELM_META_EXP_AVG_SQ);
+  float* master = use_master ? table_pointer<float>(c.row + LAMELM_META_MASTER) : nullptr;
+  const int64_t start = c.start, end = c.end;
   int64_t i = start;
   if (kVec) {
     const int64_t vec_end = start + ((end - start) & ~int64_t(3));
@@ -245,152 +241,106 @@ __global__ void __launch_bounds__(kThreads) adamw_update_kernel(UpdateTable tabl
                                                             stochastic, key);
 }
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-int64_t chunks_of(int64_t numel, int64_t chunk_size) { return (numel + chunk_size - 1) / chunk_size; }
-
-// Fills fixed-size tables from a tensor list and launches one kernel per full table. `add` stores tensor `i` at
-// slot `c`; `launch(table, chunks, vectorizable)` launches. Empty tensors have no chunks and are not listed.
-template <int kCapacity, typename Table, typename Add, typename Launch>
-int for_each_table(const lamelm_adamw_tensor* tensors, int64_t count, int64_t chunk_size, Add add, Launch launch) {
-  Table table;
-  table.count = 0;
-  int64_t chunks = 0;
-  bool vectorizable = true;
-  auto flush = [&]() -> int {
-    if (table.count == 0) return 0;
-    table.chunk_begin[table.count] = static_cast<int32_t>(chunks);
-    launch(table, chunks, vectorizable);
-    table.count = 0;
-    chunks = 0;
-    vectorizable = true;
-    return static_cast<int>(cudaGetLastError());
-  };
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t n = chunks_of(tensors[i].numel, chunk_size);
-    if (n == 0) continue;
-    if (table.count == kCapacity || chunks + n > kMaxLaunchChunks) {
-      if (const int error = flush()) return error;
-    }
-    table.chunk_begin[table.count] = static_cast<int32_t>(chunks);
-    vectorizable &= add(table, table.count, tensors[i]);
-    ++table.count;
-    chunks += n;
-  }
-  return flush();
-}
-
 template <typename G>
-int sum_squares(const lamelm_adamw_tensor* tensors, int64_t count, int64_t chunk_size, float* partials,
-                cudaStream_t stream) {
-  auto add = [](SumTable& table, int c, const lamelm_adamw_tensor& t) {
-    table.grad[c] = t.grad;
-    table.numel[c] = t.numel;
-    return aligned(t.grad, 4 * sizeof(G));
-  };
-  auto launch = [&](const SumTable& table, int64_t chunks, bool vectorizable) {
-    if (vectorizable) {
-      sum_squares_kernel<G, true><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(table, chunk_size,
-                                                                                           partials);
-    } else {
-      sum_squares_kernel<G, false><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(table, chunk_size,
-                                                                                            partials);
-    }
-    partials += chunks;
-  };
-  return for_each_table<kSumTensors, SumTable>(tensors, count, chunk_size, add, launch);
+int sum_squares(const int64_t* meta, const int64_t* grads, const int64_t* chunks, int64_t num_chunks, bool vectorized,
+                int64_t chunk_size, float* partials, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(num_chunks);
+  if (vectorized) {
+    sum_squares_kernel<G, true><<<blocks, kThreads, 0, stream>>>(meta, grads, chunks, chunk_size, partials);
+  } else {
+    sum_squares_kernel<G, false><<<blocks, kThreads, 0, stream>>>(meta, grads, chunks, chunk_size, partials);
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename P, typename G>
-int update(const lamelm_adamw_tensor* tensors, int64_t count, bool use_master, bool stochastic, uint32_t seed,
-           const double* hyper, const float* norm, int64_t chunk_size, cudaStream_t stream) {
-  auto add = [use_master](UpdateTable& table, int c, const lamelm_adamw_tensor& t) {
-    table.param[c] = t.param;
-    table.grad[c] = t.grad;
-    table.exp_avg[c] = t.exp_avg;
-    table.exp_avg_sq[c] = t.exp_avg_sq;
-    table.master[c] = use_master ? t.master : nullptr;
-    table.step[c] = t.step;
-    table.numel[c] = t.numel;
-    table.group[c] = t.group;
-    table.param_id[c] = t.param_id;
-    return aligned(t.param, 4 * sizeof(P)) && aligned(t.grad, 4 * sizeof(G)) && aligned(t.exp_avg, 16) &&
-           aligned(t.exp_avg_sq, 16) && aligned(table.master[c], 16);
-  };
-  auto launch = [&](const UpdateTable& table, int64_t chunks, bool vectorizable) {
-    const unsigned blocks = static_cast<unsigned>(chunks);
-    if (vectorizable) {
-      adamw_update_kernel<P, G, true><<<blocks, kThreads, 0, stream>>>(table, hyper, norm, seed, chunk_size,
-                                                                       stochastic);
-    } else {
-      adamw_update_kernel<P, G, false><<<blocks, kThreads, 0, stream>>>(table, hyper, norm, seed, chunk_size,
-                                                                        stochastic);
-    }
-  };
-  return for_each_table<kUpdateTensors, UpdateTable>(tensors, count, chunk_size, add, launch);
+int update(const int64_t* meta, const int64_t* grads, const int64_t* chunks, int64_t num_chunks, bool use_master,
+           bool stochastic, bool vectorized, uint32_t seed, const double* hyper, const float* norm, int64_t chunk_size,
+           cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(num_chunks);
+  if (vectorized) {
+    adamw_update_kernel<P, G, true><<<blocks, kThreads, 0, stream>>>(meta, grads, chunks, hyper, norm, seed,
+                                                                     chunk_size, use_master, stochastic);
+  } else {
+    adamw_update_kernel<P, G, false><<<blocks, kThreads, 0, stream>>>(meta, grads, chunks, hyper, norm, seed,
+                                                                      chunk_size, use_master, stochastic);
+  }
+  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename P>
-int update_for_grad(int grad_dtype, const lamelm_adamw_tensor* tensors, int64_t count, bool use_master,
-                    bool stochastic, uint32_t seed, const double* hyper, const float* norm, int64_t chunk_size,
-                    cudaStream_t stream) {
+int update_for_grad(int grad_dtype, const int64_t* meta, const int64_t* grads, const int64_t* chunks,
+                    int64_t num_chunks, bool use_master, bool stochastic, bool vectorized, uint32_t seed,
+                    const double* hyper, const float* norm, int64_t chunk_size, cudaStream_t stream) {
   switch (grad_dtype) {
     case LAMELM_FLOAT32:
-      return update<P, float>(tensors, count, use_master, stochastic, seed, hyper, norm, chunk_size, stream);
+      return update<P, float>(meta, grads, chunks, num_chunks, use_master, stochastic, vectorized, seed, hyper, norm,
+                              chunk_size, stream);
     case LAMELM_FLOAT16:
-      return update<P, __half>(tensors, count, use_master, stochastic, seed, hyper, norm, chunk_size, stream);
+      return update<P, __half>(meta, grads, chunks, num_chunks, use_master, stochastic, vectorized, seed, hyper, norm,
+                               chunk_size, stream);
     case LAMELM_BFLOAT16:
-      return update<P, __nv_bfloat16>(tensors, count, use_master, stochastic, seed, hyper, norm, chunk_size,
-                                      stream);
+      return update<P, __nv_bfloat16>(meta, grads, chunks, num_chunks, use_master, stochastic, vectorized, seed,
+                                      hyper, norm, chunk_size, stream);
     default:
       return LAMELM_INVALID_ARGUMENT;
   }
 }
 
+// Chunks are one block each (grid x is at most 2^31 - 1) and start at multiples of 4 (vector accesses).
+bool valid_chunks(int64_t num_chunks, int64_t chunk_size) {
+  return num_chunks >= 0 && num_chunks <= INT32_MAX && chunk_size > 0 && chunk_size % 4 == 0;
+}
+
 }  // namespace
 
-extern "C" int lamelm_adamw_sum_squares(const lamelm_adamw_tensor* tensors, int64_t count, int grad_dtype,
-                                        int64_t chunk_size, float* partials, void* stream) {
-  if (chunk_size <= 0 || chunk_size % 4 != 0) return LAMELM_INVALID_ARGUMENT;
+extern "C" int lamelm_adamw_sum_squares(const int64_t* meta, const int64_t* grads, const int64_t* chunks,
+                                        int64_t num_chunks, int grad_dtype, int vectorized, int64_t chunk_size,
+                                        float* partials, void* stream) {
+  if (!valid_chunks(num_chunks, chunk_size)) return LAMELM_INVALID_ARGUMENT;
+  if (num_chunks == 0) return 0;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool vec = vectorized != 0;
   switch (grad_dtype) {
-    case LAMELM_FLOAT32: return sum_squares<float>(tensors, count, chunk_size, partials, s);
-    case LAMELM_FLOAT16: return sum_squares<__half>(tensors, count, chunk_size, partials, s);
-    case LAMELM_BFLOAT16: return sum_squares<__nv_bfloat16>(tensors, count, chunk_size, partials, s);
-    default: return LAMELM_INVALID_ARGUMENT;
+    case LAMELM_FLOAT32:
+      return sum_squares<float>(meta, grads, chunks, num_chunks, vec, chunk_size, partials, s);
+    case LAMELM_FLOAT16:
+      return sum_squares<__half>(meta, grads, chunks, num_chunks, vec, chunk_size, partials, s);
+    case LAMELM_BFLOAT16:
+      return sum_squares<__nv_bfloat16>(meta, grads, chunks, num_chunks, vec, chunk_size, partials, s);
+    default:
+      return LAMELM_INVALID_ARGUMENT;
   }
 }
 
-extern "C" int lamelm_adamw_finalize(const float* partials, int64_t num_partials, float* norm, int64_t* skipped,
-                                     float* const* steps, int64_t num_steps, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  int64_t done = 0;
-  do {  // at least one launch: the norm is computed even when there are no step counters
-    StepTable table;
-    table.count = static_cast<int32_t>(num_steps - done < kStepPointers ? num_steps - done : kStepPointers);
-    for (int32_t i = 0; i < table.count; ++i) table.step[i] = steps[done + i];
-    finalize_kernel<<<1, kFinalizeThreads, 0, s>>>(partials, num_partials, norm, skipped, table, done == 0);
-    if (const cudaError_t error = cudaGetLastError()) return static_cast<int>(error);
-    done += table.count;
-  } while (done < num_steps);
-  return 0;
+extern "C" int lamelm_adamw_finalize(const float* partials, int64_t num_partials, const int64_t* meta,
+                                     int64_t num_tensors, float* norm, int64_t* skipped, void* stream) {
+  if (num_partials < 0 || num_tensors < 0) return LAMELM_INVALID_ARGUMENT;
+  finalize_kernel<<<1, kFinalizeThreads, 0, static_cast<cudaStream_t>(stream)>>>(partials, num_partials, meta,
+                                                                                num_tensors, norm, skipped);
+  return static_cast<int>(cudaGetLastError());
 }
 
-extern "C" int lamelm_adamw_update(const lamelm_adamw_tensor* tensors, int64_t count, int param_dtype,
-                                   int grad_dtype, int use_master, int stochastic, uint32_t seed, const double* hyper,
-                                   const float* norm, int64_t chunk_size, void* stream) {
-  if (chunk_size <= 0 || chunk_size % 4 != 0) return LAMELM_INVALID_ARGUMENT;
+extern "C" int lamelm_adamw_update(const int64_t* meta, const int64_t* grads, const int64_t* chunks,
+                                   int64_t num_chunks, int param_dtype, int grad_dtype, int use_master, int stochastic,
+                                   int vectorized, uint32_t seed, const double* hyper, const float* norm,
+                                   int64_t chunk_size, void* stream) {
+  if (!valid_chunks(num_chunks, chunk_size)) return LAMELM_INVALID_ARGUMENT;
   if (stochastic && param_dtype != LAMELM_BFLOAT16) return LAMELM_INVALID_ARGUMENT;
   if (use_master && param_dtype == LAMELM_FLOAT32) return LAMELM_INVALID_ARGUMENT;
+  if (num_chunks == 0) return 0;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const bool m = use_master != 0, sr = stochastic != 0;
+  const bool m = use_master != 0, sr = stochastic != 0, vec = vectorized != 0;
   switch (param_dtype) {
     case LAMELM_FLOAT32:
-      return update_for_grad<float>(grad_dtype, tensors, count, m, sr, seed, hyper, norm, chunk_size, s);
+      return update_for_grad<float>(grad_dtype, meta, grads, chunks, num_chunks, m, sr, vec, seed, hyper, norm,
+                                    chunk_size, s);
     case LAMELM_FLOAT16:
-      return update_for_grad<__half>(grad_dtype, tensors, count, m, sr, seed, hyper, norm, chunk_size, s);
+      return update_for_grad<__half>(grad_dtype, meta, grads, chunks, num_chunks, m, sr, vec, seed, hyper, norm,
+                                     chunk_size, s);
     case LAMELM_BFLOAT16:
-      return update_for_grad<__nv_bfloat16>(grad_dtype, tensors, count, m, sr, seed, hyper, norm, chunk_size, s);
+      return update_for_grad<__nv_bfloat16>(grad_dtype, meta, grads, chunks, num_chunks, m, sr, vec, seed, hyper,
+                                            norm, chunk_size, s);
     default:
       return LAMELM_INVALID_ARGUMENT;
   }

@@ -7,12 +7,15 @@ A step is three kinds of launch, whatever the number of tensors:
    counts a skipped step when it is not finite and advances every tensor's step counter when it is.
 3. ``adamw_update``: one program per chunk reads the norm, clips in registers and applies AdamW.
 
-Multi-tensor layout: a device int64 table with one row per tensor (``META_WIDTH`` columns: data pointers, numel,
-param group, a stable param id) plus a chunk table (row, chunk index within the tensor). Kernels load a pointer
-from the table and cast it with ``tl.pointer_type``; this works compiled and in the interpreter, whose loads go to
-raw host addresses. Pointers loaded from memory carry no alignment facts, so the caller states alignment
-(``aligned``) and the kernel re-asserts it with ``tl.multiple_of``; chunk starts are ``index * CHUNK``, which
-Triton knows to be multiples of CHUNK, and full chunks run unmasked: together these allow 16-byte vector accesses.
+Multi-tensor layout: a device int64 table with one row per tensor (``META_WIDTH`` columns: data pointers of
+param, moments, master copy and step counter, numel, param group, a stable param id), a vector of gradient
+pointers (one per row: gradients are re-allocated every step, so they live apart from what stays put) and a chunk
+table (row, chunk index within the tensor); lamelm_fast/optim/_adamw_tables.py builds them, and the CUDA kernels
+(csrc/adamw.cu) read the same ones. Kernels load a pointer from a table and cast it with ``tl.pointer_type``; this
+works compiled and in the interpreter, whose loads go to raw host addresses. Pointers loaded from memory carry no
+alignment facts, so the caller states alignment (``aligned``) and the kernel re-asserts it with
+``tl.multiple_of``; chunk starts are ``index * CHUNK``, which Triton knows to be multiples of CHUNK, and full
+chunks run unmasked: together these allow 16-byte vector accesses.
 
 Arithmetic on loaded values is fp32 (bf16/fp16 are only storage: the interpreter cannot do bf16 arithmetic, and
 fp32 is what torch.optim.AdamW computes in). Per-tensor scalars (bias corrections, step size) are fp64, as
@@ -25,27 +28,29 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns of the tensor table. Unused pointer columns (no master copy) hold 0.
-_PARAM = tl.constexpr(0)
-_GRAD = tl.constexpr(1)
-_EXP_AVG = tl.constexpr(2)
-_EXP_AVG_SQ = tl.constexpr(3)
-_MASTER = tl.constexpr(4)
-_STEP = tl.constexpr(5)
-_NUMEL = tl.constexpr(6)
-_GROUP = tl.constexpr(7)
-_PARAM_ID = tl.constexpr(8)
-META_WIDTH = 9
+# Columns of the tensor table, one row per tensor; csrc/adamw.h mirrors them (LAMELM_META_*), so the CUDA kernels
+# read the same tables. Unused pointer columns (no master copy) hold 0. Gradient pointers are a separate vector.
+META_COLUMNS = ("param", "exp_avg", "exp_avg_sq", "master", "step", "numel", "group", "param_id")
+META_WIDTH = len(META_COLUMNS)
+_PARAM = tl.constexpr(META_COLUMNS.index("param"))
+_EXP_AVG = tl.constexpr(META_COLUMNS.index("exp_avg"))
+_EXP_AVG_SQ = tl.constexpr(META_COLUMNS.index("exp_avg_sq"))
+_MASTER = tl.constexpr(META_COLUMNS.index("master"))
+_STEP = tl.constexpr(META_COLUMNS.index("step"))
+_NUMEL = tl.constexpr(META_COLUMNS.index("numel"))
+_GROUP = tl.constexpr(META_COLUMNS.index("group"))
+_PARAM_ID = tl.constexpr(META_COLUMNS.index("param_id"))
 _META_WIDTH = tl.constexpr(META_WIDTH)
 
-# Columns of the fp64 hyperparameter table, one row per param group. No clipping = +inf.
-_LR = tl.constexpr(0)
-_BETA1 = tl.constexpr(1)
-_BETA2 = tl.constexpr(2)
-_EPS = tl.constexpr(3)
-_WEIGHT_DECAY = tl.constexpr(4)
-_MAX_NORM = tl.constexpr(5)
-HYPER_WIDTH = 6
+# Columns of the fp64 hyperparameter table, one row per param group (csrc/adamw.h: LAMELM_LR...). No clipping = +inf.
+HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "max_norm")
+HYPER_WIDTH = len(HYPER_COLUMNS)
+_LR = tl.constexpr(HYPER_COLUMNS.index("lr"))
+_BETA1 = tl.constexpr(HYPER_COLUMNS.index("beta1"))
+_BETA2 = tl.constexpr(HYPER_COLUMNS.index("beta2"))
+_EPS = tl.constexpr(HYPER_COLUMNS.index("eps"))
+_WEIGHT_DECAY = tl.constexpr(HYPER_COLUMNS.index("weight_decay"))
+_MAX_NORM = tl.constexpr(HYPER_COLUMNS.index("max_norm"))
 _HYPER_WIDTH = tl.constexpr(HYPER_WIDTH)
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -53,10 +58,11 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def meta_row(param: int, grad: int, exp_avg: int, exp_avg_sq: int, master: int, step: int, numel: int, group: int,
+def meta_row(param: int, exp_avg: int, exp_avg_sq: int, master: int, step: int, numel: int, group: int,
              param_id: int) -> tuple[int, ...]:
-    """One row of the tensor table (data pointers as ints; ``master`` 0 when there is no master copy)."""
-    return (param, grad, exp_avg, exp_avg_sq, master, step, numel, group, param_id)
+    """One row of the tensor table, in ``META_COLUMNS`` order (data pointers as ints; ``master`` 0 without a master
+    copy)."""
+    return (param, exp_avg, exp_avg_sq, master, step, numel, group, param_id)
 
 
 def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -66,8 +72,8 @@ def hyper_row(lr: float, beta1: float, beta2: float, eps: float, weight_decay: f
 
 
 @triton.jit
-def _table_pointer(row, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(row + column).to(tl.pointer_type(DTYPE))
+def _table_pointer(entry, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
@@ -130,13 +136,14 @@ def _chunk_sum_squares(grad, start, numel, MASKED: tl.constexpr, CHUNK: tl.const
 
 
 @triton.jit
-def _sum_squares_kernel(meta, chunks, partials, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+def _sum_squares_kernel(meta, grads, chunks, partials, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
                         CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    row = meta + tl.load(chunks + 2 * pid) * _META_WIDTH
+    index = tl.load(chunks + 2 * pid)
+    row = meta + index * _META_WIDTH
     start = tl.load(chunks + 2 * pid + 1) * CHUNK
     numel = tl.load(row + _NUMEL)
-    grad = _table_pointer(row, _GRAD, GRAD_DTYPE, ALIGNED)
+    grad = _table_pointer(grads + index, GRAD_DTYPE, ALIGNED)
     if start + CHUNK <= numel:
         total = _chunk_sum_squares(grad, start, numel, False, CHUNK, BLOCK)
     else:
@@ -200,11 +207,12 @@ def _update_chunk(param, grad, exp_avg, exp_avg_sq, master, start, numel, key, c
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _adamw_kernel(meta, chunks, hyper, norm_ptr, seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-                  MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _adamw_kernel(meta, grads, chunks, hyper, norm_ptr, seed, PARAM_DTYPE: tl.constexpr,
+                  GRAD_DTYPE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    row = meta + tl.load(chunks + 2 * pid) * _META_WIDTH
+    index = tl.load(chunks + 2 * pid)
+    row = meta + index * _META_WIDTH
     start = tl.load(chunks + 2 * pid + 1) * CHUNK
     norm = tl.load(norm_ptr)
     if norm <= _FLT_MAX:  # a non-finite norm skips the step: nothing is written
@@ -226,11 +234,11 @@ def _adamw_kernel(meta, chunks, hyper, norm_ptr, seed, PARAM_DTYPE: tl.constexpr
         if STOCHASTIC:
             param_id = tl.load(row + _PARAM_ID).to(tl.uint32)
             key = _mix32(seed.to(tl.uint32) ^ _mix32(param_id ^ _mix32(step.to(tl.uint32))))
-        param = _table_pointer(row, _PARAM, PARAM_DTYPE, ALIGNED)
-        grad = _table_pointer(row, _GRAD, GRAD_DTYPE, ALIGNED)
-        exp_avg = _table_pointer(row, _EXP_AVG, tl.float32, ALIGNED)
-        exp_avg_sq = _table_pointer(row, _EXP_AVG_SQ, tl.float32, ALIGNED)
-        master = _table_pointer(row, _MASTER, tl.float32, ALIGNED)
+        param = _table_pointer(row + _PARAM, PARAM_DTYPE, ALIGNED)
+        grad = _table_pointer(grads + index, GRAD_DTYPE, ALIGNED)
+        exp_avg = _table_pointer(row + _EXP_AVG, tl.float32, ALIGNED)
+        exp_avg_sq = _table_pointer(row + _EXP_AVG_SQ, tl.float32, ALIGNED)
+        master = _table_pointer(row + _MASTER, tl.float32, ALIGNED)
         lerp_weight = (1.0 - beta1).to(tl.float32)
         one_minus_beta2 = (1.0 - beta2).to(tl.float32)
         eps = tl.load(group + _EPS).to(tl.float32)
@@ -244,12 +252,13 @@ def _adamw_kernel(meta, chunks, hyper, norm_ptr, seed, PARAM_DTYPE: tl.constexpr
                           PARAM_DTYPE, MASTER, STOCHASTIC, True, CHUNK, BLOCK)
 
 
-def sum_squares(meta: torch.Tensor, chunks: torch.Tensor, partials: torch.Tensor, *, grad_dtype: torch.dtype,
-                aligned: bool, chunk_size: int, block: int, num_warps: int = 4) -> None:
-    """``partials[i]`` = fp32 sum of squares of chunk ``chunks[i]`` (``[n, 2]`` int64: table row, chunk index)."""
+def sum_squares(meta: torch.Tensor, grads: torch.Tensor, chunks: torch.Tensor, partials: torch.Tensor, *,
+                grad_dtype: torch.dtype, aligned: bool, chunk_size: int, block: int, num_warps: int = 4) -> None:
+    """``partials[i]`` = fp32 sum of squares of chunk ``chunks[i]`` (``[n, 2]`` int64: table row, chunk index) of
+    the gradient whose pointer is ``grads[row]``."""
     if chunks.shape[0]:
-        _sum_squares_kernel[(chunks.shape[0],)](meta, chunks, partials, _TL_DTYPES[grad_dtype], aligned, chunk_size,
-                                                block, num_warps=num_warps)
+        _sum_squares_kernel[(chunks.shape[0],)](meta, grads, chunks, partials, _TL_DTYPES[grad_dtype], aligned,
+                                                chunk_size, block, num_warps=num_warps)
 
 
 def finalize(partials: torch.Tensor, meta: torch.Tensor, norm: torch.Tensor, skipped: torch.Tensor, *,
@@ -259,9 +268,9 @@ def finalize(partials: torch.Tensor, meta: torch.Tensor, norm: torch.Tensor, ski
                            num_warps=num_warps)
 
 
-def adamw_update(meta: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, norm: torch.Tensor, *,
-                 param_dtype: torch.dtype, grad_dtype: torch.dtype, master: bool, stochastic: bool, seed: int,
-                 aligned: bool, chunk_size: int, block: int, num_warps: int = 4) -> None:
+def adamw_update(meta: torch.Tensor, grads: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor,
+                 norm: torch.Tensor, *, param_dtype: torch.dtype, grad_dtype: torch.dtype, master: bool,
+                 stochastic: bool, seed: int, aligned: bool, chunk_size: int, block: int, num_warps: int = 4) -> None:
     """Clip by ``norm`` and apply AdamW to every chunk of ``chunks``; nothing is written if ``norm`` is not finite.
 
     ``stochastic`` rounds the written param (bf16 only) stochastically; ``master`` reads and writes the fp32 copy.
@@ -269,6 +278,6 @@ def adamw_update(meta: torch.Tensor, chunks: torch.Tensor, hyper: torch.Tensor, 
     if stochastic and param_dtype != torch.bfloat16:
         raise ValueError("stochastic rounding is implemented for bf16 params only")
     if chunks.shape[0]:
-        _adamw_kernel[(chunks.shape[0],)](meta, chunks, hyper, norm, seed, _TL_DTYPES[param_dtype],
+        _adamw_kernel[(chunks.shape[0],)](meta, grads, chunks, hyper, norm, seed, _TL_DTYPES[param_dtype],
                                           _TL_DTYPES[grad_dtype], master, stochastic, aligned, chunk_size, block,
                                           num_warps=num_warps)

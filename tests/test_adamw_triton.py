@@ -14,7 +14,7 @@ from torch import nn
 
 from lamelm_fast.kernels import adamw as kernels
 from lamelm_fast.ops.dispatch import use_backend
-from lamelm_fast.optim import FusedAdamW, _adamw_triton, _adamw_work
+from lamelm_fast.optim import FusedAdamW, _adamw_tables, _adamw_work
 
 
 def lora_like_params(count: int, dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
@@ -43,7 +43,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> Counter:
 
     for name in ("sum_squares", "finalize", "adamw_update"):
         monkeypatch.setattr(kernels, name, counting(name, getattr(kernels, name)))
-    monkeypatch.setattr(_adamw_triton, "upload", counting("upload", _adamw_work.upload))
+    monkeypatch.setattr(_adamw_tables, "upload", counting("upload", _adamw_work.upload))
     monkeypatch.setattr(_adamw_work, "upload", counting("upload", _adamw_work.upload))
     return counts
 
@@ -75,12 +75,19 @@ def test_tables_are_uploaded_only_when_they_change(launches: Counter) -> None:
     with use_backend("triton"):
         opt.step()
         first = launches["upload"]
-        assert first == 3  # tensor table, chunk table, hyperparameters
+        assert first == 4  # tensor table, gradient pointers, chunk table, hyperparameters
         opt.step()  # same gradient tensors, same LR: nothing to upload
         assert launches["upload"] == first
         opt.param_groups[0]["lr"] = 2e-3  # a scheduler step: only the hyperparameter table changes
         opt.step()
         assert launches["upload"] == first + 1
+        for p in params:  # new gradient tensors over the same memory, as the CUDA caching allocator hands out
+            p.grad = p.grad.view(p.shape)
+        opt.step()
+        assert launches["upload"] == first + 1
+        fake_grads(params, 1)  # gradients at new addresses: only the gradient pointers change
+        opt.step()
+        assert launches["upload"] == first + 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real (tests marked gpu)")
@@ -110,7 +117,7 @@ def test_kernels_compile_for_gpus_with_vectorized_accesses() -> None:
         ]
         out = {}
         dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
-        tables = {"meta": "*i64", "chunks": "*i64"}
+        tables = {"meta": "*i64", "grads": "*i64", "chunks": "*i64"}
         for arch in (80, 90):
             for grad in dtypes:
                 out[f"sum {grad} sm{arch}"] = accesses(ptx(k._sum_squares_kernel, {**tables, "partials": "*fp32"},

@@ -1,62 +1,50 @@
-"""The CUDA-extension FusedAdamW backend (csrc/adamw.cu): apex-style multi-tensor apply.
+"""The CUDA-extension FusedAdamW backend (csrc/adamw.cu) over the shared device tables (_adamw_tables.py).
 
-Tensor pointers travel in fixed-size tables inside the kernel arguments (no device table to upload); a launch
-takes as many tensors as fit under the 4 KB kernel-argument limit, so a step is a few launches per bucket.
+The kernels read the same tensor, gradient-pointer and chunk tables as the Triton kernels, so a step is one
+sum-of-squares and one update launch per bucket plus one finalize (3 for a single bucket), whatever the number of
+tensors; the tables are built and uploaded by the same code, only when they change.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from lamelm_fast.kernels.adamw import hyper_row
 from lamelm_fast.ops.dispatch import BackendUnavailable, cuda_extension
-from lamelm_fast.optim._adamw_work import Bucket, HyperTable, StepTensors
+from lamelm_fast.optim._adamw_tables import DeviceTables, TableBackend
+from lamelm_fast.optim._adamw_work import BucketKey
 
 CHUNK_SIZE = 16384  # elements per thread block (the .cu takes it as an argument; a multiple of 4)
+# dtype codes of csrc/adamw.h (LAMELM_FLOAT32...)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-class CudaAdamW:
+class CudaAdamW(TableBackend):
+    name = "CUDA"
+
     def __init__(self) -> None:
-        self._hyper = HyperTable(hyper_row)
+        super().__init__()
+        self._ext = cuda_extension()
+        if self._ext is None:
+            raise BackendUnavailable("the CUDA FusedAdamW backend needs the compiled extension lamelm_fast._C")
+
+    def chunk_size(self) -> int:
+        return CHUNK_SIZE
 
     @staticmethod
-    def _stream(work: StepTensors) -> int:
-        if not work.single_device:
-            raise BackendUnavailable("the CUDA FusedAdamW backend needs all parameters on one device")
-        return torch.cuda.current_stream(work.device).cuda_stream
+    def _stream(device: torch.device) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
 
-    def sum_squares(self, work: StepTensors, buckets: list[Bucket]) -> tuple[Tensor, list[tuple[int, int]]]:
-        stream = self._stream(work)
-        counts = [sum(-(-work.grads[i].numel() // CHUNK_SIZE) for i in b.indices) for b in buckets]
-        partials = torch.empty(sum(counts), dtype=torch.float32, device=work.device)
-        slices, begin = [], 0
-        with torch.cuda.device(work.device):
-            for bucket, count in zip(buckets, counts, strict=True):
-                cuda_extension().adamw_sum_squares([work.grads[i] for i in bucket.indices],
-                                                   partials[begin:begin + count], CHUNK_SIZE, stream)
-                slices.append((begin, begin + count))
-                begin += count
-        return partials, slices
+    def _sum_squares(self, tables: DeviceTables, chunks: Tensor, partials: Tensor, key: BucketKey,
+                     aligned: bool) -> None:
+        self._ext.adamw_sum_squares(tables.meta, tables.grads, chunks, partials, DTYPE_CODES[key.grad_dtype], aligned,
+                                    CHUNK_SIZE, self._stream(partials.device))
 
-    def finalize(self, work: StepTensors, squares: Tensor, skipped: Tensor) -> Tensor:
-        norm = torch.empty((), dtype=torch.float32, device=work.device)
-        with torch.cuda.device(work.device):
-            cuda_extension().adamw_finalize(squares.contiguous(), norm, skipped, work.steps, self._stream(work))
-        return norm
+    def _finalize(self, squares: Tensor, tables: DeviceTables, norm: Tensor, skipped: Tensor) -> None:
+        self._ext.adamw_finalize(squares.contiguous(), tables.meta, norm, skipped, self._stream(norm.device))
 
-    def update(self, work: StepTensors, buckets: list[Bucket], param_groups: list[dict[str, Any]], norm: Tensor,
-               seed: int) -> None:
-        stream = self._stream(work)
-        hyper = self._hyper.get(param_groups, work.device)
-        with torch.cuda.device(work.device):
-            for bucket in buckets:
-                idx = bucket.indices
-                masters = [work.masters[i] for i in idx] if bucket.key.master else []
-                cuda_extension().adamw_update(
-                    [work.params[i] for i in idx], [work.grads[i] for i in idx], [work.exp_avgs[i] for i in idx],
-                    [work.exp_avg_sqs[i] for i in idx], masters, [work.steps[i] for i in idx],
-                    [work.groups[i] for i in idx], [work.param_ids[i] for i in idx], hyper, norm,
-                    bucket.key.stochastic, seed, CHUNK_SIZE, stream)
+    def _update(self, tables: DeviceTables, chunks: Tensor, hyper: Tensor, norm: Tensor, key: BucketKey,
+                aligned: bool, seed: int) -> None:
+        self._ext.adamw_update(tables.meta, tables.grads, chunks, hyper, norm, DTYPE_CODES[key.param_dtype],
+                               DTYPE_CODES[key.grad_dtype], key.master, key.stochastic, aligned, seed, CHUNK_SIZE,
+                               self._stream(norm.device))

@@ -2,7 +2,9 @@
 
 The optimizer gathers the local tensors of every parameter that has a gradient (`StepTensors`) and splits them
 into `Bucket`s of tensors that one kernel launch can take: same param dtype, grad dtype, master-copy and
-stochastic-rounding switches, and the same cross-rank reduction domain for the norm.
+stochastic-rounding switches, and the same cross-rank reduction domain for the norm. Between steps the optimizer
+keeps the same `StepTensors` object and only swaps in the new gradients while nothing else changed, so a backend
+may cache whatever it derives from the other fields for as long as it is handed the same object.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class StepTensors:
     device: torch.device
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
+    grad_ptrs: list[int] = field(default_factory=list)  # data_ptr() of each grad, read once per step
     exp_avgs: list[Tensor] = field(default_factory=list)
     exp_avg_sqs: list[Tensor] = field(default_factory=list)
     masters: list[Tensor | None] = field(default_factory=list)  # fp32 master copy, or None

@@ -3,13 +3,16 @@
 ``step()`` never synchronises with the host: the global norm, the clip coefficient and the "was the step finite"
 decision stay on the device. The work runs on one of three backends picked by ``lamelm_fast.ops.dispatch``
 (``LAMELM_KERNELS`` / ``set_backend``): the CUDA extension (csrc/adamw.cu), Triton (kernels/adamw.py) or the
-torch reference (CPU path and test oracle); all three share this class's state and semantics.
+torch reference (CPU path and test oracle); all three share this class's state and semantics. The CUDA and Triton
+kernels read the same device tables (_adamw_tables.py), so either takes 3 launches per step (one bucket) whatever
+the number of tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import chain
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -71,6 +74,73 @@ def _global_squares(partials: Tensor, slices: list[tuple[int, int]], buckets: li
     return torch.stack(totals)
 
 
+_GRAD = attrgetter("grad")
+_DTYPE = attrgetter("dtype")
+_DATA_PTR = Tensor.data_ptr
+_NUMEL = Tensor.numel
+_IS_CONTIGUOUS = Tensor.is_contiguous
+
+
+class _GroupPlan:
+    """What one param group looked like when the plan was made."""
+
+    __slots__ = ("params", "options", "param_ptrs", "present", "absent", "grad_dtypes", "grad_numels")
+
+    def __init__(self, group: dict[str, Any], present: list[bool], grad_dtypes: list[torch.dtype],
+                 grad_numels: list[int]) -> None:
+        self.params: list[Tensor] = group["params"]
+        self.options = (group["master_weights"], group["stochastic_rounding"])
+        self.param_ptrs = list(map(_DATA_PTR, self.params))  # a param whose .data was replaced moves
+        # Selectors of the params that had a gradient and of those that had none (None when all had one).
+        self.present = None if all(present) else present
+        self.absent = None if all(present) else [not p for p in present]
+        self.grad_dtypes, self.grad_numels = grad_dtypes, grad_numels
+
+
+class _StepPlan:
+    """The last step's `StepTensors` and buckets, re-used while only the gradient tensors changed.
+
+    ``refresh`` reads what can change between steps (each param's data pointer and gradient; each gradient's
+    pointer, dtype, numel and contiguity; the param lists, group switches and the state dict) with C-level passes
+    over the param lists, and returns None on any difference, so that the step rebuilds everything. State changes
+    the optimizer makes itself (load_state_dict, add_param_group, new state) drop the plan explicitly or change
+    ``len(state)``.
+    """
+
+    __slots__ = ("work", "buckets", "state", "state_len", "groups")
+
+    def __init__(self, work: StepTensors, buckets: list[Bucket], state: dict, groups: list[_GroupPlan]) -> None:
+        self.work, self.buckets, self.groups = work, buckets, groups
+        self.state, self.state_len = state, len(state)
+
+    def refresh(self, param_groups: list[dict[str, Any]], state: dict) -> StepTensors | None:
+        if state is not self.state or len(state) != self.state_len or len(param_groups) != len(self.groups):
+            return None
+        grads: list[Tensor] = []
+        ptrs: list[int] = []
+        for group, plan in zip(param_groups, self.groups, strict=True):
+            params = group["params"]
+            if (params is not plan.params or (group["master_weights"], group["stochastic_rounding"]) != plan.options
+                    or list(map(_DATA_PTR, params)) != plan.param_ptrs):
+                return None
+            group_grads = list(map(_GRAD, params))
+            if plan.present is not None:
+                if not all(map(is_, compress(group_grads, plan.absent), repeat(None))):
+                    return None  # a param without a gradient got one
+                group_grads = list(compress(group_grads, plan.present))
+            try:
+                group_ptrs = list(map(_DATA_PTR, group_grads))
+            except (TypeError, RuntimeError):  # a gradient is gone (None), or has no storage (sparse)
+                return None
+            if (list(map(_DTYPE, group_grads)) != plan.grad_dtypes or list(map(_NUMEL, group_grads)) != plan.grad_numels
+                    or not all(map(_IS_CONTIGUOUS, group_grads))):
+                return None
+            grads += group_grads
+            ptrs += group_ptrs
+        self.work.grads, self.work.grad_ptrs = grads, ptrs
+        return self.work
+
+
 def _backend_class(name: str) -> type:
     if name == "triton":
         from lamelm_fast.optim._adamw_triton import TritonAdamW
@@ -100,6 +170,12 @@ class FusedAdamW(torch.optim.Optimizer):
     * ``master_weights``: keep an fp32 copy of bf16/fp16 params (state ``"master_param"``); the update is computed
       on it and written back to the param, rounded, in the same pass.
     * ``stochastic_rounding``: round the written bf16 param stochastically (unbiased); ``seed`` fixes the bits.
+
+    The per-step host work is small because a step re-uses the last one's bookkeeping (state lookups, buckets,
+    device tables) while only the gradients changed: it checks every param's data pointer and every gradient's
+    pointer, dtype, numel and contiguity, and rebuilds on any change (``.data`` replaced, gradients appearing or
+    going, load_state_dict, add_param_group, group switches). State tensors swapped by hand for other tensors
+    (``opt.state[p]["exp_avg"] = t``) are not noticed: load state with ``load_state_dict``.
     """
 
     def __init__(
@@ -130,6 +206,7 @@ class FusedAdamW(torch.optim.Optimizer):
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
         }
+        self._plan: _StepPlan | None = None
         super().__init__(params, defaults)
         self.grad_norm: Tensor | None = None
         device = _local(self.param_groups[0]["params"][0]).device
@@ -144,6 +221,11 @@ class FusedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for key in _OUR_GROUP_KEYS:
                 group.setdefault(key, self.defaults[key])
+        self._plan = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._plan = None
 
     def _init_state(self, param: Tensor, state: dict[str, Tensor]) -> None:
         state["step"] = torch.zeros((), dtype=torch.float32, device=_local(param).device)
@@ -153,20 +235,35 @@ class FusedAdamW(torch.optim.Optimizer):
     def _collect(self) -> tuple[StepTensors, list[Bucket]] | None:
         """Local tensors of every param with a gradient, and their buckets; None if no param has a gradient.
 
-        Runs every step over every param (hundreds for LoRA), so it keeps per-param Python work small.
+        Runs every step over every param (hundreds for LoRA): while only the gradient tensors changed since the
+        last step, the last step's tensors and buckets are re-used (`_StepPlan`); else they are rebuilt here.
         """
+        plan = self._plan
+        if plan is not None:
+            work = plan.refresh(self.param_groups, self.state)
+            if work is not None:
+                return work, plan.buckets
+        self._plan = None
         work: StepTensors | None = None
         buckets: dict[tuple, list[int]] = {}
+        group_plans: list[_GroupPlan] = []
+        cacheable = True  # DTensors and gradients made contiguous here are rebuilt every step
         param_id = -1
         for group_index, group in enumerate(self.param_groups):
             use_master, use_stochastic = group["master_weights"], group["stochastic_rounding"]
+            present, grad_dtypes, grad_numels = [], [], []
             for param in group["params"]:
                 param_id += 1
                 grad = param.grad
+                present.append(grad is not None)
+                if DTensor is not None and isinstance(param, DTensor):
+                    cacheable = False
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError("FusedAdamW does not support sparse gradients")
+                grad_dtypes.append(grad.dtype)
+                grad_numels.append(grad.numel())
                 state = self.state[param]
                 if not state:
                     self._init_state(param, state)
@@ -184,8 +281,10 @@ class FusedAdamW(torch.optim.Optimizer):
                     domain = _reduction_domain(grad)
                     param, grad, exp_avg, exp_avg_sq = (t.to_local() for t in (param, grad, exp_avg, exp_avg_sq))
                     master = None if master is None else master.to_local()
-                if not grad.is_contiguous() and param.is_contiguous():
-                    grad = grad.contiguous()
+                if not grad.is_contiguous():
+                    cacheable = False
+                    if param.is_contiguous():
+                        grad = grad.contiguous()
                 if work is None:
                     work = StepTensors(param.device)
                 elif param.device != work.device:
@@ -194,15 +293,21 @@ class FusedAdamW(torch.optim.Optimizer):
                     len(work.params))
                 work.params.append(param)
                 work.grads.append(grad)
+                work.grad_ptrs.append(grad.data_ptr())
                 work.exp_avgs.append(exp_avg)
                 work.exp_avg_sqs.append(exp_avg_sq)
                 work.masters.append(master)
                 work.steps.append(state["step"])
                 work.groups.append(group_index)
                 work.param_ids.append(param_id)
+            if cacheable:
+                group_plans.append(_GroupPlan(group, present, grad_dtypes, grad_numels))
         if work is None:
             return None
-        return work, [Bucket(BucketKey(*key), tuple(indices)) for key, indices in buckets.items()]
+        bucket_list = [Bucket(BucketKey(*key), tuple(indices)) for key, indices in buckets.items()]
+        if cacheable:
+            self._plan = _StepPlan(work, bucket_list, self.state, group_plans)
+        return work, bucket_list
 
     def _backend(self, work: StepTensors) -> Any:
         name = resolve_backend(work.device, has_cuda=True)
@@ -226,11 +331,14 @@ class FusedAdamW(torch.optim.Optimizer):
         work, buckets = collected
         if self.skipped_steps.device != work.device:  # the model moved after the optimizer was built: once only
             self.skipped_steps = self.skipped_steps.to(work.device)
-        backend = self._backend(work)
-        partials, slices = backend.sum_squares(work, buckets)
-        squares = _global_squares(partials, slices, buckets)
-        norm = backend.finalize(work, squares, self.skipped_steps)
-        backend.update(work, buckets, self.param_groups, norm, self.seed)
+        try:
+            backend = self._backend(work)
+            partials, slices = backend.sum_squares(work, buckets)
+            squares = _global_squares(partials, slices, buckets)
+            norm = backend.finalize(work, squares, self.skipped_steps)
+            backend.update(work, buckets, self.param_groups, norm, self.seed)
+        finally:
+            work.grads = []  # the plan keeps `work` until the next step: it must not keep the gradients alive
         self.grad_norm = norm
         return loss
 
@@ -262,3 +370,4 @@ class FusedAdamW(torch.optim.Optimizer):
         # A torch.optim.AdamW state dict has no skip count: it starts at 0, as on a fresh FusedAdamW.
         self.skipped_steps.copy_(state_dict.get("skipped_steps", torch.zeros((), dtype=torch.int64)))
         self.seed = state_dict.get("seed", self.seed)
+        self._plan = None  # the state tensors were replaced
