@@ -463,6 +463,27 @@ def test_bf16_inputs(reduction: str) -> None:
     assert all(dtype == torch.float32 for _, dtype in accumulations)
 
 
+def test_one_chunk_writes_the_weight_gradient_without_an_fp32_buffer(backend: str) -> None:
+    """All rows in one chunk, 16-bit inputs: grad_weight is the product of one GEMM in the input dtype; no V x H fp32
+    tensor exists (with several chunks one does: the accumulator). Same values as the float64 reference."""
+    if backend != "triton":
+        pytest.skip("the torch reference computes the gradients in fp32, the compute dtype")
+    dtype = torch.float16  # the interpreter's bf16 arithmetic is not the GPU's
+    hidden, weight, _, labels = _inputs(seed=41)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with _OpRecorder() as recorder:
+        fused_linear_cross_entropy(leaves[0], leaves[1], labels, chunk_size=N).backward()
+    assert not any(shape == (V, H) and kind == torch.float32 for _, shape, kind in recorder.records)
+    assert leaves[1].grad.dtype == dtype
+    _, ref_grads = _loss_and_grads(_reference, hidden, weight, None, labels, dtype=torch.float64)
+    assert _rel_err(leaves[1].grad, ref_grads[1]) < 1e-2
+    with _OpRecorder() as recorder:
+        fused_linear_cross_entropy(*(t.detach().requires_grad_() for t in (hidden, weight)), labels,
+                                   chunk_size=N // 2).backward()
+    assert any(shape == (V, H) and kind == torch.float32 for _, shape, kind in recorder.records)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 8, None])
 @pytest.mark.parametrize(
     "opts",

@@ -156,8 +156,13 @@ def _chunked_pass(
     losses = torch.empty(n_rows, dtype=compute_dtype, device=device)
     correct_rows = torch.empty(n_rows, dtype=torch.int32, device=device) if want_correct else None
     grad_hidden = torch.empty(n_rows, hidden_size, dtype=hidden.dtype, device=device) if need_hidden else None
-    # Accumulators stay in the compute dtype even for bf16 inputs: many chunks are summed into them.
-    grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device) if need_weight else None
+    # Several chunks are summed into an accumulator in the compute dtype, even for bf16 inputs. A single chunk's
+    # product is the whole gradient: one GEMM writes it (fp32 accumulation inside cuBLAS, rounded once), with no
+    # V x H fp32 buffer, zero fill or conversion pass; it is the common case at a few thousand tokens.
+    single_chunk = 0 < n_rows <= chunk_size
+    grad_weight = None
+    if need_weight and not single_chunk:
+        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=device)
     grad_bias = torch.zeros(weight.shape[0], dtype=compute_dtype, device=device) if need_bias else None
     any_grad = need_hidden or need_weight or need_bias
 
@@ -190,7 +195,9 @@ def _chunked_pass(
                 correct_rows[start:end] = correct
         if need_hidden:
             torch.mm(dlogits.to(hidden.dtype), weight, out=grad_hidden[start:end])
-        if need_weight:
+        if need_weight and single_chunk:
+            grad_weight = torch.mm(dlogits.t(), hidden_chunk.to(dlogits.dtype))
+        elif need_weight:
             _accumulate_product(grad_weight, dlogits.t(), hidden_chunk)
         if need_bias:
             grad_bias += dlogits.sum(dim=0, dtype=compute_dtype)
