@@ -654,6 +654,15 @@ def test_default_chunk_size() -> None:
     assert _default_chunk_size(5, vocab, torch.float32, cpu) == 5  # never more than N
     assert _default_chunk_size(0, vocab, torch.float32, cpu) == 1
     assert _default_chunk_size(1_000, 10**9, torch.float32, cpu) == 1  # at least one row
+    # Triton path, 16-bit logits: one chunk while its logits fit the budget plus the fp32 accumulator that several
+    # chunks would need for the weight gradient (64 MiB + 4 B x V x H on CPU).
+    budget_rows = 64 * 2**20 // (2 * vocab)
+    extra_rows = 4 * vocab * 512 // (2 * vocab)  # the accumulator's bytes, in rows of bf16 logits
+    single = budget_rows + extra_rows
+    assert _default_chunk_size(single, vocab, torch.bfloat16, cpu, "triton", 512) == single
+    assert _default_chunk_size(single + 1, vocab, torch.bfloat16, cpu, "triton", 512) <= budget_rows
+    assert _default_chunk_size(single, vocab, torch.bfloat16, cpu, "triton") <= budget_rows  # no weight gradient
+    assert _default_chunk_size(single, vocab, torch.float32, cpu, "triton", 512) <= budget_rows  # fp32: no saving
 
 
 _BAD_ARGUMENTS = [

@@ -57,8 +57,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
-                        backend: str = "torch") -> int:
-    """Rows per chunk such that one chunk of logits plus its gradient fits the memory budget."""
+                        backend: str = "torch", weight_grad_hidden: int = 0) -> int:
+    """Rows per chunk such that one chunk of logits plus its gradient fits the memory budget.
+
+    ``weight_grad_hidden``: the hidden size when the weight needs a gradient (0 otherwise). With 16-bit inputs on
+    the Triton path several chunks need a [vocab, hidden] fp32 accumulator, one chunk none (_chunked_pass): all
+    rows go in one chunk when its logits take no more than the budget plus that accumulator, so the single chunk
+    never holds more memory than the chunked alternative, and moves less.
+    """
     compute_dtype = _compute_dtype(dtype)
     if backend == "triton":
         row_bytes = vocab * dtype.itemsize  # the kernel overwrites the logits with their gradient
@@ -72,6 +78,9 @@ def _default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: tor
         budget = min(free_bytes // _CUDA_FREE_MEMORY_FRACTION, _CUDA_CHUNK_BYTES_CAP)
     else:
         budget = _CPU_CHUNK_BYTES
+    accumulator_bytes = vocab * weight_grad_hidden * compute_dtype.itemsize if dtype != compute_dtype else 0
+    if backend == "triton" and n_rows * row_bytes <= budget + accumulator_bytes:
+        return max(1, n_rows)
     rows = max(1, min(budget // row_bytes, n_rows))
     # Multiples of 8 keep the matmul shapes friendly to tensor cores and vectorised CPU kernels.
     return rows - rows % 8 if rows > 8 else rows
@@ -426,7 +435,9 @@ def fused_linear_cross_entropy(
     # fp64 is the oracle dtype: the kernel computes in fp32, so fp64 always takes the reference.
     backend = "torch" if hidden.dtype == torch.float64 else resolve_backend(hidden.device)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(n_rows, weight.shape[0], hidden.dtype, hidden.device, backend)
+        weight_grad = weight.requires_grad and torch.is_grad_enabled()
+        chunk_size = _default_chunk_size(n_rows, weight.shape[0], hidden.dtype, hidden.device, backend,
+                                         hidden_size if weight_grad else 0)
     cfg = _LossConfig(ignore_index, float(label_smoothing), float(z_loss), softcap, float(logit_scale))
 
     loss, accuracy = _LinearCrossEntropyFunction.apply(
