@@ -5,7 +5,7 @@ host sync under torch.cuda's sync debug mode, 3 kernel launches per step, a dete
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -44,6 +44,20 @@ def set_grads(params: list[nn.Parameter], step: int) -> None:
         p.grad = (scale * torch.randn(p.shape, device="cuda", generator=gen)).to(p.dtype)
 
 
+def step_beside_torch(opt: FusedAdamW, ref_opt: torch.optim.Optimizer, schedulers: tuple, params: list[nn.Parameter],
+                      ref: list[nn.Parameter], step: int, run_step: Callable[[], object] | None = None) -> None:
+    """One step of ours and of clip_grad_norm_ + torch.optim.AdamW on the same gradients; the norms must agree."""
+    set_grads(params, step)
+    for p, r in zip(params, ref, strict=True):
+        r.grad = p.grad.clone()
+    (run_step or opt.step)()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    ref_opt.step()
+    for scheduler in schedulers:
+        scheduler.step()
+    assert abs(opt.grad_norm.item() / ref_norm.item() - 1) < 1e-5
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
@@ -58,15 +72,7 @@ def test_matches_clip_grad_norm_and_torch_adamw(backend: str) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 + 0.5 * math.sin(s))
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 1.0 + 0.5 * math.sin(s))
     for step in range(12):
-        set_grads(params, step)
-        for p, r in zip(params, ref, strict=True):
-            r.grad = p.grad.clone()
-        opt.step()
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-        ref_opt.step()
-        sched.step()
-        ref_sched.step()
-        assert abs(opt.grad_norm.item() / ref_norm.item() - 1) < 1e-5
+        step_beside_torch(opt, ref_opt, (sched, ref_sched), params, ref, step)
     for p, r in zip(params, ref, strict=True):
         assert rel_err(p.detach(), r.detach()) < 1e-5
         for key in ("exp_avg", "exp_avg_sq"):
@@ -162,21 +168,15 @@ def test_hundreds_of_tensors_in_three_launches(name: str, misaligned: bool) -> N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: 1.0 / (1 + s))
     with use_backend(name):
+        kernels: list[str] = []
+
+        def profiled_step() -> None:
+            kernels.extend(device_work(opt.step)[0])
+
         for step in range(4):
-            set_grads(params, step)
-            for p, r in zip(params, ref, strict=True):
-                r.grad = p.grad.clone()
-            if step == 3:
-                kernels, _ = device_work(opt.step)
-                assert len(kernels) == 3, kernels
-            else:
-                opt.step()
-            ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-            ref_opt.step()
-            sched.step()
-            ref_sched.step()
-            assert abs(opt.grad_norm.item() / ref_norm.item() - 1) < 1e-5
+            step_beside_torch(opt, ref_opt, (sched, ref_sched), params, ref, step, profiled_step if step == 3 else None)
             opt.zero_grad(set_to_none=True)
+        assert len(kernels) == 3, kernels
     for p, r in zip(params, ref, strict=True):
         assert rel_err(p.detach(), r.detach()) < 1e-5
         assert rel_err(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"]) < 1e-5
