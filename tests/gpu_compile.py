@@ -1,11 +1,12 @@
-"""Compile the Triton kernels' GPU variants for a CUDA architecture on a machine without a GPU.
+"""Compile every Triton kernel's GPU variants for a CUDA architecture on a machine without a GPU.
 
 The CPU tests run the kernels in Triton's interpreter, which never compiles them: a kernel that the interpreter runs
 can still fail to compile for a GPU, or compile differently with another Triton release (the GPU machines we are
 lent have an older Triton than CI). This script calls the real launch functions of ``lamelm_fast.kernels`` with CPU
-tensors while Triton believes it drives a CUDA device of the given architecture; each launch is compiled (the
-autotuner's configs one by one) and never run. It reports every (kernel, specialisation, config) it compiled and
-fails on the first one that does not compile.
+tensors (the GPU tile sizes and configs, since ``TRITON_INTERPRET`` is unset) while Triton believes it drives a CUDA
+device of the given architecture; each launch is compiled (the autotuner's configs one by one) and never run. It
+reports every (launch, kernel, specialisation, config) it compiled, with its shared memory, whether it uses the
+tensor cores and its global memory access widths, and fails on the first one that does not compile.
 
 Run without ``TRITON_INTERPRET``: ``python tests/gpu_compile.py --arch 90`` (tests/test_gpu_compile.py does).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +27,9 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-# What a Hopper SM gives one block (227 KB opt-in); a config over it fails at load time and the autotuner skips it.
-MAX_SHARED_BYTES = 232448
+# Shared memory one block may use (opt-in maximum) per architecture; a config over it fails at load time and the
+# autotuner skips it.
+MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 
 
 class _CompileOnlyDriver:
@@ -51,6 +54,7 @@ class CompileRecorder:
     def __init__(self, arch: int) -> None:
         self.arch = arch
         self.compiled: list[dict[str, Any]] = []
+        self.label = ""  # the launch being compiled
         self._seen: set[str] = set()
 
     def __enter__(self) -> CompileRecorder:
@@ -77,19 +81,23 @@ class CompileRecorder:
     def _record(self, kernel: JITFunction, compiled: Any, kwargs: dict[str, Any]) -> None:
         metadata = compiled.metadata
         switches = {k: str(v) for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
-        key = json.dumps([kernel.fn.__name__, compiled.hash if hasattr(compiled, "hash") else "", switches],
-                         sort_keys=True)
+        key = json.dumps([self.label, kernel.fn.__name__, compiled.hash if hasattr(compiled, "hash") else "",
+                          switches], sort_keys=True)
         if key in self._seen:
             return
         self._seen.add(key)
         ptx = compiled.asm.get("ptx", "")
         self.compiled.append({
-            "kernel": kernel.fn.__name__, "switches": switches, "shared": metadata.shared,
+            "launch": self.label, "kernel": kernel.fn.__name__, "switches": switches, "shared": metadata.shared,
             "num_warps": metadata.num_warps, "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx,
+            "accesses": sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*", ptx))),
         })
 
 
-def _cross_entropy_launches() -> list[Callable[[], None]]:
+Launches = dict[str, Callable[[], object]]  # label -> a call of a launch function
+
+
+def _cross_entropy_launches() -> Launches:
     from lamelm_fast.kernels import cross_entropy as k
 
     def rows(dtype: torch.dtype, vocab: int, grad: str, softcap: float | None, correct: bool) -> Callable[[], None]:
@@ -102,15 +110,17 @@ def _cross_entropy_launches() -> list[Callable[[], None]]:
                                  label_smoothing=0.1, z_loss=1e-4, logit_scale=1.0, softcap=softcap)
         return launch
 
-    launches = [rows(dtype, vocab, "scalar", None, True) for dtype in (torch.bfloat16, torch.float16, torch.float32)
-                for vocab in (32000, 128256)]
-    launches += [rows(torch.bfloat16, 256000, "rows", 30.0, False), rows(torch.bfloat16, 32000, "none", None, True)]
-    launches += [lambda dtype=dtype: k.scale_inplace(torch.randn(5, 7, dtype=dtype), torch.ones(()))
-                 for dtype in (torch.bfloat16, torch.float32)]
+    launches = {f"ce rows {dtype} V={vocab}": rows(dtype, vocab, "scalar", None, True)
+                for dtype in (torch.bfloat16, torch.float16, torch.float32) for vocab in (32000, 128256)}
+    launches["ce rows per-row scale softcap"] = rows(torch.bfloat16, 256000, "rows", 30.0, False)
+    launches["ce rows no gradient"] = rows(torch.bfloat16, 32000, "none", None, True)
+    for dtype in (torch.bfloat16, torch.float32):
+        launches[f"ce scale {dtype}"] = lambda dtype=dtype: k.scale_inplace(torch.randn(5, 7, dtype=dtype),
+                                                                            torch.ones(()))
     return launches
 
 
-def _nf4_launches() -> list[Callable[[], None]]:
+def _nf4_launches() -> Launches:
     import bitsandbytes.functional as bnb_functional
 
     from lamelm_fast.kernels import nf4_lora as k
@@ -136,31 +146,65 @@ def _nf4_launches() -> list[Callable[[], None]]:
     def dequantize(rows: int, cols: int, nested: bool, blocksize: int, dtype: torch.dtype) -> Callable[[], None]:
         return lambda: k.dequantize_4bit(packed(rows, cols, nested, blocksize), torch.empty(rows, cols, dtype=dtype))
 
-    return [
-        dequantize(96, 128, True, 64, torch.bfloat16), dequantize(96, 128, False, 64, torch.float16),
-        dequantize(5, 96, False, 64, torch.float32), dequantize(7, 33, True, 32, torch.bfloat16),
+    return {
+        "nf4 dequantize nested bf16": dequantize(96, 128, True, 64, torch.bfloat16),
+        "nf4 dequantize fp16": dequantize(96, 128, False, 64, torch.float16),
+        "nf4 dequantize blocks across rows": dequantize(5, 96, False, 64, torch.float32),
+        "nf4 dequantize odd columns": dequantize(7, 33, True, 32, torch.bfloat16),
         # The autotuned GEMM: forward (LoRA + bias), input gradient accumulated (fused MLP / QKV), no LoRA.
-        matmul(torch.bfloat16, 64, True, True, True, True, False),
-        matmul(torch.bfloat16, 64, True, False, True, False, True),
-        matmul(torch.float16, 64, False, True, False, False, False),
+        "nf4 gemm forward": matmul(torch.bfloat16, 64, True, True, True, True, False),
+        "nf4 gemm input gradient": matmul(torch.bfloat16, 64, True, False, True, False, True),
+        "nf4 gemm no lora": matmul(torch.float16, 64, False, True, False, False, False),
         # Dequantize + cuBLAS (the other strategy): W written into the rows of a wider GEMM operand.
-        lambda: k.dequant_matmul_4bit_lora(torch.randn(64, 128), packed(96, 128, True), dtype=torch.bfloat16,
-                                           lora=(torch.randn(64, 16), torch.randn(16, 96)), scale=0.5,
-                                           placement="concat"),
-        # GEMV (decoding): both directions.
-        matmul(torch.bfloat16, 1, True, True, True, True, False),
-        matmul(torch.bfloat16, 3, False, False, True, False, True),
-    ]
+        "nf4 dequantize then cublas": lambda: k.dequant_matmul_4bit_lora(
+            torch.randn(64, 128), packed(96, 128, True), dtype=torch.bfloat16,
+            lora=(torch.randn(64, 16), torch.randn(16, 96)), scale=0.5, placement="concat"),
+        "nf4 gemv forward": matmul(torch.bfloat16, 1, True, True, True, True, False),
+        "nf4 gemv input gradient": matmul(torch.bfloat16, 3, False, False, True, False, True),
+    }
+
+
+def _adamw_launches() -> Launches:
+    from lamelm_fast.kernels import adamw as k
+    from lamelm_fast.optim._adamw_triton import _GPU_CONFIG
+
+    chunk_size, block, num_warps = _GPU_CONFIG
+    tables = {"meta": torch.zeros(3, k.META_WIDTH, dtype=torch.int64), "grads": torch.zeros(3, dtype=torch.int64),
+              "chunks": torch.zeros(5, 2, dtype=torch.int64)}
+    config = {"chunk_size": chunk_size, "block": block, "num_warps": num_warps}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    launches: Launches = {
+        f"adamw sum_squares {name} aligned": lambda dtype=dtype: k.sum_squares(
+            **tables, partials=torch.empty(5), grad_dtype=dtype, aligned=True, **config)
+        for name, dtype in dtypes.items()}
+    launches["adamw sum_squares fp32 unaligned"] = lambda: k.sum_squares(
+        **tables, partials=torch.empty(5), grad_dtype=torch.float32, aligned=False, **config)
+    launches["adamw finalize"] = lambda: k.finalize(torch.empty(5), tables["meta"], torch.empty(()),
+                                                    torch.zeros((), dtype=torch.int64))
+    # (param, grad, master, stochastic, aligned): each switch on and off at least once.
+    for param, grad, master, stochastic, aligned in [
+            ("fp32", "fp32", False, False, True), ("fp32", "fp32", False, False, False),
+            ("bf16", "bf16", True, False, True), ("bf16", "bf16", False, True, True),
+            ("bf16", "fp32", True, True, False), ("fp16", "fp16", True, False, True),
+            ("fp16", "fp32", False, False, True)]:
+        label = (f"adamw update {param} grad {grad} master={master} stochastic={stochastic} "
+                 f"{'aligned' if aligned else 'unaligned'}")
+        launches[label] = lambda p=param, g=grad, m=master, st=stochastic, al=aligned: k.adamw_update(
+            **tables, hyper=torch.zeros(2, k.HYPER_WIDTH, dtype=torch.float64), norm=torch.empty(()),
+            param_dtype=dtypes[p], grad_dtype=dtypes[g], master=m, stochastic=st, seed=7, aligned=al, **config)
+    return launches
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (80, 90, ...)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED_BYTES),
+                        help="CUDA compute capability as an int")
     args = parser.parse_args(argv)
     with CompileRecorder(args.arch) as recorder:
-        for launch in _cross_entropy_launches() + _nf4_launches():
+        for label, launch in {**_cross_entropy_launches(), **_nf4_launches(), **_adamw_launches()}.items():
+            recorder.label = label
             launch()
-    too_big = [c for c in recorder.compiled if c["shared"] > MAX_SHARED_BYTES]
+    too_big = [c for c in recorder.compiled if c["shared"] > MAX_SHARED_BYTES[args.arch]]
     print(json.dumps({"triton": triton.__version__, "arch": args.arch, "compiled": recorder.compiled,
                       "over_shared_limit": too_big}))
     return 0
