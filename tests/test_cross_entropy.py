@@ -734,18 +734,24 @@ def test_gradient_scale_of_one_is_skipped_on_device(backend: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_real_vocabulary_matches_full_logits(backend: str, dtype: torch.dtype) -> None:
-    """Llama-3 vocabulary on the GPU, N x V past 2^31, against full fp32 logits computed in row blocks."""
+@pytest.mark.parametrize("n, h", [(17_000, 256), (3_000, 512)], ids=["past-2^31", "one-chunk-in-bf16"])
+def test_gpu_real_vocabulary_matches_full_logits(backend: str, dtype: torch.dtype, n: int, h: int) -> None:
+    """Llama-3 vocabulary on the GPU against full fp32 logits computed in row blocks: N x V past 2^31 (several
+    chunks, fp32 weight-gradient accumulator), and few enough rows for one chunk in bf16 (one GEMM writes the
+    weight gradient, no fp32 V x H buffer)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    n, h, v = 17_000, 256, 128_256  # n * v = 2.18e9 > 2^31
+    v = 128_256
     gen = torch.Generator(device="cuda").manual_seed(3)
     hidden = torch.randn(n, h, device="cuda", generator=gen).to(dtype).requires_grad_()
     weight = (torch.randn(v, h, device="cuda", generator=gen) / h**0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
     labels[torch.rand(n, device="cuda", generator=gen) < 0.3] = IGNORE
-    loss, accuracy = fused_linear_cross_entropy(hidden, weight, labels, return_accuracy=True)
-    loss.backward()
+    with _OpRecorder() as recorder:
+        loss, accuracy = fused_linear_cross_entropy(hidden, weight, labels, return_accuracy=True)
+        loss.backward()
+    fp32_weight_sized = any(shape == (v, h) and kind == torch.float32 for _, shape, kind in recorder.records)
+    assert fp32_weight_sized == (dtype == torch.float32 or n == 17_000)
     ref_loss = torch.zeros((), device="cuda", dtype=torch.float64)
     ref_grad_hidden = torch.empty(n, h, device="cuda")
     ref_grad_weight = torch.zeros(v, h, device="cuda", dtype=torch.float64)
