@@ -16,6 +16,7 @@ Uploads are asynchronous, from pinned memory: no host sync.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from array import array
 from functools import reduce
 from operator import or_
@@ -123,32 +124,32 @@ class DeviceTables:
             self.num_chunks = sum(c.shape[0] for c in self.chunks)
 
 
-class TableBackend:
+class TableBackend(ABC):
     """The backend protocol (``sum_squares`` -> ``finalize`` -> ``update``) over `DeviceTables`.
 
-    Subclasses give the chunk size and launch their kernels: ``_sum_squares`` and ``_update`` once per bucket,
-    ``_finalize`` once per step.
+    Subclasses name themselves (``name``, for error messages), give the chunk size and launch their kernels:
+    ``_sum_squares`` and ``_update`` once per bucket, ``_finalize`` once per step.
     """
 
-    name = "table"
+    name: str
 
     def __init__(self) -> None:
         self.tables = DeviceTables(self.name)
         self._hyper = HyperTable(kernels.hyper_row)
 
-    def chunk_size(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def chunk_size(self) -> int: ...
 
+    @abstractmethod
     def _sum_squares(self, tables: DeviceTables, chunks: Tensor, partials: Tensor, key: BucketKey,
-                     aligned: bool) -> None:
-        raise NotImplementedError
+                     aligned: bool) -> None: ...
 
-    def _finalize(self, squares: Tensor, tables: DeviceTables, norm: Tensor, skipped: Tensor) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _finalize(self, squares: Tensor, tables: DeviceTables, norm: Tensor, skipped: Tensor) -> None: ...
 
+    @abstractmethod
     def _update(self, tables: DeviceTables, chunks: Tensor, hyper: Tensor, norm: Tensor, key: BucketKey,
-                aligned: bool, seed: int) -> None:
-        raise NotImplementedError
+                aligned: bool, seed: int) -> None: ...
 
     def sum_squares(self, work: StepTensors, buckets: list[Bucket]) -> tuple[Tensor, list[tuple[int, int]]]:
         if not work.single_device:
