@@ -55,3 +55,27 @@ def test_benchmarks_run_on_cpu_and_the_report_renders(tmp_path: Path) -> None:
     assert "*end_to_end*" in block and "speedup_tokens_per_second" in block and "time_vs_eager" in block
     assert text.replace(block, "") == (ROOT / "README.md").read_text().replace(
         (ROOT / "README.md").read_text().split("<!-- gpu-results")[1].split("<!-- /gpu-results -->")[0], "")
+
+
+def test_results_file_keeps_every_row_as_it_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run cut short keeps what it measured: the file is complete after each row; a second run that day is added."""
+    import importlib.util
+
+    monkeypatch.setenv("LAMELM_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_conftest_under_test", ROOT / "bench" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+
+    rows: list[dict] = []
+    first = conftest._ResultsFile()
+    for value in (1.5, 2.5):
+        rows.append({"suite": "s", "x_ms": value})
+        first.write(rows)
+        (path,) = tmp_path.glob("*.json")
+        assert [row["x_ms"] for row in json.loads(path.read_text())["results"]] == [row["x_ms"] for row in rows]
+    second = conftest._ResultsFile()
+    second.write([{"suite": "s", "x_ms": 9.0}])
+    runs = json.loads(path.read_text())["runs"]
+    assert [[row["x_ms"] for row in run["results"]] for run in runs] == [[1.5, 2.5], [9.0]]
+    assert "| 9 |" in path.with_suffix(".md").read_text()
