@@ -21,8 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 # Per suite: the columns that identify a case (its size), and the measured columns worth a table.
-SIZE_KEYS = ("projection", "direction", "activations", "hidden", "vocab", "tokens", "variant", "case", "params",
-             "tensors", "dtype", "shape", "seq_len", "batch", "steps")
+SIZE_KEYS = ("projection", "direction", "activations", "hidden", "width", "vocab", "tokens", "variant", "case",
+             "params", "tensors", "dtype", "shape", "seq_len", "batch", "steps")
 README_START = "<!-- gpu-results: written by bench/report.py --readme -->"
 README_END = "<!-- /gpu-results -->"
 

@@ -177,3 +177,31 @@ def test_apply_kernels_fuses_the_loss_and_the_lora_layers_together(quantized_dir
     assert rel_err(loss, ref_loss) < 1e-5
     for name, grad in grads.items():
         assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("swiglu_first", [True, False])
+def test_swiglu_patch_and_4bit_patch_compose_in_either_order(quantized_dir: Path, swiglu_first: bool) -> None:
+    """The plain SwiGLU patch never hides the 4-bit fused MLP, whichever runs first."""
+    from lamelm_fast.ops.swiglu import patch_swiglu
+
+    ref_model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False)
+    model = copy.deepcopy(ref_model)
+    if swiglu_first:
+        assert patch_swiglu(model) == 2
+    assert patch_peft_lora4bit(model) == 2 * len(TARGETS)
+    assert patch_swiglu(model) == 2
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert type(mlp).__name__ == ("FusedSwiGLULlamaMLP" if swiglu_first else "FusedLlamaMLP")
+    ids = torch.randint(1, VOCAB, (2, 11), generator=torch.Generator().manual_seed(6))
+    with use_backend("triton"):
+        loss, grads, nodes = loss_and_grads(model, ids)
+    ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    assert "_LoRA4bitSwiGLUBackward" in nodes and "_SwiGLUFunctionBackward" not in nodes
+    assert rel_err(loss, ref_loss) < 1e-5
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+    # Adapters disabled: the 4-bit MLP falls back to PEFT's projections around the plain fused SwiGLU.
+    with model.disable_adapter(), torch.no_grad():
+        fallback = model(input_ids=ids).logits
+    with ref_model.disable_adapter(), torch.no_grad():
+        assert rel_err(fallback, ref_model(input_ids=ids).logits) < 1e-5

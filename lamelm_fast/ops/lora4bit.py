@@ -23,7 +23,6 @@ attention block (one op over the shared input: one input-gradient buffer, accumu
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import math
@@ -35,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lamelm_fast.ops._patch import mixed_in_class
 from lamelm_fast.ops.dispatch import requested_nf4_matmul, resolve_backend
 from lamelm_fast.ops.quant4bit import Packed4bit, Unsupported4bit, dequantize_reference
+from lamelm_fast.ops.swiglu import SwiGLUMLP, is_silu, is_swiglu_mlp, swiglu_gradients, swiglu_values
 
 __all__ = ["LoRALinear4bit", "lora_nf4_linear", "patch_peft_lora4bit"]
 
@@ -189,7 +190,7 @@ class _LoRA4bitSwiGLU(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             g, xa_g, keep_g = _project_forward(x2, gate, *params[0:3], x.dtype)
             u, xa_u, keep_u = _project_forward(x2, up, *params[3:6], x.dtype)
-            y, xa_d, keep_d = _project_forward(F.silu(g) * u, down, *params[6:9], x.dtype)
+            y, xa_d, keep_d = _project_forward(swiglu_values(g, u, down.backend), down, *params[6:9], x.dtype)
         ctx.specs = specs
         ctx.save_for_backward(x, g, u, *params, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -202,15 +203,11 @@ class _LoRA4bitSwiGLU(torch.autograd.Function):
         need = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            silu_g = F.silu(g)
-            dh, *down_grads = _project_backward(grad_y.reshape(-1, grad_y.shape[-1]), silu_g * u, down,
-                                                *params[6:8], xa_d, keep_d, (True, *need[8:11]), None)
-            # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-            sig = torch.sigmoid(g)
-            du = dh * silu_g
-            del silu_g
-            dg = dh.mul_(u).mul_(sig * (1.0 + g * (1.0 - sig)))
-            del sig
+            dh, *down_grads = _project_backward(grad_y.reshape(-1, grad_y.shape[-1]),
+                                                swiglu_values(g, u, down.backend), down, *params[6:8], xa_d,
+                                                keep_d, (True, *need[8:11]), None)
+            dg, du = swiglu_gradients(dh, g, u, down.backend, overwrite_grad=True)  # dh is ours: dg goes over it
+            del dh
             dx, *gate_grads = _project_backward(dg, x2, gate, *params[0:2], xa_g, keep_g, (need[0], *need[2:5]),
                                                 None)
             dx, *up_grads = _project_backward(du, x2, up, *params[3:5], xa_u, keep_u, (need[0], *need[5:8]), dx)
@@ -388,11 +385,6 @@ class _FusedPeftLoRA4bit:
         return y
 
 
-@functools.cache
-def _fused_class(peft_class: type) -> type:
-    cls = type(f"Fused{peft_class.__name__}", (_FusedPeftLoRA4bit, peft_class), {"__module__": __name__})
-    globals()[cls.__name__] = cls  # importable by name, so a patched model still pickles
-    return cls
 
 
 class _QKVGroup:
@@ -424,28 +416,15 @@ class _QKVGroup:
         return first
 
 
-_SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # forward = down(silu(gate(x)) * up(x))
-
-
-def _is_silu(module: nn.Module) -> bool:
-    return isinstance(module, nn.SiLU) or type(module).__name__ in ("SiLUActivation", "SiLU")
-
-
-class _FusedSwiGLUMLP:
-    """Mixed in front of a Llama-style MLP whose three projections are patched PEFT 4-bit layers."""
+class _FusedSwiGLUMLP(SwiGLUMLP):
+    """Mixed in front of a Llama-style MLP whose three projections are patched PEFT 4-bit layers: one op for the
+    whole MLP, or, when a projection cannot run fused at this call, the projections around the fused SwiGLU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = [_layer_spec(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
-        if not _is_silu(self.act_fn) or any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
+        if not is_silu(self.act_fn) or any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
             return super().forward(x)
         return _LoRA4bitSwiGLU.apply(x, tuple(f[0] for f in fused), *(t for f in fused for t in f[1]))
-
-
-@functools.cache
-def _fused_mlp_class(mlp_class: type) -> type:
-    cls = type(f"Fused{mlp_class.__name__}", (_FusedSwiGLUMLP, mlp_class), {"__module__": __name__})
-    globals()[cls.__name__] = cls
-    return cls
 
 
 def _static_problem(layer: nn.Module) -> str | None:
@@ -487,13 +466,13 @@ def patch_peft_lora4bit(model: nn.Module) -> int:
                 skipped[name] = problem
                 continue
             module.get_base_layer().support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
-            module.__class__ = _fused_class(type(module))
+            module.__class__ = mixed_in_class(_FusedPeftLoRA4bit, type(module), "Fused")
         fused += 1
     for module in model.modules():
         projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if (type(module).__name__ in _SWIGLU_MLPS and all(isinstance(p, _FusedPeftLoRA4bit) for p in projections)
-                and _is_silu(module.act_fn)):
-            module.__class__ = _fused_mlp_class(type(module))
+        if (is_swiglu_mlp(module) and not isinstance(module, _FusedSwiGLUMLP)
+                and all(isinstance(p, _FusedPeftLoRA4bit) for p in projections)):
+            module.__class__ = mixed_in_class(_FusedSwiGLUMLP, type(module), "Fused")
         qkv = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
         if all(isinstance(p, _FusedPeftLoRA4bit) for p in qkv) and qkv[0]._lamelm_qkv is None:
             group = _QKVGroup(qkv)
