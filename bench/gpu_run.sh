@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Refresh the GPU numbers on a fresh GPU machine without network, in one or two device runs:
+# Refresh the GPU numbers on a fresh GPU machine without network, in a few device runs of at most 10 minutes:
 #
 #   bench/gpu_run.sh OUTDIR [STAGE ...]      default: tests ops
 #
 # Stages, run in the order given:
 #   tests   the `gpu`-marked tests
-#   ops     the op benchmarks: ce adamw nf4 (each is also a stage of its own)
+#   ops     the op benchmarks: ce adamw layers nf4 (each is also a stage of its own)
+#   layers  the fused layers around the matmuls: norm (RMSNorm) swiglu rope (each a stage of its own too)
 #   e2e     the trainer against the HF Trainer, QLoRA and full (LAMELM_BENCH_STEPS steps, default 200), and with
 #           LAMELM_BENCH_MAX_CONTEXT=1 the max-context probe; qlora / full run one half each (the probe goes with
 #           qlora) when 200 steps of both do not fit one call.
@@ -19,7 +20,7 @@
 # the results JSON + Markdown (bench/results format: copy the JSON to bench/results/, then run
 # `python bench/report.py --readme README.md`), device.txt, install.log and run.log (every stage's output).
 set -uo pipefail
-OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [ops|ce adamw nf4] [e2e|qlora full]}
+OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [ops|ce adamw layers|norm swiglu rope nf4] [e2e|qlora full]}
 shift
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
 BUDGET=${LAMELM_GPU_BUDGET_S:-560}
@@ -53,13 +54,18 @@ for name in "${STAGES[@]}"; do
     tests) stage tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
     ops) stage ce 150 "${BENCH[@]}" bench/test_cross_entropy.py
          stage adamw 90 "${BENCH[@]}" bench/test_adamw.py
+         stage layers 120 "${BENCH[@]}" bench/test_rms_norm.py bench/test_swiglu.py bench/test_rope.py
          stage nf4 240 "${BENCH[@]}" bench/test_nf4_lora.py ;;
+    layers) stage layers 300 "${BENCH[@]}" bench/test_rms_norm.py bench/test_swiglu.py bench/test_rope.py ;;
     ce) stage ce 300 "${BENCH[@]}" bench/test_cross_entropy.py ;;
     adamw) stage adamw 300 "${BENCH[@]}" bench/test_adamw.py ;;
     nf4) stage nf4 400 "${BENCH[@]}" bench/test_nf4_lora.py ;;
+    norm) stage norm 300 "${BENCH[@]}" bench/test_rms_norm.py ;;
+    swiglu) stage swiglu 300 "${BENCH[@]}" bench/test_swiglu.py ;;
+    rope) stage rope 300 "${BENCH[@]}" bench/test_rope.py ;;
     e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py ;;
     qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name" ;;
-    *) echo "unknown stage $name: choose from tests ops ce adamw nf4 e2e qlora full"; exit 2 ;;
+    *) echo "unknown stage $name: choose from tests ops ce adamw layers norm swiglu rope nf4 e2e qlora full"; exit 2 ;;
   esac
 done
 exit $status

@@ -6,6 +6,13 @@
   The training output carries ``logits=None``. Evaluation and generation run the model's own forward unchanged.
 - ``lora``: PEFT LoRA layers over bitsandbytes 4-bit layers run the fused NF4 LoRA matmuls
   (:func:`lamelm_fast.ops.lora4bit.patch_peft_lora4bit`); adapter names and state dicts are untouched.
+- ``swiglu``: Llama-style MLPs (Llama, Mistral, Qwen2/3) compute ``silu(gate) * up`` with the fused SwiGLU
+  (:func:`lamelm_fast.ops.swiglu.patch_swiglu`), in training and evaluation alike: same values, fewer passes, and
+  silu(gate) is not kept for backward.
+- ``rms_norm``: the RMSNorm modules of Llama, Mistral/Mixtral, Qwen2/3 and Gemma 1/2/3 run the fused RMSNorm
+  (:func:`lamelm_fast.ops.rms_norm.patch_rms_norm`) with the model's own numerics.
+- ``rope``: the attention modules of Llama, Mistral, Qwen2/3 and Gemma 1/2/3 apply the rotary embedding with the
+  fused kernel (:func:`lamelm_fast.ops.rope.patch_rope`; other models in the process keep transformers' function).
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lamelm_fast.ops import fused_linear_cross_entropy
+from lamelm_fast.ops.rms_norm import patch_rms_norm
+from lamelm_fast.ops.rope import patch_rope
+from lamelm_fast.ops.swiglu import patch_swiglu
 
 # Causal-LM families whose head is a plain ``lm_head(hidden)`` (plus Gemma's softcap): the loss can be taken from
 # the decoder's last hidden state with nothing lost. Others (logit scaling, MoE auxiliary losses...) are refused.
@@ -31,10 +41,15 @@ _ORIGINAL_FORWARD = "_lamelm_original_forward"
 @dataclass
 class KernelReport:
     """What :func:`apply_kernels` changed: ``cross_entropy`` is True when the loss is fused; ``lora_layers`` counts
-    the LoRA layers swapped for the fused NF4 path; ``notes`` say what was left alone and why."""
+    the LoRA layers swapped for the fused NF4 path, ``swiglu_mlps`` the MLPs on the fused SwiGLU, ``rms_norms`` the
+    fused norms, ``rope_attentions`` the attention modules on the fused RoPE; ``notes`` say what was left alone and
+    why."""
 
     cross_entropy: bool = False
     lora_layers: int = 0
+    swiglu_mlps: int = 0
+    rms_norms: int = 0
+    rope_attentions: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -127,8 +142,10 @@ def patch_cross_entropy(model: nn.Module) -> None:
     target.forward = types.MethodType(_fused_loss_forward, target)
 
 
-def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = True) -> KernelReport:
-    """Swap the model's loss and PEFT 4-bit LoRA layers for lamelm-fast's fused ops, in place."""
+def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = True, swiglu: bool = True,
+                  rms_norm: bool = True, rope: bool = True) -> KernelReport:
+    """Swap the model's loss, PEFT 4-bit LoRA layers, MLP activations, norms and rotary embeddings for lamelm-fast's
+    fused ops, in place."""
     report = KernelReport()
     if cross_entropy:
         patch_cross_entropy(model)
@@ -139,4 +156,16 @@ def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = Tru
         report.lora_layers = patch_peft_lora4bit(model)
         if report.lora_layers == 0:
             report.notes.append("no PEFT LoRA layer over a bitsandbytes 4-bit base: nothing to swap")
+    if swiglu:
+        report.swiglu_mlps = patch_swiglu(model)
+        if report.swiglu_mlps == 0:
+            report.notes.append("no Llama-style MLP with a SiLU activation: SwiGLU left as it is")
+    if rms_norm:
+        report.rms_norms = patch_rms_norm(model)
+        if report.rms_norms == 0:
+            report.notes.append("no RMSNorm of a supported family: norms left as they are")
+    if rope:
+        report.rope_attentions = patch_rope(model)
+        if report.rope_attentions == 0:
+            report.notes.append("no Llama-style attention with transformers' rotary embedding: RoPE left as it is")
     return report

@@ -120,6 +120,85 @@ def _cross_entropy_launches() -> Launches:
     return launches
 
 
+def _rms_norm_launches() -> Launches:
+    from lamelm_fast.kernels import rms_norm as k
+
+    def forward(dtype: torch.dtype, w_dtype: torch.dtype, hidden: int, offset: float, cast: bool,
+                store_rstd: bool) -> Callable[[], None]:
+        def launch() -> None:
+            n = 3
+            out_dtype = torch.promote_types(dtype, w_dtype) if cast else dtype
+            k.rms_norm_forward(torch.randn(n, hidden, dtype=dtype), torch.ones(hidden, dtype=w_dtype),
+                               torch.empty(n, hidden, dtype=out_dtype), torch.empty(n) if store_rstd else None,
+                               eps=1e-6, offset=offset, cast_before_weight=cast)
+        return launch
+
+    def backward(dtype: torch.dtype, w_dtype: torch.dtype, hidden: int, offset: float, cast: bool, dx: bool,
+                 dw: bool) -> Callable[[], None]:
+        def launch() -> None:
+            n = 3
+            out_dtype = torch.promote_types(dtype, w_dtype) if cast else dtype
+            k.rms_norm_backward(torch.randn(n, hidden, dtype=out_dtype), torch.randn(n, hidden, dtype=dtype),
+                                torch.ones(hidden, dtype=w_dtype), torch.ones(n),
+                                torch.empty(n, hidden, dtype=dtype) if dx else None, offset=offset,
+                                cast_before_weight=cast, weight_grad=dw)
+        return launch
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    launches: Launches = {}
+    # (input, weight, H, offset, cast_before_weight): Llama fp32 (QLoRA residual) and bf16, Gemma, Qwen3's
+    # head-dim q/k norm (128: 16 rows per program), odd widths, and the widest row a program holds.
+    for dtype, w_dtype, hidden, offset, cast in [
+            (fp32, fp32, 2048, 0.0, True), (bf16, bf16, 2048, 0.0, True), (bf16, fp32, 4096, 0.0, True),
+            (bf16, bf16, 5120, 1.0, False), (fp32, fp32, 3072, 1.0, False), (bf16, bf16, 128, 0.0, True),
+            (fp32, fp32, 128, 1.0, False), (bf16, bf16, 16384, 0.0, True), (bf16, bf16, k.MAX_HIDDEN, 0.0, True)]:
+        name = f"{str(dtype).removeprefix('torch.')}/{str(w_dtype).removeprefix('torch.')} H={hidden} " \
+               f"offset={offset:g} {'llama' if cast else 'gemma'}"
+        launches[f"rms_norm forward {name}"] = forward(dtype, w_dtype, hidden, offset, cast, True)
+        launches[f"rms_norm backward dx+dw {name}"] = backward(dtype, w_dtype, hidden, offset, cast, True, True)
+        launches[f"rms_norm backward dx {name}"] = backward(dtype, w_dtype, hidden, offset, cast, True, False)
+    launches["rms_norm forward no rstd"] = forward(bf16, bf16, 2048, 0.0, True, False)
+    launches["rms_norm backward dw only"] = backward(fp32, fp32, 2048, 0.0, True, False, True)
+    return launches
+
+
+def _swiglu_launches() -> Launches:
+    from lamelm_fast.kernels import swiglu as k
+
+    def forward(dtype: torch.dtype) -> Callable[[], None]:
+        return lambda: k.swiglu_forward(*(torch.randn(3, 1024, dtype=dtype) for _ in range(3)))
+
+    def backward(dtype: torch.dtype) -> Callable[[], None]:
+        return lambda: k.swiglu_backward(*(torch.randn(3, 1024, dtype=dtype) for _ in range(5)))
+
+    return {f"swiglu {direction} {dtype}": launch(dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+            for direction, launch in (("forward", forward), ("backward", backward))}
+
+
+def _rope_launches() -> Launches:
+    """Forward and backward, fp32 (QLoRA) and bf16, bf16 q with fp32 cos (fp32 result), head dims 64, 80 (padded
+    half tile) and 128, at Llama-3 head counts (32 q, 8 kv) in HF's transposed [B, S, heads, d] memory layout."""
+    from lamelm_fast.kernels import rope as k
+
+    def launch(dtype: torch.dtype, cos_dtype: torch.dtype, dim: int, backward: bool) -> Callable[[], None]:
+        def run() -> None:
+            batch, seq, heads, kv_heads = 2, 3, 32, 8
+            out_dtype = torch.promote_types(dtype, cos_dtype)
+            q, dq = (torch.randn(batch, seq, heads, dim).transpose(1, 2) for _ in range(2))
+            kk, dk = (torch.randn(batch, seq, kv_heads, dim).transpose(1, 2) for _ in range(2))
+            cos, sin = (torch.randn(1, seq, dim, dtype=cos_dtype).expand(batch, seq, dim) for _ in range(2))
+            if backward:  # output gradients in the result dtype in, input gradients in the input dtype out
+                k.rope_backward(dq.to(out_dtype), dk.to(out_dtype), cos, sin, q.to(dtype), kk.to(dtype))
+            else:
+                k.rope_forward(q.to(dtype), kk.to(dtype), cos, sin, dq.to(out_dtype), dk.to(out_dtype))
+        return run
+
+    dtypes = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+              "bf16 q fp32 cos": (torch.bfloat16, torch.float32)}
+    return {f"rope {'backward' if backward else 'forward'} {name} d={dim}": launch(*pair, dim, backward)
+            for name, pair in dtypes.items() for dim in (64, 80, 128) for backward in (False, True)}
+
+
 def _nf4_launches() -> Launches:
     import bitsandbytes.functional as bnb_functional
 
@@ -201,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA compute capability as an int")
     args = parser.parse_args(argv)
     with CompileRecorder(args.arch) as recorder:
-        for label, launch in {**_cross_entropy_launches(), **_nf4_launches(), **_adamw_launches()}.items():
+        for label, launch in {**_cross_entropy_launches(), **_rms_norm_launches(), **_swiglu_launches(),
+                              **_rope_launches(), **_nf4_launches(), **_adamw_launches()}.items():
             recorder.label = label
             launch()
     too_big = [c for c in recorder.compiled if c["shared"] > MAX_SHARED_BYTES[args.arch]]

@@ -34,7 +34,8 @@ def test_kernels_compile_for_the_gpus_we_target(arch: int) -> None:
     compiled = report["compiled"]
     assert {entry["kernel"] for entry in compiled} == {
         "_cross_entropy_rows_kernel", "_scale_inplace_kernel", "_dequantize_kernel", "_matmul_kernel",
-        "_gemv_kernel", "_sum_squares_kernel", "_finalize_kernel", "_adamw_kernel"}
+        "_gemv_kernel", "_sum_squares_kernel", "_finalize_kernel", "_adamw_kernel", "_rms_norm_forward_kernel",
+        "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel"}
     assert report["over_shared_limit"] == [], "configs that cannot load on this GPU: shrink them or drop them"
 
     matmuls = [entry for entry in compiled if entry["kernel"] == "_matmul_kernel"]
@@ -42,6 +43,21 @@ def test_kernels_compile_for_the_gpus_we_target(arch: int) -> None:
     assert all(entry["wgmma"] or entry["mma"] for entry in matmuls)  # tensor cores everywhere
     if arch == 90:  # Hopper's warp-group MMA for the tiles wide enough for it (64+ rows)
         assert any(entry["wgmma"] for entry in matmuls)
+
+    norms = [entry for entry in compiled if entry["launch"].startswith("rms_norm")]
+    assert len(norms) == 9 * 3 + 2
+    for entry in norms:  # rows read and written with 16-byte accesses (every width here is a multiple of 8)
+        assert {"ld.global.v4.b32", "st.global.v4.b32"} <= set(entry["accesses"]), entry
+
+    swiglu = [entry for entry in compiled if entry["launch"].startswith("swiglu")]
+    assert len(swiglu) == 3 * 2
+    for entry in swiglu:  # 16 elements per thread: 16-byte accesses (element counts are multiples of 16 here)
+        assert {"ld.global.v4.b32", "st.global.v4.b32"} <= set(entry["accesses"]), entry
+
+    rope = [entry for entry in compiled if entry["launch"].startswith("rope")]
+    assert len(rope) == 3 * 3 * 2
+    for entry in rope:  # each token's heads read and written with 16-byte accesses, d = 80 included
+        assert {"ld.global.v4.b32", "st.global.v4.b32"} <= set(entry["accesses"]), entry
 
     adamw = [entry for entry in compiled if entry["launch"].startswith("adamw")]
     assert len(adamw) == 4 + 1 + 7

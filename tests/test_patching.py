@@ -77,6 +77,18 @@ def test_fused_loss_equals_the_models_own(model_type: str, backend: str) -> None
             assert rel(grad, expected_grads[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_every_norm_attention_and_swiglu_mlp_is_fused(model_type: str) -> None:
+    reference, ours = pair(model_type)
+    report = apply_kernels(ours, lora=False)
+    names = [type(m).__name__ for m in reference.modules()]
+    assert report.rms_norms == sum(name.endswith("RMSNorm") for name in names) > 0
+    assert report.rope_attentions == sum(name.endswith("Attention") for name in names) == 2
+    # Gemma's MLPs use GELU: not a SwiGLU, left alone
+    assert report.swiglu_mlps == (0 if model_type.startswith("gemma") else 2)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+
+
 def test_training_output_has_no_logits_and_eval_is_the_models_own() -> None:
     reference, ours = pair("llama")
     apply_kernels(ours, lora=False)

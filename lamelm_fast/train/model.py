@@ -176,15 +176,19 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
             raise ConfigError(f"--lora-target-modules: {first_line(error)}") from None
         if config.model is None:
             notes.append("LoRA on the embedded model's random weights learns little: prefer --finetune full")
-        if config.finetune == "qlora":
-            # The 4-bit base and its adapter run as one fused op (dequantize inside the matmul, LoRA epilogue).
-            swapped = patching.apply_kernels(model, cross_entropy=False, lora=True).lora_layers
-            notes.append(f"fused 4-bit LoRA kernels on {swapped} layers")
     else:
         for param in model.parameters():
             param.requires_grad_(True)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    # The loss is fused where the loop computes it (causal_lm_loss below); here the layers. QLoRA: the 4-bit base
+    # and its adapter run as one op (dequantize inside the matmul, LoRA epilogue).
+    report = patching.apply_kernels(model, cross_entropy=False, lora=config.finetune == "qlora")
+    if config.finetune == "qlora":
+        notes.append(f"fused 4-bit LoRA kernels on {report.lora_layers} layers")
+    if report.swiglu_mlps or report.rms_norms or report.rope_attentions:
+        notes.append(f"fused layers: RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
+                     f"SwiGLU x{report.swiglu_mlps}")
     return LoadedModel(model, device, autocast_dtype, notes)
 
 
