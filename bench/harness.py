@@ -96,6 +96,20 @@ def measure_into(row: dict[str, Any], name: str, fn: Callable[[], Any], device: 
     return measured
 
 
+def measure_against(row: dict[str, Any], steps: dict[str, Callable[[], Any]], device: torch.device,
+                    **options: Any) -> None:
+    """:func:`measure_into` every implementation in ``steps`` (ours is ``"lamelm"``, measured first), then ours
+    against each other one that ran: ``time_vs_<name>`` and ``memory_vs_<name>`` (ours / theirs: below 1 is better)."""
+    for name, step in steps.items():
+        measure_into(row, name, step, device, **options)
+    ours = row["lamelm_ms"]
+    for name in steps:
+        if name != "lamelm" and isinstance(ours, float) and isinstance(row.get(f"{name}_ms"), float):
+            row[f"time_vs_{name}"] = ours / row[f"{name}_ms"]
+            if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
+                row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
+
+
 def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
     """``fn`` followed by a device sync, for pytest-benchmark's wall-clock timer (it has no device timing)."""
 

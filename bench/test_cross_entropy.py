@@ -70,16 +70,9 @@ def test_fused_linear_cross_entropy(benchmark, device: torch.device, peaks: dict
     row: dict[str, object] = {"hidden": hidden_size, "vocab": vocab, "tokens": tokens, "dtype": str(DTYPE)}
     floor_ms = 6 * tokens * hidden_size * vocab / peaks["matmul_flops"] * 1e3
     row["matmul_floor_ms"] = floor_ms
-    for name, fn in candidates().items():
-        harness.measure_into(row, name, step(fn), device, warmup=3, repeats=20 if device.type == "cuda" else 5,
-                             setup=clear)
-    ours = row["lamelm_ms"]
-    for name in candidates():
-        if name != "lamelm" and isinstance(row.get(f"{name}_ms"), float):
-            row[f"time_vs_{name}"] = ours / row[f"{name}_ms"]
-            if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
-                row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
-    row["matmul_floor_fraction"] = floor_ms / ours
+    harness.measure_against(row, {name: step(fn) for name, fn in candidates().items()}, device, warmup=3,
+                            repeats=20 if device.type == "cuda" else 5, setup=clear)
+    row["matmul_floor_fraction"] = floor_ms / row["lamelm_ms"]
     harness.record("fused_linear_cross_entropy", row)
     benchmark.extra_info.update(row)
 

@@ -71,17 +71,9 @@ def test_rms_norm(benchmark, device: torch.device, peaks: dict[str, float], toke
     floor_ms = must_move / peaks["copy_bytes_per_second"] * 1e3
     row["must_move_mb"] = must_move / 2**20
     row["bandwidth_floor_ms"] = floor_ms
-    found = candidates(weight)
-    for name, fn in found.items():
-        harness.measure_into(row, name, step(fn), device, warmup=5, repeats=50 if device.type == "cuda" else 5,
-                             setup=reset)
-    ours = row["lamelm_ms"]
-    for name in found:
-        if name != "lamelm" and isinstance(row.get(f"{name}_ms"), float):
-            row[f"time_vs_{name}"] = ours / row[f"{name}_ms"]
-            if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
-                row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
-    row["bandwidth_floor_fraction"] = floor_ms / ours
+    harness.measure_against(row, {name: step(fn) for name, fn in candidates(weight).items()}, device, warmup=5,
+                            repeats=50 if device.type == "cuda" else 5, setup=reset)
+    row["bandwidth_floor_fraction"] = floor_ms / row["lamelm_ms"]
     harness.record("rms_norm", row)
     benchmark.extra_info.update(row)
 

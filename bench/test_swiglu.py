@@ -64,16 +64,9 @@ def test_swiglu(benchmark, device: torch.device, peaks: dict[str, float], tokens
     row: dict[str, object] = {"tokens": tokens, "width": width, "dtype": str(DTYPE)}
     floor_ms = PASSES * tokens * width * pristine[0].element_size() / peaks["copy_bytes_per_second"] * 1e3
     row["bandwidth_floor_ms"] = floor_ms
-    for name, fn in candidates().items():
-        harness.measure_into(row, name, step(fn), device, warmup=3, repeats=30 if device.type == "cuda" else 5,
-                             setup=reset)
-    ours = row["lamelm_ms"]
-    for name in candidates():
-        if name != "lamelm" and isinstance(row.get(f"{name}_ms"), float):
-            row[f"time_vs_{name}"] = ours / row[f"{name}_ms"]
-            if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
-                row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
-    row["bandwidth_floor_fraction"] = floor_ms / ours
+    harness.measure_against(row, {name: step(fn) for name, fn in candidates().items()}, device, warmup=3,
+                            repeats=30 if device.type == "cuda" else 5, setup=reset)
+    row["bandwidth_floor_fraction"] = floor_ms / row["lamelm_ms"]
     harness.record("swiglu", row)
     benchmark.extra_info.update(row)
 

@@ -156,16 +156,13 @@ def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = Tru
         report.lora_layers = patch_peft_lora4bit(model)
         if report.lora_layers == 0:
             report.notes.append("no PEFT LoRA layer over a bitsandbytes 4-bit base: nothing to swap")
-    if swiglu:
-        report.swiglu_mlps = patch_swiglu(model)
-        if report.swiglu_mlps == 0:
-            report.notes.append("no Llama-style MLP with a SiLU activation: SwiGLU left as it is")
-    if rms_norm:
-        report.rms_norms = patch_rms_norm(model)
-        if report.rms_norms == 0:
-            report.notes.append("no RMSNorm of a supported family: norms left as they are")
-    if rope:
-        report.rope_attentions = patch_rope(model)
-        if report.rope_attentions == 0:
-            report.notes.append("no Llama-style attention with transformers' rotary embedding: RoPE left as it is")
+    layers = ((swiglu, "swiglu_mlps", patch_swiglu, "no Llama-style MLP with a SiLU activation: SwiGLU left as it is"),
+              (rms_norm, "rms_norms", patch_rms_norm, "no RMSNorm of a supported family: norms left as they are"),
+              (rope, "rope_attentions", patch_rope,
+               "no Llama-style attention with transformers' rotary embedding: RoPE left as it is"))
+    for wanted, counter, patch, nothing_found in layers:
+        if wanted:
+            setattr(report, counter, patch(model))
+            if getattr(report, counter) == 0:
+                report.notes.append(nothing_found)
     return report

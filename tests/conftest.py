@@ -28,6 +28,57 @@ def tiny_llama_config(vocab_size: int, **overrides: object):
     return LlamaConfig(**values)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny tensors: on a busy CPU the thread barriers cost ~1000x the math."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative error in float64: ||actual - expected|| / ||expected||."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def model_loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A causal LM's loss on ``ids`` (as labels too) and every parameter gradient it produced."""
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training(result: tuple[torch.Tensor, dict[str, torch.Tensor]],
+                         reference: tuple[torch.Tensor, dict[str, torch.Tensor]], *, exact: bool,
+                         loss_rtol: float = 1e-6, grad_rtol: float = 1e-5) -> None:
+    """Two :func:`model_loss_and_grads` results agree: bit for bit when ``exact`` (the same ops ran), else within the
+    relative errors given (a fused kernel rounds differently)."""
+    (loss, grads), (want_loss, want_grads) = result, reference
+    assert grads.keys() == want_grads.keys() and grads
+    if exact:
+        assert torch.equal(loss, want_loss)
+        for name in grads:
+            assert torch.equal(grads[name], want_grads[name]), name
+    else:
+        assert rel_err(loss, want_loss) < loss_rtol
+        for name in grads:
+            assert rel_err(grads[name], want_grads[name]) < grad_rtol, name
+
+
+def lora_with_random_b(model: torch.nn.Module, target_modules: list[str], r: int = 4):
+    """``model`` under a PEFT LoRA adapter whose B matrices are random (PEFT starts them at zero, which would zero
+    every gradient of A and hide a wrong one)."""
+    import peft
+
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
+    for name, param in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    return wrapped
+
+
 @pytest.fixture
 def launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the calls of each 4-bit matmul strategy's launch function (fused Triton GEMM, dequantize + cuBLAS)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama_config
+from conftest import assert_same_training, model_loss_and_grads, tiny_llama_config
 from lamelm_fast.ops import rms_norm as rms_norm_module
 from lamelm_fast.ops.dispatch import BackendUnavailable, use_backend
 from lamelm_fast.ops.rms_norm import _formula_holds, _FusedRMSNorm, patch_rms_norm, rms_norm, rms_norm_reference
@@ -29,12 +29,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread barriers would cost more than the math
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def reference64(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool, *,
@@ -300,25 +295,9 @@ def tiny_model(family: str) -> nn.Module:
 NORMS = {"llama": 5, "gemma": 5, "gemma3": 2 * 6 + 1, "qwen3": 2 * 4 + 1}  # per layer (q/k norms too) + final
 
 
-def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_same_loss_and_grads(patched: nn.Module, reference: nn.Module, ids: torch.Tensor, exact: bool) -> None:
-    loss, grads = loss_and_grads(patched, ids)
-    want_loss, want_grads = loss_and_grads(reference, ids)
-    assert grads.keys() == want_grads.keys() and grads
-    if exact:
-        assert torch.equal(loss, want_loss)
-        for name in grads:
-            assert torch.equal(grads[name], want_grads[name]), name
-    else:
-        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-        for name in grads:
-            assert_close(grads[name], want_grads[name], 1e-4)
+    assert_same_training(model_loss_and_grads(patched, ids), model_loss_and_grads(reference, ids), exact=exact,
+                         loss_rtol=1e-5, grad_rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(NORMS))

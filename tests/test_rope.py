@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama_config
+from conftest import assert_same_training, lora_with_random_b, model_loss_and_grads, rel_err, tiny_llama_config
 from lamelm_fast.ops.dispatch import triton_interpreted, use_backend
 from lamelm_fast.ops.rope import (
     RotaryEmbeddingAttention,
@@ -22,10 +22,6 @@ from lamelm_fast.ops.rope import (
 )
 
 BACKENDS = ["torch", "triton"]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 @pytest.fixture
@@ -189,13 +185,6 @@ def tiny_model(family: str) -> nn.Module:
     return Gemma3ForCausalLM(Gemma3TextConfig(**common, query_pre_attn_scalar=24, sliding_window=8))
 
 
-def model_loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 def modeling_module(model: nn.Module) -> types.ModuleType:
     attention = next(m for m in model.modules() if isinstance(m, RotaryEmbeddingAttention))
     return sys.modules[type(attention).__mro__[2].__module__]  # (Rope<Family>Attention, mixin, <Family>Attention)
@@ -226,24 +215,15 @@ def test_patched_model_equals_unpatched(family: str, backend: str, checkpointing
         loss, grads = model_loss_and_grads(model, ids)
     if backend == "triton":  # each layer once forward, again in the recompute, and once backward
         assert rope_launches == {"forward": 2 * (2 if checkpointing else 1), "backward": 2}
-    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
-    if backend == "torch":  # the same eager ops: the same numbers
-        assert torch.equal(loss, ref_loss)
-        assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
-    else:
-        assert rel_err(loss, ref_loss) < 1e-6
-        assert all(rel_err(grads[n], ref_grads[n]) < 1e-5 for n in grads)
+    assert len(grads) == len(list(model.parameters()))
+    assert_same_training((loss, grads), (ref_loss, ref_grads), exact=backend == "torch")  # torch: the eager ops
 
 
 def test_patched_peft_lora_model(rope_launches: dict[str, int]) -> None:
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
 
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"])
-    reference = peft.get_peft_model(tiny_model("llama"), config)
-    for name, param in reference.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(param, std=0.1)
+    reference = lora_with_random_b(tiny_model("llama"), ["q_proj", "k_proj", "v_proj"])
     model = copy.deepcopy(reference)
     assert patch_rope(model) == 2
     ids = torch.randint(1, 97, (2, 15), generator=torch.Generator().manual_seed(2))

@@ -8,17 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from conftest import tiny_llama_config
+from conftest import assert_same_training, lora_with_random_b, model_loss_and_grads, rel_err, tiny_llama_config
 from lamelm_fast.ops.dispatch import triton_interpreted, use_backend
 from lamelm_fast.ops.swiglu import SwiGLUMLP, patch_swiglu, swiglu, swiglu_gradients
 
 BACKENDS = ["torch", "triton"]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,13 +99,6 @@ def test_refuses_mismatched_inputs() -> None:
         swiglu(torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64))
 
 
-def model_loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_patched_llama_equals_unpatched(backend: str) -> None:
     from transformers import LlamaForCausalLM
@@ -125,13 +113,7 @@ def test_patched_llama_equals_unpatched(backend: str) -> None:
     with use_backend(backend):
         loss, grads = model_loss_and_grads(model, ids)
     ref_loss, ref_grads = model_loss_and_grads(reference, ids)
-    assert grads.keys() == ref_grads.keys()
-    if backend == "torch":  # the same eager ops: the same numbers
-        assert torch.equal(loss, ref_loss)
-        assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
-    else:
-        assert rel_err(loss, ref_loss) < 1e-6
-        assert all(rel_err(grads[n], ref_grads[n]) < 1e-5 for n in grads)
+    assert_same_training((loss, grads), (ref_loss, ref_grads), exact=backend == "torch")  # torch: the eager ops
 
 
 def test_patch_leaves_other_activations_and_families_alone() -> None:
@@ -143,16 +125,12 @@ def test_patch_leaves_other_activations_and_families_alone() -> None:
 
 
 def test_patched_peft_lora_model_trains_the_same() -> None:
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(tiny_llama_config(97, intermediate_size=83))
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"])
-    reference = peft.get_peft_model(base, config)
-    for name, param in reference.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(param, std=0.1)
+    reference = lora_with_random_b(LlamaForCausalLM(tiny_llama_config(97, intermediate_size=83)),
+                                   ["gate_proj", "up_proj", "down_proj"])
     model = copy.deepcopy(reference)
     assert patch_swiglu(model) == 2
     ids = torch.randint(1, 97, (2, 15), generator=torch.Generator().manual_seed(2))

@@ -18,6 +18,7 @@ from torch import nn
 
 from lamelm_fast import patching
 from lamelm_fast.metrics.throughput import logical_numel
+from lamelm_fast.ops.dispatch import resolve_backend
 from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
 
@@ -187,7 +188,8 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     if config.finetune == "qlora":
         notes.append(f"fused 4-bit LoRA kernels on {report.lora_layers} layers")
     if report.swiglu_mlps or report.rms_norms or report.rope_attentions:
-        notes.append(f"fused layers: RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
+        where = "Triton kernels" if resolve_backend(device) == "triton" else "their torch reference"
+        notes.append(f"fused layers ({where}): RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
                      f"SwiGLU x{report.swiglu_mlps}")
     return LoadedModel(model, device, autocast_dtype, notes)
 
