@@ -36,16 +36,20 @@ def quantized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def load_4bit(path: Path, device: str = "cpu") -> nn.Module:
+def load_4bit(path: Path, device: str = "cpu", compute_dtype: torch.dtype | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if compute_dtype is None:
+        compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+                               bnb_4bit_compute_dtype=compute_dtype)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": device})
 
 
-def qlora_model(path: Path, *, dropout: float, checkpointing: bool, device: str = "cpu") -> nn.Module:
-    model = peft.prepare_model_for_kbit_training(load_4bit(path, device), use_gradient_checkpointing=checkpointing,
+def qlora_model(path: Path, *, dropout: float, checkpointing: bool, device: str = "cpu",
+                compute_dtype: torch.dtype | None = None) -> nn.Module:
+    model = peft.prepare_model_for_kbit_training(load_4bit(path, device, compute_dtype),
+                                                 use_gradient_checkpointing=checkpointing,
                                                  gradient_checkpointing_kwargs={"use_reentrant": False})
     config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
                              task_type="CAUSAL_LM")
@@ -205,3 +209,69 @@ def test_swiglu_patch_and_4bit_patch_compose_in_either_order(quantized_dir: Path
         fallback = model(input_ids=ids).logits
     with ref_model.disable_adapter(), torch.no_grad():
         assert rel_err(fallback, ref_model(input_ids=ids).logits) < 1e-5
+
+
+def test_fused_mlp_keeps_its_tensors_in_a_narrower_compute_dtype(quantized_dir: Path) -> None:
+    """fp32 activations (prepare_model_for_kbit_training) with 16-bit compute: on the Triton path the fused MLP saves
+    g and u in the compute dtype (half the bytes), and loss and LoRA gradients still match PEFT's to 16-bit rounding.
+    fp16 here: the interpreter's 16-bit dots are right in fp16, not in bf16."""
+    ref_model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False, compute_dtype=torch.float16)
+    model = copy.deepcopy(ref_model)
+    assert patch_peft_lora4bit(model) == 2 * len(TARGETS)
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(7))
+    with use_backend("triton"):
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        node, stack, saved = None, [loss.grad_fn], None
+        while stack and saved is None:
+            node = stack.pop()
+            if type(node).__name__ == "_LoRA4bitSwiGLUBackward":
+                saved = node.saved_tensors
+            stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        x, g, u = saved[:3]
+        assert x.dtype == torch.float32 and g.dtype == u.dtype == torch.float16
+        del saved, node, stack, loss
+        loss, grads, _ = loss_and_grads(model, ids)
+    ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    assert rel_err(loss, ref_loss) < 1e-3
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4 * len(TARGETS)
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-2, name
+
+
+def test_projections_sharing_an_input_share_its_adapter_cast(quantized_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast the adapters run in bf16: q/k/v cast their fp32 input once, not three times, and gate/up once,
+    not twice (forward; backward likewise). Counted as fp32 -> bf16 copies of the layers' input shape."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lamelm_fast.ops import lora4bit
+
+    model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False)
+    assert patch_peft_lora4bit(model) == 2 * len(TARGETS)
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(8))
+    hidden = model.config.hidden_size
+
+    class CountCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            source = args[0] if args else None
+            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                    and isinstance(source, torch.Tensor) and source.dtype == torch.float32
+                    and tuple(source.shape) == (ids.numel(), hidden)):
+                CountCasts.count += 1
+            return func(*args, **kwargs)
+
+    def casts_in_a_forward() -> int:
+        CountCasts.count = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16), use_backend("torch"), CountCasts(), torch.no_grad():
+            model(input_ids=ids)
+        return CountCasts.count
+
+    shared = casts_in_a_forward()
+    monkeypatch.setattr(lora4bit._Casts, "to", lambda self, dtype: self.tensor.to(dtype))  # a cast per request
+    unshared = casts_in_a_forward()
+    layers = model.config.num_hidden_layers
+    assert unshared - shared == (2 + 1) * layers  # q/k/v: 3 -> 1, gate/up: 2 -> 1

@@ -110,10 +110,25 @@ def _apply_dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torc
     return x * keep.to(x.dtype).div_(1.0 - p)
 
 
+class _Casts:
+    """A tensor in other dtypes, each cast made once: the projections that share an input (q/k/v, gate/up) share its
+    casts to the adapter dtype (under autocast, one [tokens, hidden] fp32 -> bf16 pass instead of one per projection).
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self._made = tensor, {}
+
+    def to(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._made:
+            self._made[dtype] = self.tensor.to(dtype)
+        return self._made[dtype]
+
+
 def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
-                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One projection of 2-D x: (y, xa = dropout(x) @ A^T, dropout keep-mask or None)."""
-    x_lora = x.to(spec.lora_dtype)
+                     out_dtype: torch.dtype, casts: _Casts | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One projection of 2-D x: (y, xa = dropout(x) @ A^T, dropout keep-mask or None); ``casts``: x's, shared."""
+    x_lora = (casts or _Casts(x)).to(spec.lora_dtype)
     keep = _dropout_mask(x_lora, spec.dropout)
     xa = _apply_dropout(x_lora, keep, spec.dropout) @ A.to(spec.lora_dtype).t()
     y = _base_matmul(x, spec, weight_transposed=True, out_dtype=out_dtype, lora=(xa, B.to(spec.lora_dtype).t()),
@@ -123,8 +138,9 @@ def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Ten
 
 def _project_backward(grad: torch.Tensor, x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Tensor,
                       xa: torch.Tensor, keep: torch.Tensor | None, needs: tuple[bool, bool, bool, bool],
-                      dx: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Gradients (dx, dA, dB, dbias) of one projection; dx is added into ``dx`` when that is given."""
+                      dx: torch.Tensor | None, casts: _Casts | None = None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, dA, dB, dbias) of one projection; dx is added into ``dx`` when that is given; ``casts``: x's,
+    shared."""
     need_x, need_a, need_b, need_bias = needs
     A_l = A.to(spec.lora_dtype)
     grad_lora = grad.to(spec.lora_dtype)
@@ -135,7 +151,8 @@ def _project_backward(grad: torch.Tensor, x: torch.Tensor, spec: _Spec, A: torch
         else:
             dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x.dtype, out=dx)
             dx += (_apply_dropout(gb @ A_l, keep, spec.dropout) * spec.scale).to(x.dtype)
-    grad_a = (gb.t() @ _apply_dropout(x.to(spec.lora_dtype), keep, spec.dropout)).mul_(spec.scale) if need_a else None
+    x_lora = (casts or _Casts(x)).to(spec.lora_dtype) if need_a else None
+    grad_a = (gb.t() @ _apply_dropout(x_lora, keep, spec.dropout)).mul_(spec.scale) if need_a else None
     grad_b = (grad_lora.t() @ xa).mul_(spec.scale) if need_b else None
     grad_bias = grad.sum(0) if need_bias else None
     return dx, grad_a, grad_b, grad_bias
@@ -148,11 +165,11 @@ class _SharedInputLoRA4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, specs: tuple[_Spec, ...], *params: torch.Tensor | None):
         x2 = x.reshape(-1, x.shape[-1])
-        outs, saved = [], []
+        outs, saved, casts = [], [], _Casts(x2)
         with torch.autocast(x.device.type, enabled=False):  # dtypes were decided by the caller
             for i, spec in enumerate(specs):
                 A, B, bias = params[3 * i: 3 * i + 3]
-                y, xa, keep = _project_forward(x2, spec, A, B, bias, x.dtype)
+                y, xa, keep = _project_forward(x2, spec, A, B, bias, x.dtype, casts)
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
                 saved += [xa, keep]
         ctx.specs = specs
@@ -165,7 +182,7 @@ class _SharedInputLoRA4bit(torch.autograd.Function):
         n = len(ctx.specs)
         params, saved = rest[: 3 * n], rest[3 * n:]
         x2 = x.reshape(-1, x.shape[-1])
-        dx, param_grads = None, []
+        dx, param_grads, casts = None, [], _Casts(x2)
         with torch.autocast(x.device.type, enabled=False):
             for i, (spec, grad) in enumerate(zip(ctx.specs, grads, strict=True)):
                 A, B, bias = params[3 * i: 3 * i + 3]
@@ -174,9 +191,22 @@ class _SharedInputLoRA4bit(torch.autograd.Function):
                     param_grads += [None, None, None]
                     continue
                 dx, *grads_i = _project_backward(grad.reshape(-1, grad.shape[-1]), x2, spec, A, B, saved[2 * i],
-                                                 saved[2 * i + 1], needs, dx)
+                                                 saved[2 * i + 1], needs, dx, casts)
                 param_grads += grads_i
         return (None if dx is None else dx.view(x.shape)), None, *param_grads
+
+
+def _mlp_inner_dtype(x_dtype: torch.dtype, gate: _Spec) -> torch.dtype:
+    """The dtype of the fused MLP's own tensors (g, u, h and their gradients).
+
+    x's dtype, as PEFT + bitsandbytes return it, except on the Triton path when the compute dtype is narrower (QLoRA
+    after prepare_model_for_kbit_training: fp32 activations, bf16 compute): there g, u and h are kept in the compute
+    dtype. PEFT rounds the base product to it too before upcasting, and h and the gradients are rounded to it anyway
+    before the next matmul reads them, so only the traffic changes: half the bytes over [tokens, intermediate] at
+    every pass (forward, recompute, backward) and half the saved g and u. The torch reference keeps PEFT's dtypes.
+    """
+    narrower = gate.compute_dtype.itemsize < x_dtype.itemsize
+    return gate.compute_dtype if gate.backend == "triton" and narrower else x_dtype
 
 
 class _LoRA4bitSwiGLU(torch.autograd.Function):
@@ -187,9 +217,12 @@ class _LoRA4bitSwiGLU(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, specs: tuple[_Spec, _Spec, _Spec], *params: torch.Tensor | None):
         gate, up, down = specs
         x2 = x.reshape(-1, x.shape[-1])
+        inner = _mlp_inner_dtype(x.dtype, gate)
         with torch.autocast(x.device.type, enabled=False):
-            g, xa_g, keep_g = _project_forward(x2, gate, *params[0:3], x.dtype)
-            u, xa_u, keep_u = _project_forward(x2, up, *params[3:6], x.dtype)
+            casts = _Casts(x2)
+            g, xa_g, keep_g = _project_forward(x2, gate, *params[0:3], inner, casts)
+            u, xa_u, keep_u = _project_forward(x2, up, *params[3:6], inner, casts)
+            del casts
             y, xa_d, keep_d = _project_forward(swiglu_values(g, u, down.backend), down, *params[6:9], x.dtype)
         ctx.specs = specs
         ctx.save_for_backward(x, g, u, *params, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d)
@@ -208,9 +241,11 @@ class _LoRA4bitSwiGLU(torch.autograd.Function):
                                                 keep_d, (True, *need[8:11]), None)
             dg, du = swiglu_gradients(dh, g, u, down.backend, overwrite_grad=True)  # dh is ours: dg goes over it
             del dh
+            casts = _Casts(x2)
             dx, *gate_grads = _project_backward(dg, x2, gate, *params[0:2], xa_g, keep_g, (need[0], *need[2:5]),
-                                                None)
-            dx, *up_grads = _project_backward(du, x2, up, *params[3:5], xa_u, keep_u, (need[0], *need[5:8]), dx)
+                                                None, casts)
+            dx, *up_grads = _project_backward(du, x2, up, *params[3:5], xa_u, keep_u, (need[0], *need[5:8]), dx,
+                                              casts)
         return (None if dx is None else dx.view(x.shape)), None, *gate_grads, *up_grads, *down_grads
 
 
