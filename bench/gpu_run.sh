@@ -32,8 +32,15 @@ cd "$(dirname "$0")/.."
 if [ -f .whl/install.sh ]; then
   bash .whl/install.sh && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUTDIR/install.log" 2>&1 \
-  || { echo "project install failed, see install.log"; tail -20 "$OUTDIR/install.log"; exit 1; }
+# A warm machine (a second call) already has this checkout installed, its CUDA extension built in place: skip the
+# install (and nvcc's minute) then.
+if python3 -c "import lamelm_fast, pathlib, sys
+sys.exit(pathlib.Path(lamelm_fast.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())" 2>/dev/null; then
+  echo "lamelm-fast is installed from this checkout already: install skipped" >"$OUTDIR/install.log"
+else
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUTDIR/install.log" 2>&1 \
+    || { echo "project install failed, see install.log"; tail -20 "$OUTDIR/install.log"; exit 1; }
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/device.txt"
 
 status=0

@@ -1,0 +1,57 @@
+"""bench/gpu_run.sh, the script that spends a lent GPU's minutes, works before it meets a GPU: run on CPU with a
+stand-in nvidia-smi, it skips the install of a checkout that is installed already, runs a stage into OUTDIR (results
+JSON and Markdown, device.txt, run.log), skips stages once its time budget is spent and refuses unknown stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_run.sh"
+
+
+@pytest.fixture
+def fake_gpu_path(tmp_path: Path) -> dict[str, str]:
+    """PATH with this interpreter's directory first (its ``python3``: a venv's, so not a symlink elsewhere, which
+    would lose the venv) and an ``nvidia-smi`` that names a made-up device."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 0 MiB'\n")
+    smi.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAMELM_", "PYTEST_"))}
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), str(bin_dir), env["PATH"]))
+    return env
+
+
+def run_script(env: dict[str, str], out: Path, *stages: str, budget: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), str(out), *stages], env={**env, "LAMELM_GPU_BUDGET_S": str(budget)},
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_a_stage_runs_into_outdir(fake_gpu_path: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_script(fake_gpu_path, out, "swiglu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "install skipped" in (out / "install.log").read_text()
+    assert (out / "device.txt").read_text().startswith("Stand-in GPU")
+    assert "== swiglu" in (out / "run.log").read_text()
+    (results,) = out.glob("*.json")
+    payload = json.loads(results.read_text())
+    assert {row["suite"] for row in payload["results"]} == {"swiglu"}
+    assert results.with_suffix(".md").exists()
+
+
+def test_spent_budget_skips_and_unknown_stage_is_refused(fake_gpu_path: dict[str, str], tmp_path: Path) -> None:
+    skipped = run_script(fake_gpu_path, tmp_path / "a", "ce", budget=10)
+    assert skipped.returncode == 1
+    assert "== ce: skipped, the time budget is spent" in (tmp_path / "a" / "run.log").read_text()
+    unknown = run_script(fake_gpu_path, tmp_path / "b", "warp-speed")
+    assert unknown.returncode == 2 and "unknown stage warp-speed" in unknown.stdout
