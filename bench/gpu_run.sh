@@ -4,7 +4,8 @@
 #   bench/gpu_run.sh OUTDIR [STAGE ...]      default: tests ops
 #
 # Stages, run in the order given:
-#   tests   the `gpu`-marked tests
+#   tests   the `gpu`-marked tests but the convergence runs
+#   convergence   the trainer with its kernels against the torch references, 40 steps each of full / LoRA / QLoRA
 #   ops     the op benchmarks: ce adamw layers nf4 (each is also a stage of its own)
 #   layers  the fused layers around the matmuls: norm (RMSNorm) swiglu rope (each a stage of its own too)
 #   e2e     the trainer against the HF Trainer, QLoRA and full (LAMELM_BENCH_STEPS steps, default 200), and with
@@ -20,7 +21,7 @@
 # the results JSON + Markdown (bench/results format: copy the JSON to bench/results/, then run
 # `python bench/report.py --readme README.md`), device.txt, install.log and run.log (every stage's output).
 set -uo pipefail
-OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [ops|ce adamw layers|norm swiglu rope nf4] [e2e|qlora full]}
+OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope nf4] [e2e|qlora full]}
 shift
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
 BUDGET=${LAMELM_GPU_BUDGET_S:-560}
@@ -58,7 +59,9 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...
 BENCH=(python3 -m pytest -q --benchmark-only -p no:cacheprovider)
 for name in "${STAGES[@]}"; do
   case $name in
-    tests) stage tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    tests) stage tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider \
+             --ignore tests/test_convergence_gpu.py ;;
+    convergence) stage convergence 240 python3 -m pytest -q -m gpu tests/test_convergence_gpu.py -p no:cacheprovider ;;
     ops) stage ce 150 "${BENCH[@]}" bench/test_cross_entropy.py
          stage adamw 90 "${BENCH[@]}" bench/test_adamw.py
          stage layers 120 "${BENCH[@]}" bench/test_rms_norm.py bench/test_swiglu.py bench/test_rope.py
@@ -72,7 +75,8 @@ for name in "${STAGES[@]}"; do
     rope) stage rope 300 "${BENCH[@]}" bench/test_rope.py ;;
     e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py ;;
     qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name" ;;
-    *) echo "unknown stage $name: choose from tests ops ce adamw layers norm swiglu rope nf4 e2e qlora full"; exit 2 ;;
+    *) echo "unknown stage $name: choose from tests convergence ops ce adamw layers norm swiglu rope nf4 e2e qlora" \
+            "full"; exit 2 ;;
   esac
 done
 exit $status
