@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,75 @@ def test_trainer_vs_hf_trainer(benchmark, tmp_path_factory: pytest.TempPathFacto
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
     # Same data, seed and recipe: the curves must tell the same story (orders of examples differ, so not equal).
     assert abs(row["lamelm_final_loss"] - row["hf_final_loss"]) < 0.1 * row["hf_final_loss"], row
+
+
+# Kernel-name patterns of the categories NOTES-end-to-end.md predicts, checked in this order (first match wins).
+KERNEL_CATEGORIES = (
+    ("optimizer", r"adam|multi_tensor|sum_squares|_finalize_kernel|foreach"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("cross_entropy", r"cross_entropy|log_softmax|softmax|nll_loss|_scale_inplace"),
+    ("dequantize", r"dequant"),
+    ("fused_layers", r"_rms_norm|_rope_kernel|_swiglu"),
+    ("matmul", r"gemm|gemv|cutlass|nvjet|xmma|cublas|_matmul_kernel|wgmma|\bmm\b|addmm|matmul|linear"),
+    ("elementwise", r"."),
+)
+PROFILE_SKIP, PROFILE_ACTIVE = 4, 3  # steps before the profile (warm-up, autotuning, strategy trials), profiled
+
+
+def kernel_time_by_category(run: Callable[[], Any]) -> dict[str, Any]:
+    """Run a short training under the profiler and return, per profiled step, the device (GPU kernel; on CPU, op) time
+    by category and the ten most expensive kernels. A step ends at the optimizer's step: both trainers call it."""
+    import re
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if ON_GPU else [])]
+    with profile(activities=activities, schedule=schedule(wait=PROFILE_SKIP - 1, warmup=1, active=PROFILE_ACTIVE),
+                 ) as prof:
+        hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+        try:
+            run()
+        finally:
+            hook.remove()
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        on_device = event.device_type == torch.autograd.DeviceType.CUDA
+        if ON_GPU and on_device:
+            kernels[event.key] = kernels.get(event.key, 0.0) + event.self_device_time_total / 1e3 / PROFILE_ACTIVE
+        elif not ON_GPU and event.key.startswith("aten::") and event.self_cpu_time_total > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + event.self_cpu_time_total / 1e3 / PROFILE_ACTIVE
+    by_category = dict.fromkeys((name for name, _ in KERNEL_CATEGORIES), 0.0)
+    for name, ms in kernels.items():
+        category = next(c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE))
+        by_category[category] += ms
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:10]
+    return {"step_kernel_ms": sum(kernels.values()), **{f"{c}_ms": ms for c, ms in by_category.items()},
+            "top_kernels": [f"{ms:.3f} ms {name[:100]}" for name, ms in top]}
+
+
+@pytest.mark.parametrize("variant", ["qlora", "full"])
+def test_step_time_breakdown(benchmark, tmp_path_factory: pytest.TempPathFactory, tokenizer: Any,
+                             variant: str) -> None:
+    """Where a step's device time goes, ours and the HF Trainer's, by kernel category (NOTES-end-to-end.md predicts
+    it): a few steps of each under the profiler, after the warm-up steps."""
+    path = model_dir(tmp_path_factory, tokenizer, variant)
+    steps = PROFILE_SKIP + PROFILE_ACTIVE + 1
+    docs = documents(tokenizer, steps * BATCH)
+    data = tmp_path_factory.mktemp("profile-data") / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    out = tmp_path_factory.mktemp(f"profile-{variant}")
+    row: dict[str, Any] = {"variant": variant, "seq_len": SEQ_LEN, "batch": BATCH, "profiled_steps": PROFILE_ACTIVE}
+    hf = kernel_time_by_category(lambda: run_hf(path, docs, tokenizer, out / "hf", variant, steps=steps))
+    ours = benchmark.pedantic(kernel_time_by_category, args=(lambda: run_ours(path, data, out / "ours", variant,
+                                                                               steps=steps),),
+                              rounds=1, iterations=1)
+    for name, result in (("lamelm", ours), ("hf", hf)):
+        row.update({f"{name}_{key}": value for key, value in result.items()})
+    row["step_kernel_time_ratio"] = ours["step_kernel_ms"] / hf["step_kernel_ms"]
+    harness.record("step_time_breakdown", row)
+    benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
+    assert ours["step_kernel_ms"] > 0 and hf["step_kernel_ms"] > 0
 
 
 @pytest.mark.skipif(not (ON_GPU and os.environ.get("LAMELM_BENCH_MAX_CONTEXT") == "1"),
