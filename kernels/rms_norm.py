@@ -20,11 +20,11 @@ program. Row offsets are int64: rows * stride passes 2^31 for long sequences of 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from lamelm_fast.kernels._grid import persistent_programs
 
 # The widest row one program holds in registers: a row is read once, never re-read from memory. 32768 fp32 values are
 # 32 per thread per tensor at 32 warps; wider rows would spill, and no causal LM has them (Llama 3.1 405B: 16384).
@@ -128,17 +128,6 @@ def _launch_config(n_cols: int) -> tuple[int, int, int]:
     return block, rows, num_warps
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _max_programs(device: torch.device) -> int:
-    if device.type != "cuda":  # the interpreter or a compile-only run: a few programs, each looping over tiles
-        return _PROGRAMS_PER_SM
-    return _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _check_rows(name: str, t: torch.Tensor, n_rows: int, n_cols: int) -> None:
     if t.dim() != 2 or tuple(t.shape) != (n_rows, n_cols) or (n_rows > 0 and n_cols > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be [{n_rows}, {n_cols}] with unit column stride, "
@@ -207,7 +196,8 @@ def rms_norm_backward(
         return torch.zeros(n_cols, dtype=torch.float32, device=x.device) if weight_grad else None
     tiles = triton.cdiv(n_rows, rows)
     if weight_grad:
-        tiles_per_program = triton.cdiv(tiles, min(tiles, _max_programs(x.device)))
+        programs = persistent_programs(x.device, _PROGRAMS_PER_SM, elsewhere=_PROGRAMS_PER_SM)
+        tiles_per_program = triton.cdiv(tiles, min(tiles, programs))
         programs = triton.cdiv(tiles, tiles_per_program)
         partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     else:  # no reduction across rows: one tile per program, as many programs as the GPU can take

@@ -175,6 +175,20 @@ def _swiglu_launches() -> Launches:
             for direction, launch in (("forward", forward), ("backward", backward))}
 
 
+def _lora_backward_launches() -> Launches:
+    """The adapter products of the LoRA backward: fp32 (QLoRA activations) and bf16 gradients, bf16 and fp32
+    adapters, r = 16 and 64; out = 8192 splits into column groups (fp32 gb partials), out = 512 does not."""
+    from lamelm_fast.kernels import lora_backward as k
+
+    def launch(grad_dtype: torch.dtype, lora_dtype: torch.dtype, rank: int, out: int) -> Callable[[], object]:
+        return lambda: k.lora_output_grad(torch.randn(1024, out, dtype=grad_dtype), torch.randn(out, rank),
+                                          torch.randn(1024, rank, dtype=lora_dtype), lora_dtype=lora_dtype)
+
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    return {f"lora_backward grad {names[grad]} adapter {names[lora]} r={rank} out={out}": launch(grad, lora, rank, out)
+            for grad in names for lora in names for rank in (16, 64) for out in (8192, 512)}
+
+
 def _rope_launches() -> Launches:
     """Forward and backward, fp32 (QLoRA) and bf16, bf16 q with fp32 cos (fp32 result), head dims 64, 80 (padded
     half tile) and 128, at Llama-3 head counts (32 q, 8 kv) in HF's transposed [B, S, heads, d] memory layout."""
@@ -281,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with CompileRecorder(args.arch) as recorder:
         for label, launch in {**_cross_entropy_launches(), **_rms_norm_launches(), **_swiglu_launches(),
-                              **_rope_launches(), **_nf4_launches(), **_adamw_launches()}.items():
+                              **_lora_backward_launches(), **_rope_launches(), **_nf4_launches(),
+                              **_adamw_launches()}.items():
             recorder.label = label
             launch()
     too_big = [c for c in recorder.compiled if c["shared"] > MAX_SHARED_BYTES[args.arch]]

@@ -2,8 +2,8 @@
 
 The interpreter that runs the other CPU tests never compiles a kernel; this runs tests/gpu_compile.py, which drives
 the real launch functions with Triton's compiler aimed at the architecture (each autotuner config too), and checks
-what the compiled code must have: tensor cores in the 4-bit GEMM, 16-byte accesses in AdamW's aligned variants,
-shared memory within the architecture's limit.
+what the compiled code must have: tensor cores in the 4-bit GEMM and the LoRA backward's 16-bit products, 16-byte
+accesses in AdamW's aligned variants, shared memory within the architecture's limit.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def test_kernels_compile_for_the_gpus_we_target(arch: int) -> None:
     assert {entry["kernel"] for entry in compiled} == {
         "_cross_entropy_rows_kernel", "_scale_inplace_kernel", "_dequantize_kernel", "_matmul_kernel",
         "_gemv_kernel", "_sum_squares_kernel", "_finalize_kernel", "_adamw_kernel", "_rms_norm_forward_kernel",
-        "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel"}
+        "_rms_norm_backward_kernel", "_swiglu_forward_kernel", "_swiglu_backward_kernel", "_rope_kernel",
+        "_lora_output_grad_kernel"}
     assert report["over_shared_limit"] == [], "configs that cannot load on this GPU: shrink them or drop them"
 
     matmuls = [entry for entry in compiled if entry["kernel"] == "_matmul_kernel"]
@@ -53,6 +54,14 @@ def test_kernels_compile_for_the_gpus_we_target(arch: int) -> None:
     assert len(swiglu) == 3 * 2
     for entry in swiglu:  # 16 elements per thread: 16-byte accesses (element counts are multiples of 16 here)
         assert {"ld.global.v4.b32", "st.global.v4.b32"} <= set(entry["accesses"]), entry
+
+    lora = [entry for entry in compiled if entry["launch"].startswith("lora_backward")]
+    assert len(lora) == 2 * 2 * 2 * 2
+    assert {entry["switches"]["GB_PARTIAL"] for entry in lora} == {"True", "False"}
+    for entry in lora:  # 16-byte loads of the gradient's rows; tensor cores for 16-bit adapters (fp32: IEEE FMA)
+        assert "ld.global.v4.b32" in entry["accesses"], entry
+        if "adapter bf16" in entry["launch"]:
+            assert entry["wgmma"] or entry["mma"], entry
 
     rope = [entry for entry in compiled if entry["launch"].startswith("rope")]
     assert len(rope) == 3 * 3 * 2

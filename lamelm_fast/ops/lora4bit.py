@@ -136,6 +136,29 @@ def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Ten
     return y, xa, keep
 
 
+def _adapter_output_grads(grad: torch.Tensor, spec: _Spec, B: torch.Tensor, xa: torch.Tensor, need_gb: bool,
+                          need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The adapter products that read the output gradient: ``gb = g @ B`` [M, r] and ``dB = s * g^T @ xa`` [out, r],
+    both in the adapter dtype, with ``g = grad.to(adapter dtype)``; None where not needed.
+
+    Triton, both needed: one kernel reads grad once and rounds it in registers (``kernels/lora_backward.py``); dB is
+    scaled and rounded once from its fp32 sum. Torch (and ranks over the kernel's maximum): the cast written out, then
+    two matmuls, as PEFT does.
+    """
+    if spec.backend == "triton" and need_gb and need_b:
+        from lamelm_fast.kernels import lora_backward
+
+        if B.shape[1] <= lora_backward.MAX_RANK:
+            if grad.shape[1] > 1 and grad.stride(1) != 1:
+                grad = grad.contiguous()
+            gb, grad_b = lora_backward.lora_output_grad(grad, B, xa, lora_dtype=spec.lora_dtype)
+            return gb, grad_b.mul_(spec.scale).to(spec.lora_dtype)
+    grad_lora = grad.to(spec.lora_dtype)
+    gb = grad_lora @ B.to(spec.lora_dtype) if need_gb else None
+    grad_b = (grad_lora.t() @ xa).mul_(spec.scale) if need_b else None
+    return gb, grad_b
+
+
 def _project_backward(grad: torch.Tensor, x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Tensor,
                       xa: torch.Tensor, keep: torch.Tensor | None, needs: tuple[bool, bool, bool, bool],
                       dx: torch.Tensor | None, casts: _Casts | None = None) -> tuple[torch.Tensor | None, ...]:
@@ -143,8 +166,7 @@ def _project_backward(grad: torch.Tensor, x: torch.Tensor, spec: _Spec, A: torch
     shared."""
     need_x, need_a, need_b, need_bias = needs
     A_l = A.to(spec.lora_dtype)
-    grad_lora = grad.to(spec.lora_dtype)
-    gb = grad_lora @ B.to(spec.lora_dtype) if need_x or need_a else None  # [M, r]
+    gb, grad_b = _adapter_output_grads(grad, spec, B, xa, need_x or need_a, need_b)
     if need_x:
         if keep is None:  # the LoRA term rides in the kernel's epilogue
             dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x.dtype, lora=(gb, A_l), out=dx)
@@ -153,7 +175,6 @@ def _project_backward(grad: torch.Tensor, x: torch.Tensor, spec: _Spec, A: torch
             dx += (_apply_dropout(gb @ A_l, keep, spec.dropout) * spec.scale).to(x.dtype)
     x_lora = (casts or _Casts(x)).to(spec.lora_dtype) if need_a else None
     grad_a = (gb.t() @ _apply_dropout(x_lora, keep, spec.dropout)).mul_(spec.scale) if need_a else None
-    grad_b = (grad_lora.t() @ xa).mul_(spec.scale) if need_b else None
     grad_bias = grad.sum(0) if need_bias else None
     return dx, grad_a, grad_b, grad_bias
 
