@@ -70,7 +70,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         keys = list(dict.fromkeys(key for row in suite_rows for key in row if key != "suite"))
         lines += [f"## {suite}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for row in suite_rows:
-            cells = [f"{row[k]:.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+            cells = [f"{row[k]:.4g}" if isinstance(row.get(k), float)
+                     else str(row.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

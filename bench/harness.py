@@ -99,9 +99,19 @@ def measure_into(row: dict[str, Any], name: str, fn: Callable[[], Any], device: 
 def measure_against(row: dict[str, Any], steps: dict[str, Callable[[], Any]], device: torch.device,
                     **options: Any) -> None:
     """:func:`measure_into` every implementation in ``steps`` (ours is ``"lamelm"``, measured first), then ours
-    against each other one that ran: ``time_vs_<name>`` and ``memory_vs_<name>`` (ours / theirs: below 1 is better)."""
+    against each other one that ran: ``time_vs_<name>`` and ``memory_vs_<name>`` (ours / theirs: below 1 is better).
+
+    A reference or peer that fails (a peer's API changed between releases, torch.compile meets another Triton)
+    leaves ``<name>_error`` in the row instead of taking the row, and ours with it, down; ours must run."""
     for name, step in steps.items():
-        measure_into(row, name, step, device, **options)
+        if name == "lamelm":
+            measure_into(row, name, step, device, **options)
+            continue
+        try:
+            measure_into(row, name, step, device, **options)
+        except Exception as error:  # noqa: BLE001 - any failure of theirs is recorded, not raised
+            row[f"{name}_ms"] = "error"
+            row[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
     ours = row["lamelm_ms"]
     for name in steps:
         if name != "lamelm" and isinstance(ours, float) and isinstance(row.get(f"{name}_ms"), float):

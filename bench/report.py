@@ -40,7 +40,7 @@ def load_runs(results: Path) -> list[dict[str, Any]]:
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4g}"
-    return "-" if value is None else str(value)
+    return "-" if value is None else str(value).replace("|", "\\|").replace("\n", " ")  # one table cell
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:

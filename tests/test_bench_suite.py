@@ -79,3 +79,28 @@ def test_results_file_keeps_every_row_as_it_is_recorded(tmp_path: Path, monkeypa
     runs = json.loads(path.read_text())["runs"]
     assert [[row["x_ms"] for row in run["results"]] for run in runs] == [[1.5, 2.5], [9.0]]
     assert "| 9 |" in path.with_suffix(".md").read_text()
+
+
+def test_a_failing_peer_is_recorded_and_ours_still_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer whose API moved (or a torch.compile that meets another Triton) must not take our row down with it."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import harness
+
+    def broken() -> None:
+        raise TypeError("apply() takes 4 positional arguments but 5 were given")
+
+    row: dict = {}
+    work = torch.randn(64, 64)
+    harness.measure_against(row, {"lamelm": lambda: work @ work, "eager": lambda: work @ work, "liger": broken},
+                            torch.device("cpu"), warmup=1, repeats=3)
+    assert isinstance(row["lamelm_ms"], float) and "time_vs_eager" in row
+    assert row["liger_ms"] == "error" and row["liger_error"].startswith("TypeError: apply()")
+    assert "time_vs_liger" not in row
+
+    def ours_broken() -> None:
+        raise RuntimeError("our kernel failed")
+
+    with pytest.raises(RuntimeError, match="our kernel failed"):
+        harness.measure_against({}, {"lamelm": ours_broken}, torch.device("cpu"), warmup=1, repeats=1)
