@@ -213,6 +213,7 @@ KERNEL_CATEGORIES = (
     ("cross_entropy", r"cross_entropy|log_softmax|softmax|nll_loss|_scale_inplace"),
     ("dequantize", r"dequant"),
     ("fused_layers", r"_rms_norm|_rope_kernel|_swiglu"),
+    ("lora_backward", r"_lora_output_grad"),
     ("matmul", r"gemm|gemv|cutlass|nvjet|xmma|cublas|_matmul_kernel|wgmma|\bmm\b|addmm|matmul|linear"),
     ("elementwise", r"."),
 )
