@@ -79,22 +79,27 @@ def lora_with_random_b(model: torch.nn.Module, target_modules: list[str], r: int
     return wrapped
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: object, functions: dict[str, str]) -> dict[str, int]:
+    """Wraps ``module``'s functions (label -> attribute name) to count their calls; returns the live counts."""
+    counts = dict.fromkeys(functions, 0)
+
+    def counting(label: str, function):
+        def counted(*args, **kwargs):
+            counts[label] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    for label, attr in functions.items():
+        monkeypatch.setattr(module, attr, counting(label, getattr(module, attr)))
+    return counts
+
+
 @pytest.fixture
 def launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the calls of each 4-bit matmul strategy's launch function (fused Triton GEMM, dequantize + cuBLAS)."""
     from lamelm_fast.kernels import nf4_lora
 
-    counts = {"fused": 0, "dequant": 0}
-
-    def counting(name: str, launch):
-        def counted(*args, **kwargs):
-            counts[name] += 1
-            return launch(*args, **kwargs)
-        return counted
-
-    for name, attr in (("fused", "matmul_4bit_lora"), ("dequant", "dequant_matmul_4bit_lora")):
-        monkeypatch.setattr(nf4_lora, attr, counting(name, getattr(nf4_lora, attr)))
-    return counts
+    return count_calls(monkeypatch, nf4_lora, {"fused": "matmul_4bit_lora", "dequant": "dequant_matmul_4bit_lora"})
 
 
 @pytest.fixture(scope="session")

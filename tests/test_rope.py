@@ -12,7 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same_training, lora_with_random_b, model_loss_and_grads, rel_err, tiny_llama_config
+from conftest import (
+    assert_same_training,
+    count_calls,
+    lora_with_random_b,
+    model_loss_and_grads,
+    rel_err,
+    tiny_llama_config,
+)
 from lamelm_fast.ops.dispatch import triton_interpreted, use_backend
 from lamelm_fast.ops.rope import (
     RotaryEmbeddingAttention,
@@ -29,17 +36,7 @@ def rope_launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the calls of the RoPE kernel's launch functions."""
     from lamelm_fast.kernels import rope
 
-    counts = {"forward": 0, "backward": 0}
-
-    def counting(name: str, launch):
-        def counted(*args, **kwargs):
-            counts[name] += 1
-            return launch(*args, **kwargs)
-        return counted
-
-    for name in counts:
-        monkeypatch.setattr(rope, f"rope_{name}", counting(name, getattr(rope, f"rope_{name}")))
-    return counts
+    return count_calls(monkeypatch, rope, {"forward": "rope_forward", "backward": "rope_backward"})
 
 
 def memory_layout(t: torch.Tensor) -> list[int]:

@@ -54,19 +54,24 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, *, off
     return out.type_as(x)
 
 
-def _output_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -> torch.dtype:
-    return torch.promote_types(weight.dtype, x.dtype) if cast_before_weight else x.dtype
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool,
+             keep_rstd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel's forward of 2-D ``x``: the output (the promotion of weight and input dtypes in the Llama mode, the
+    input dtype in Gemma's) and, when ``keep_rstd``, each row's fp32 rstd for backward."""
+    from lamelm_fast.kernels.rms_norm import rms_norm_forward
+
+    dtype = torch.promote_types(weight.dtype, x.dtype) if cast_before_weight else x.dtype
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if keep_rstd else None
+    rms_norm_forward(x, weight, out, rstd, eps=eps, offset=offset, cast_before_weight=cast_before_weight)
+    return out, rstd
 
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, eps: float,
                 offset: float, cast_before_weight: bool) -> torch.Tensor:
-        from lamelm_fast.kernels.rms_norm import rms_norm_forward
-
-        out = torch.empty(x.shape, dtype=_output_dtype(x, weight, cast_before_weight), device=x.device)
-        rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        rms_norm_forward(x, weight, out, rstd, eps=eps, offset=offset, cast_before_weight=cast_before_weight)
+        out, rstd = _forward(x, weight, eps, offset, cast_before_weight, keep_rstd=True)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
         return out
@@ -130,10 +135,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         out = _RMSNormFunction.apply(x2d, weight_c, eps, offset, cast_before_weight)
     else:  # inference or a frozen norm on frozen input: no rstd, no graph
-        from lamelm_fast.kernels.rms_norm import rms_norm_forward
-
-        out = torch.empty(x2d.shape, dtype=_output_dtype(x, weight, cast_before_weight), device=x.device)
-        rms_norm_forward(x2d, weight_c, out, None, eps=eps, offset=offset, cast_before_weight=cast_before_weight)
+        out, _ = _forward(x2d, weight_c, eps, offset, cast_before_weight, keep_rstd=False)
     return out.view(x.shape)
 
 

@@ -129,12 +129,8 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("lamelm_fast_rope
 _ORIGINAL_ATTR = "_lamelm_original"  # on our wrapper: the function it wraps
 
 
-def is_rope_attention(module: nn.Module) -> bool:
-    """A transformers attention module (by class, patched subclasses included) that applies HF Llama's RoPE."""
-    return _rope_class(type(module)) is not None
-
-
 def _rope_class(cls: type) -> type | None:
+    """The transformers attention class in ``cls``'s MRO (patched subclasses included) that applies HF Llama's RoPE."""
     return next((c for c in cls.__mro__ if c.__name__ in ROPE_ATTENTION_CLASSES), None)
 
 
