@@ -11,6 +11,7 @@
 #   e2e     the trainer against the HF Trainer, QLoRA and full (LAMELM_BENCH_STEPS steps, default 200), and with
 #           LAMELM_BENCH_MAX_CONTEXT=1 the max-context probe; qlora / full run one half each (the probe goes with
 #           qlora) when 200 steps of both do not fit one call.
+#   checkpointing   our QLoRA step under the two checkpointing policies (full, keep_attention), short and long rows
 # The whole script keeps inside LAMELM_GPU_BUDGET_S seconds (default 560, under the device command's 10 minutes):
 # each stage gets at most its own cap and what is left, is interrupted (SIGINT: pytest still reports) when it runs
 # over, and a stage with less than 30 s left is skipped. Results are written after every measured row, so a stage
@@ -21,7 +22,7 @@
 # the results JSON + Markdown (bench/results format: copy the JSON to bench/results/, then run
 # `python bench/report.py --readme README.md`), device.txt, install.log and run.log (every stage's output).
 set -uo pipefail
-OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope nf4] [e2e|qlora full]}
+OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope nf4] [e2e|qlora full] [checkpointing]}
 shift
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
 BUDGET=${LAMELM_GPU_BUDGET_S:-560}
@@ -73,10 +74,11 @@ for name in "${STAGES[@]}"; do
     norm) stage norm 300 "${BENCH[@]}" bench/test_rms_norm.py ;;
     swiglu) stage swiglu 300 "${BENCH[@]}" bench/test_swiglu.py ;;
     rope) stage rope 300 "${BENCH[@]}" bench/test_rope.py ;;
-    e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py ;;
-    qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name" ;;
+    e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py -k "not checkpointing_policy" ;;
+    qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name and not checkpointing_policy" ;;
+    checkpointing) stage checkpointing 240 "${BENCH[@]}" bench/test_end_to_end.py -k checkpointing_policy ;;
     *) echo "unknown stage $name: choose from tests convergence ops ce adamw layers norm swiglu rope nf4 e2e qlora" \
-            "full"; exit 2 ;;
+            "full checkpointing"; exit 2 ;;
   esac
 done
 exit $status

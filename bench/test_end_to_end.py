@@ -70,8 +70,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, variant:
     return path
 
 
-def documents(tokenizer: Any, count: int) -> list[str]:
-    """Up to ``count`` text documents of at least SEQ_LEN tokens, from the embedded stdlib dataset: every row is
+def documents(tokenizer: Any, count: int, seq_len: int = SEQ_LEN) -> list[str]:
+    """Up to ``count`` text documents of at least ``seq_len`` tokens, from the embedded stdlib dataset: every row is
     full, so neither trainer pads and both see the same tokens. Fewer documents just mean more epochs, for both."""
     from lamelm_fast.train.data import embedded_dataset_path
 
@@ -82,7 +82,7 @@ def documents(tokenizer: Any, count: int) -> list[str]:
             text = f"{record['instruction']}\n{record['output']}\n"
             current.append(text)
             tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if tokens > SEQ_LEN + 8:
+            if tokens > seq_len + 8:
                 docs.append("".join(current))
                 current, tokens = [], 0
                 if len(docs) == count:
@@ -106,16 +106,21 @@ def peak_memory_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 1e9 if ON_GPU else None
 
 
+def write_documents(docs: list[str], path: Path) -> Path:
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    return path
+
+
 def run_ours(path: Path, data: Path, out: Path, variant: str, seq_len: int = SEQ_LEN, steps: int = STEPS,
-             batch: int = BATCH) -> dict[str, Any]:
+             batch: int = BATCH, checkpointing_policy: str = "full") -> dict[str, Any]:
     reset_memory()
     result = train(TrainConfig(
         model=str(path), dataset=str(data), dataset_format="text", finetune=variant, lora_r=16, lora_alpha=32,
         lora_dropout=0.0, max_seq_length=seq_len, per_device_train_batch_size=batch, max_steps=steps,
         learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0,
-        max_grad_norm=1.0, bf16=ON_GPU, gradient_checkpointing=True, attn_implementation="sdpa",
-        logging_steps=min(LOGGING_STEPS, steps), eval_split_ratio=0.0, packing=False, seed=SEED,
-        output_dir=str(out), quiet=True))
+        max_grad_norm=1.0, bf16=ON_GPU, gradient_checkpointing=True, gradient_checkpointing_policy=checkpointing_policy,
+        attn_implementation="sdpa", logging_steps=min(LOGGING_STEPS, steps), eval_split_ratio=0.0, packing=False,
+        seed=SEED, output_dir=str(out), quiet=True))
     rows = [row for row in result.history if row["type"] == "train"]
     return {"tokens_per_second": window_tokens_per_second(rows), "peak_memory_gb": peak_memory_gb(),
             "mfu": result.summary["mfu"], "runtime_s": result.summary["runtime_seconds"],
@@ -194,8 +199,7 @@ def test_trainer_vs_hf_trainer(benchmark, tmp_path_factory: pytest.TempPathFacto
                                variant: str) -> None:
     path = model_dir(tmp_path_factory, tokenizer, variant)
     docs = documents(tokenizer, STEPS * BATCH)
-    data = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    data = write_documents(docs, tmp_path_factory.mktemp("data") / "docs.jsonl")
     out = tmp_path_factory.mktemp(f"runs-{variant}")
     hf = run_hf(path, docs, tokenizer, out / "hf", variant)
     ours = benchmark.pedantic(run_ours, args=(path, data, out / "ours", variant), rounds=1, iterations=1)
@@ -260,8 +264,7 @@ def test_step_time_breakdown(benchmark, tmp_path_factory: pytest.TempPathFactory
     path = model_dir(tmp_path_factory, tokenizer, variant)
     steps = PROFILE_SKIP + PROFILE_ACTIVE + 1
     docs = documents(tokenizer, steps * BATCH)
-    data = tmp_path_factory.mktemp("profile-data") / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    data = write_documents(docs, tmp_path_factory.mktemp("profile-data") / "docs.jsonl")
     out = tmp_path_factory.mktemp(f"profile-{variant}")
     row: dict[str, Any] = {"variant": variant, "seq_len": SEQ_LEN, "batch": BATCH, "profiled_steps": PROFILE_ACTIVE}
     hf = kernel_time_by_category(lambda: run_hf(path, docs, tokenizer, out / "hf", variant, steps=steps))
@@ -274,6 +277,36 @@ def test_step_time_breakdown(benchmark, tmp_path_factory: pytest.TempPathFactory
     harness.record("step_time_breakdown", row)
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
     assert ours["step_kernel_ms"] > 0 and hf["step_kernel_ms"] > 0
+
+
+POLICY_STEPS = 16 if ON_GPU else 8
+
+
+@pytest.mark.parametrize(("seq_len", "batch"), [(SEQ_LEN, BATCH), (4 * SEQ_LEN, 1)], ids=["short", "long"])
+def test_checkpointing_policy(benchmark, tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, seq_len: int,
+                              batch: int) -> None:
+    """Our QLoRA step with every layer checkpointed, re-running attention in backward (full, HF's behaviour) or keeping
+    its output (keep_attention): tokens/s and peak memory of each in the same run, at the bench's sequence length and
+    at 4x that length with the same tokens per step (NOTES-end-to-end.md predicts both)."""
+    path = model_dir(tmp_path_factory, tokenizer, "qlora")
+    data = write_documents(documents(tokenizer, POLICY_STEPS * batch, seq_len),
+                           tmp_path_factory.mktemp("policy-data") / "docs.jsonl")
+    out = tmp_path_factory.mktemp(f"policy-{seq_len}")
+    runs = {"full": run_ours(path, data, out / "full", "qlora", seq_len=seq_len, steps=POLICY_STEPS, batch=batch)}
+    runs["keep_attention"] = benchmark.pedantic(
+        run_ours, args=(path, data, out / "keep_attention", "qlora"), rounds=1, iterations=1,
+        kwargs={"seq_len": seq_len, "steps": POLICY_STEPS, "batch": batch, "checkpointing_policy": "keep_attention"})
+    row: dict[str, Any] = {"variant": "qlora", "seq_len": seq_len, "batch": batch, "steps": POLICY_STEPS}
+    for policy, result in runs.items():
+        row.update({f"{policy}_{key}": result[key] for key in ("tokens_per_second", "peak_memory_gb")})
+    row["speedup_keep_attention"] = row["keep_attention_tokens_per_second"] / row["full_tokens_per_second"]
+    if ON_GPU:
+        row["keep_attention_memory_ratio"] = row["keep_attention_peak_memory_gb"] / row["full_peak_memory_gb"]
+    harness.record("checkpointing_policy", row)
+    benchmark.extra_info.update(row)
+    # The same math: equal on CPU; on a GPU flash attention's backward sums in a nondeterministic order.
+    first = runs["full"]["losses"][0]
+    assert abs(runs["keep_attention"]["losses"][0] - first) < 1e-2 * first
 
 
 @pytest.mark.skipif(not (ON_GPU and os.environ.get("LAMELM_BENCH_MAX_CONTEXT") == "1"),
@@ -291,9 +324,8 @@ def test_max_context_qlora(benchmark, tmp_path_factory: pytest.TempPathFactory, 
                 if name == "hf":
                     run_hf(path, docs, tokenizer, out, "qlora", seq_len=seq_len, steps=2, batch=1)
                 else:
-                    data = out / "docs.jsonl"
-                    data.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
-                    run_ours(path, data, out / "run", "qlora", seq_len=seq_len, steps=2, batch=1)
+                    run_ours(path, write_documents(docs, out / "docs.jsonl"), out / "run", "qlora", seq_len=seq_len,
+                             steps=2, batch=1)
             except torch.OutOfMemoryError:
                 break
             found[name] = seq_len

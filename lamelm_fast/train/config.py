@@ -57,6 +57,10 @@ class TrainConfig:
     lora_target_modules: list[str] | None = field(default=None, metadata=_help(
         "module names to adapt (comma separated); default: every linear projection except the LM head"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
+    gradient_checkpointing_policy: Literal["full", "keep_attention"] = field(default="full", metadata=_help(
+        "with --gradient-checkpointing: full re-runs each decoder layer in backward (HF's behaviour, least "
+        "memory); keep_attention also keeps each layer's attention output, so backward does not re-run attention "
+        "(+ tokens x hidden in the compute dtype per layer; pays off most on long sequences)"))
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (bf16 compute, fp32 master weights)"))
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = field(default="sdpa", metadata=_help(
         "attention implementation passed to transformers"))
@@ -251,6 +255,13 @@ def validate(config: TrainConfig) -> None:
     if config.max_steps <= 0 and not (config.num_train_epochs > 0 and math.isfinite(config.num_train_epochs)):
         raise ConfigError("set num_train_epochs to a finite number > 0, or max_steps > 0: as given the run would "
                           "train 0 (or endless) steps")
+    if config.gradient_checkpointing_policy == "keep_attention":
+        if not config.gradient_checkpointing:
+            raise ConfigError("gradient_checkpointing_policy keep_attention applies to checkpointed layers: add "
+                              "--gradient-checkpointing, or drop the policy")
+        if config.attn_implementation == "eager":
+            raise ConfigError("gradient_checkpointing_policy keep_attention keeps the output of a fused attention op "
+                              "and eager attention has none: use --attn-implementation sdpa, or the policy full")
     if config.lr_scheduler_type not in LR_SCHEDULER_TYPES:
         raise ConfigError(f"lr_scheduler_type: invalid value {config.lr_scheduler_type!r}; "
                           f"choose one of {', '.join(LR_SCHEDULER_TYPES)}")

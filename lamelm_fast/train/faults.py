@@ -57,6 +57,8 @@ def out_of_memory_message(step: int, config: TrainConfig, peak_gb: float, capaci
              f"--max-seq-length (now {config.max_seq_length})"]
     if not config.gradient_checkpointing:
         lower.append("--gradient-checkpointing")
+    elif config.gradient_checkpointing_policy != "full":
+        lower.append("--gradient-checkpointing-policy full")
     if not config.bf16 and config.finetune != "qlora":
         lower.append("--bf16")
     if config.finetune == "full":

@@ -19,6 +19,7 @@ from torch import nn
 from lamelm_fast import patching
 from lamelm_fast.metrics.throughput import logical_numel
 from lamelm_fast.ops.dispatch import resolve_backend
+from lamelm_fast.train.activation_checkpointing import enable_activation_checkpointing
 from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
 
@@ -160,15 +161,13 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     keep_bnb_storage_layout(model)
     model.config.use_cache = False
 
-    gc_kwargs = {"use_reentrant": False}
     if config.finetune in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if config.finetune == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs=gc_kwargs)
-        elif config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(model, config.gradient_checkpointing_policy)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=_lora_targets(config), task_type="CAUSAL_LM")
         try:
@@ -181,7 +180,11 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         for param in model.parameters():
             param.requires_grad_(True)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            enable_activation_checkpointing(model, config.gradient_checkpointing_policy)
+    if config.gradient_checkpointing:
+        notes.append(f"activation checkpointing of every decoder layer, policy {config.gradient_checkpointing_policy}"
+                     + (": attention is not re-run in backward" if config.gradient_checkpointing_policy
+                        == "keep_attention" else ""))
     # The loss is fused where the loop computes it (causal_lm_loss below); here the layers. QLoRA: the 4-bit base
     # and its adapter run as one op (dequantize inside the matmul, LoRA epilogue).
     report = patching.apply_kernels(model, cross_entropy=False, lora=config.finetune == "qlora")
