@@ -92,9 +92,10 @@ def test_keep_attention_is_refused_where_it_would_do_nothing() -> None:
                              attn_implementation="eager"))
 
 
-def test_out_of_memory_advice_names_the_policy_that_saves_more() -> None:
+def test_out_of_memory_advice_names_the_settings_that_save_more() -> None:
     kept = TrainConfig(gradient_checkpointing=True, gradient_checkpointing_policy="keep_attention",
                        max_seq_length=2048)
     assert "--gradient-checkpointing-policy full" in out_of_memory_message(3, kept, 70.0, 80.0, None, "x")
-    full = TrainConfig(gradient_checkpointing=True, max_seq_length=2048)
-    assert "--gradient-checkpointing" not in out_of_memory_message(3, full, 70.0, 80.0, None, "x")
+    full = TrainConfig(gradient_checkpointing=True, max_seq_length=2048, finetune="full", bf16=True)
+    advice = out_of_memory_message(3, full, 70.0, 80.0, None, "x")
+    assert "--gradient-checkpointing" not in advice and "--bf16-weights" in advice

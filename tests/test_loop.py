@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import embedded_records, tiny_llama_config, write_jsonl
 from lamelm_fast.train import TrainConfig, train
+from lamelm_fast.train.config import ConfigError
 from lamelm_fast.train.data import Record, collate, encode_record, iterate_batches, prepare_datasets
 from lamelm_fast.train.model import keep_bnb_storage_layout
 
@@ -170,6 +171,40 @@ def test_gradient_checkpointing_and_bf16(tmp_path: Path, tiny_model_dir: Path, s
     for a, b, c in zip(plain, checkpointed, bf16, strict=True):
         assert rel(b["loss"], a["loss"]) < 1e-5  # recomputation changes memory, not numbers
         assert rel(c["loss"], a["loss"]) < 2e-2 and c["loss"] != a["loss"]  # bf16 autocast really ran
+
+
+def test_bf16_weights_keep_fp32_masters_that_resume_exactly(tmp_path: Path, tiny_model_dir: Path,
+                                                            small_alpaca: Path) -> None:
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=8, per_device_train_batch_size=4, bf16=True, save_steps=4)
+    autocast = train(base_config(tmp_path / "a", tiny_model_dir, small_alpaca, **settings))
+    whole = train(base_config(tmp_path / "b", tiny_model_dir, small_alpaca, bf16_weights=True, **settings))
+    for a, b in zip(train_rows(autocast), train_rows(whole), strict=True):
+        assert rel(b["loss"], a["loss"]) < 2e-2  # the same training, rounded at other places
+    assert train_rows(whole)[-1]["loss"] < train_rows(whole)[0]["loss"]
+    weights = load_file(str(whole.run_dir / "checkpoint-8" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    state = torch.load(whole.run_dir / "checkpoint-4" / "training_state.pt", weights_only=False)["optimizer"]["state"]
+    assert state and all(s["master_param"].dtype == torch.float32 for s in state.values())
+
+    # The masters are what resumes: fresh copies of the bf16 weights would lose the updates that rounding hid.
+    part_dir = tmp_path / "c" / "run"
+    shutil.copytree(whole.run_dir / "checkpoint-4", part_dir / "checkpoint-4")
+    resumed = train(base_config(tmp_path / "c", tiny_model_dir, small_alpaca, bf16_weights=True,
+                                resume_from_checkpoint="latest", **settings))
+    expected = {row["step"]: row for row in train_rows(whole)}
+    assert [row["step"] for row in train_rows(resumed)] == [5, 6, 7, 8]
+    for row in train_rows(resumed):
+        assert row["loss"] == expected[row["step"]]["loss"]
+
+
+def test_bf16_weights_are_refused_outside_full_bf16_training(tiny_model_dir: Path, small_alpaca: Path,
+                                                             tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="add --bf16"):
+        train(base_config(tmp_path, tiny_model_dir, small_alpaca, bf16_weights=True))
+    with pytest.raises(ConfigError, match="--bf16-weights is for --finetune full"):
+        train(base_config(tmp_path, tiny_model_dir, small_alpaca, bf16=True, bf16_weights=True, finetune="lora"))
 
 
 class SyncCounter(TorchDispatchMode):

@@ -61,6 +61,8 @@ def out_of_memory_message(step: int, config: TrainConfig, peak_gb: float, capaci
         lower.append("--gradient-checkpointing-policy full")
     if not config.bf16 and config.finetune != "qlora":
         lower.append("--bf16")
+    elif config.finetune == "full" and not config.bf16_weights:
+        lower.append("--bf16-weights")
     if config.finetune == "full":
         lower.append("--finetune lora or qlora")
     elif config.finetune == "lora":

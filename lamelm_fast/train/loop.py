@@ -63,7 +63,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> FusedAdamW:
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return FusedAdamW([g for g in groups if g["params"]], lr=config.learning_rate,
                       betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                      weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or None)
+                      weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or None,
+                      master_weights=True)  # fp32 copies of bf16 weights (--bf16-weights); fp32 ones need none
 
 
 @torch.no_grad()

@@ -118,7 +118,12 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
                           "pip install 'lamelm-fast[flash]', or use sdpa")
     if config.bf16 and on_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("--bf16 was given but this GPU has no bf16 support: drop --bf16")
+    if config.bf16_weights and config.finetune != "full":
+        raise ConfigError(f"--bf16-weights is for --finetune full; {config.finetune}'s frozen base is already in "
+                          "bf16 (lora with --bf16) or 4-bit (qlora) and its adapters keep fp32: drop --bf16-weights")
     autocast_dtype = torch.bfloat16 if config.bf16 else None
+    # Full fine-tuning: fp32 weights under autocast, or (bf16_weights) bf16 weights with fp32 masters in the optimizer.
+    weights_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
     load_kwargs: dict[str, Any] = {"attn_implementation": config.attn_implementation}
 
     if config.finetune == "qlora":
@@ -141,14 +146,14 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     elif config.finetune == "lora" and config.bf16:
         load_kwargs["dtype"] = torch.bfloat16  # frozen base in bf16; adapters stay fp32
     else:
-        load_kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights; bf16 via autocast
+        load_kwargs["dtype"] = weights_dtype
 
     # Seeded before any weight is drawn (the embedded model's, LoRA's): a run is reproducible, and every rank
     # under torchrun builds the same initial weights (FSDP shards them as they are, without a broadcast).
     torch.manual_seed(config.seed)
     if config.model is None:
         model_config._attn_implementation = config.attn_implementation
-        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(model_config, dtype=weights_dtype)
         notes.append("embedded default: a tiny Llama with random weights, so it is trained in full "
                      "(from scratch) unless --finetune says otherwise")
     else:
@@ -179,6 +184,10 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     else:
         for param in model.parameters():
             param.requires_grad_(True)
+        if config.bf16_weights:
+            notes.append("bf16 weights and gradients, fp32 master weights in the optimizer"
+                         + (f"; gradients accumulate in bf16 over the {config.gradient_accumulation_steps} "
+                            "micro-batches" if config.gradient_accumulation_steps > 1 else ""))
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model, config.gradient_checkpointing_policy)
     if config.gradient_checkpointing:
