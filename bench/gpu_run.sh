@@ -7,7 +7,8 @@
 #   tests   the `gpu`-marked tests but the convergence runs
 #   convergence   the trainer with its kernels against the torch references, 40 steps each of full / LoRA / QLoRA
 #   ops     the op benchmarks: ce adamw layers nf4 (each is also a stage of its own)
-#   layers  the fused layers around the matmuls: norm (RMSNorm) swiglu rope (each a stage of its own too)
+#   layers  the fused layers around the matmuls: norm (RMSNorm) swiglu rope, and attention over packed rows
+#           (varlen against sdpa's block mask); each a stage of its own too
 #   e2e     the trainer against the HF Trainer, QLoRA and full (LAMELM_BENCH_STEPS steps, default 200), and with
 #           LAMELM_BENCH_MAX_CONTEXT=1 the max-context probe; qlora / full run one half each (the probe goes with
 #           qlora) when 200 steps of both do not fit one call.
@@ -22,7 +23,7 @@
 # the results JSON + Markdown (bench/results format: copy the JSON to bench/results/, then run
 # `python bench/report.py --readme README.md`), device.txt, install.log and run.log (every stage's output).
 set -uo pipefail
-OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope nf4] [e2e|qlora full] [checkpointing]}
+OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope attention nf4] [e2e|qlora full] [checkpointing]}
 shift
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
 BUDGET=${LAMELM_GPU_BUDGET_S:-560}
@@ -65,9 +66,12 @@ for name in "${STAGES[@]}"; do
     convergence) stage convergence 240 python3 -m pytest -q -m gpu tests/test_convergence_gpu.py -p no:cacheprovider ;;
     ops) stage ce 150 "${BENCH[@]}" bench/test_cross_entropy.py
          stage adamw 90 "${BENCH[@]}" bench/test_adamw.py
-         stage layers 120 "${BENCH[@]}" bench/test_rms_norm.py bench/test_swiglu.py bench/test_rope.py
+         stage layers 150 "${BENCH[@]}" bench/test_rms_norm.py bench/test_swiglu.py bench/test_rope.py \
+           bench/test_packed_attention.py
          stage nf4 240 "${BENCH[@]}" bench/test_nf4_lora.py ;;
-    layers) stage layers 300 "${BENCH[@]}" bench/test_rms_norm.py bench/test_swiglu.py bench/test_rope.py ;;
+    layers) stage layers 300 "${BENCH[@]}" bench/test_rms_norm.py bench/test_swiglu.py bench/test_rope.py \
+              bench/test_packed_attention.py ;;
+    attention) stage attention 300 "${BENCH[@]}" bench/test_packed_attention.py ;;
     ce) stage ce 300 "${BENCH[@]}" bench/test_cross_entropy.py ;;
     adamw) stage adamw 300 "${BENCH[@]}" bench/test_adamw.py ;;
     nf4) stage nf4 400 "${BENCH[@]}" bench/test_nf4_lora.py ;;
@@ -77,8 +81,8 @@ for name in "${STAGES[@]}"; do
     e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py -k "not checkpointing_policy" ;;
     qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name and not checkpointing_policy" ;;
     checkpointing) stage checkpointing 240 "${BENCH[@]}" bench/test_end_to_end.py -k checkpointing_policy ;;
-    *) echo "unknown stage $name: choose from tests convergence ops ce adamw layers norm swiglu rope nf4 e2e qlora" \
-            "full checkpointing"; exit 2 ;;
+    *) echo "unknown stage $name: choose from tests convergence ops ce adamw layers norm swiglu rope attention nf4 e2e" \
+            "qlora full checkpointing"; exit 2 ;;
   esac
 done
 exit $status

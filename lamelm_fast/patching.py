@@ -42,14 +42,15 @@ _ORIGINAL_FORWARD = "_lamelm_original_forward"
 class KernelReport:
     """What :func:`apply_kernels` changed: ``cross_entropy`` is True when the loss is fused; ``lora_layers`` counts
     the LoRA layers swapped for the fused NF4 path, ``swiglu_mlps`` the MLPs on the fused SwiGLU, ``rms_norms`` the
-    fused norms, ``rope_attentions`` the attention modules on the fused RoPE; ``notes`` say what was left alone and
-    why."""
+    fused norms, ``rope_attentions`` the attention modules on the fused RoPE; ``varlen_attention`` is True when sdpa
+    can run packed batches as varlen flash attention; ``notes`` say what was left alone and why."""
 
     cross_entropy: bool = False
     lora_layers: int = 0
     swiglu_mlps: int = 0
     rms_norms: int = 0
     rope_attentions: int = 0
+    varlen_attention: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -143,10 +144,18 @@ def patch_cross_entropy(model: nn.Module) -> None:
 
 
 def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = True, swiglu: bool = True,
-                  rms_norm: bool = True, rope: bool = True) -> KernelReport:
+                  rms_norm: bool = True, rope: bool = True, varlen_attention: bool = True) -> KernelReport:
     """Swap the model's loss, PEFT 4-bit LoRA layers, MLP activations, norms and rotary embeddings for lamelm-fast's
-    fused ops, in place."""
+    fused ops, in place; ``varlen_attention`` lets sdpa run packed batches (given transformers' padding-free
+    arguments) as varlen flash attention, see :mod:`lamelm_fast.ops.varlen_attention`."""
     report = KernelReport()
+    if varlen_attention:
+        from lamelm_fast.ops.varlen_attention import patch_varlen_attention
+
+        report.varlen_attention = patch_varlen_attention()
+        if not report.varlen_attention:
+            report.notes.append("this torch has no varlen flash attention (torch >= 2.10): packed batches use sdpa "
+                                "over a block-diagonal mask")
     if cross_entropy:
         patch_cross_entropy(model)
         report.cross_entropy = True

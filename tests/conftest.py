@@ -28,6 +28,25 @@ def tiny_llama_config(vocab_size: int, **overrides: object):
     return LlamaConfig(**values)
 
 
+def tiny_model(family: str) -> torch.nn.Module:
+    """A seeded 2-layer model of ``family`` (llama, qwen3, gemma3) with grouped-query attention and 97 tokens."""
+    torch.manual_seed(0)
+    if family == "llama":
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM(tiny_llama_config(97))
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, max_position_embeddings=512, tie_word_embeddings=False,
+                  use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(**common))
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(**common, query_pre_attn_scalar=24, sliding_window=8))
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for a module of tiny tensors: on a busy CPU the thread barriers cost ~1000x the math."""

@@ -18,7 +18,7 @@ from conftest import (
     lora_with_random_b,
     model_loss_and_grads,
     rel_err,
-    tiny_llama_config,
+    tiny_model,
 )
 from lamelm_fast.ops.dispatch import triton_interpreted, use_backend
 from lamelm_fast.ops.rope import (
@@ -163,24 +163,6 @@ def test_other_layouts_fall_back_to_the_eager_formula(backend: str, rope_launche
 
 
 # --- the attention patch on whole models -----------------------------------------------------------------------
-
-def tiny_model(family: str) -> nn.Module:
-    torch.manual_seed(0)
-    if family == "llama":
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM(tiny_llama_config(97))
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=24, max_position_embeddings=512, tie_word_embeddings=False,
-                  use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    if family == "qwen3":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        return Qwen3ForCausalLM(Qwen3Config(**common))
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    return Gemma3ForCausalLM(Gemma3TextConfig(**common, query_pre_attn_scalar=24, sliding_window=8))
-
 
 def modeling_module(model: nn.Module) -> types.ModuleType:
     attention = next(m for m in model.modules() if isinstance(m, RotaryEmbeddingAttention))

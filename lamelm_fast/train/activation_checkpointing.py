@@ -29,6 +29,7 @@ ATTENTION_OPS = frozenset({
     "aten::_scaled_dot_product_fused_attention_overrideable",
     "flash_attn::_flash_attn_forward",
     "flash_attn::_flash_attn_varlen_forward",
+    "torch_attn::_varlen_attn",  # torch's varlen flash attention, which packed batches run (ops/varlen_attention.py)
 })
 
 

@@ -7,6 +7,7 @@ shifted here, per sequence, so packed sequences never predict across a boundary.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from array import array
@@ -340,13 +341,25 @@ class Batch:
     num_tokens: int  # real (non-padding) tokens, counted on the host: no device sync
     num_targets: int
     num_sequences: int
+    # Packed: where each sequence starts in the row ([n + 1] int32) and the longest one's length, for padding-free
+    # (varlen) attention; known here, so attention needs no device read to find the sequences.
+    cu_seq_lens: torch.Tensor | None = None
+    max_length: int = 0
 
     def to(self, device: torch.device) -> Batch:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device, non_blocking=True)
 
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
-                     self.num_tokens, self.num_targets, self.num_sequences)
+                     self.num_tokens, self.num_targets, self.num_sequences, move(self.cu_seq_lens), self.max_length)
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """transformers' padding-free keyword arguments for a packed batch (flash attention and our varlen sdpa read
+        them, other attention implementations ignore them); empty otherwise."""
+        if self.cu_seq_lens is None:
+            return {}
+        return {"cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                "max_length_q": self.max_length, "max_length_k": self.max_length}
 
 
 def shifted_labels(example: Example) -> list[int]:
@@ -368,7 +381,9 @@ def collate(examples: list[Example], packing: bool, pad_token_id: int) -> Batch:
         input_ids = torch.tensor([[t for e in examples for t in e.input_ids]], dtype=torch.long)
         flat_labels = torch.tensor([[t for row in labels for t in row]], dtype=torch.long)
         positions = torch.cat([torch.arange(n) for n in lengths])[None] if lengths else torch.zeros(1, 0)
-        return Batch(input_ids, flat_labels, None, positions.long(), sum(lengths), num_targets, len(examples))
+        cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        return Batch(input_ids, flat_labels, None, positions.long(), sum(lengths), num_targets, len(examples),
+                     cu_seq_lens, max(lengths))
     width = max(lengths, default=0)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     label_ids = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

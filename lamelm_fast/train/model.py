@@ -199,6 +199,11 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     report = patching.apply_kernels(model, cross_entropy=False, lora=config.finetune == "qlora")
     if config.finetune == "qlora":
         notes.append(f"fused 4-bit LoRA kernels on {report.lora_layers} layers")
+    if config.packing and config.attn_implementation == "sdpa":
+        varlen = report.varlen_attention and on_cuda and autocast_dtype is not None
+        notes.append("packed batches: " + ("varlen flash attention, each sequence attending only to itself" if varlen
+                                           else "sdpa over a block-diagonal mask (varlen flash attention needs a "
+                                           "CUDA GPU, bf16 compute and torch >= 2.10)"))
     if report.swiglu_mlps or report.rms_norms or report.rope_attentions:
         where = "Triton kernels" if resolve_backend(device) == "triton" else "their torch reference"
         notes.append(f"fused layers ({where}): RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
@@ -237,7 +242,8 @@ def causal_lm_loss(model: nn.Module, batch: Batch, num_items: int | None, autoca
     with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         hidden = causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
+                                         position_ids=batch.position_ids, use_cache=False,
+                                         **batch.attention_kwargs()).last_hidden_state
         loss, accuracy = patching.lm_head_loss(
             head, hidden, batch.labels, num_items=num_items if num_items is not None else 1,
             softcap=getattr(patching.text_config(model), "final_logit_softcapping", None), return_accuracy=True)

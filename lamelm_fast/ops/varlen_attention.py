@@ -1,0 +1,105 @@
+"""Padding-free attention for packed batches: varlen flash attention over the concatenated sequences.
+
+A packed row (sequences concatenated, positions restarting) reaches transformers' sdpa attention with a block-diagonal
+causal mask. sdpa cannot give a dense mask to its flash kernel, so it runs the memory-efficient kernel over the whole
+row: (sum of L_i)^2 scores per head, the mask read for every one of them, and on CUDA the grouped k/v repeated to the
+query heads. Varlen flash attention computes only the causal half of each sequence's own square, sum of L_i^2 / 2:
+for a row of n equal sequences ~2n times less work, and no mask.
+
+:func:`patch_varlen_attention` wraps transformers' ``"sdpa"`` attention function once per process. The wrapper takes
+the varlen path only when the caller passes transformers' padding-free keyword arguments (``cu_seq_lens_q``,
+``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``: our loop does for packed batches, as HF's
+``DataCollatorWithFlattening`` does) and flash attention can run them (CUDA on sm80+, bf16/fp16, head size a multiple
+of 8 up to 256, causal, no dropout, no softcap, no sliding window shorter than the longest sequence). Every other call
+is transformers' sdpa, unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+@functools.cache
+def _flash_kernel() -> tuple[Callable[..., torch.Tensor], bool] | None:
+    """torch's varlen flash attention (torch >= 2.10) and whether it takes ``enable_gqa`` (torch >= 2.12 asks for it
+    when k/v have fewer heads; earlier releases pass them to the kernel, which supports it natively)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+@functools.cache
+def _flash_capable(device: torch.device) -> bool:
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def flash_runs(query: torch.Tensor) -> bool:
+    """Whether torch's flash kernel runs on this tensor's device and dtype."""
+    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _flash_capable(query.device)
+
+
+def flash_varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens_q: torch.Tensor,
+                           cu_seq_lens_k: torch.Tensor, max_length_q: int, max_length_k: int, scale: float | None,
+                           ) -> torch.Tensor:
+    """Causal varlen attention over [tokens, heads, head_dim] inputs (k/v may have fewer heads)."""
+    kernel = _flash_kernel()
+    assert kernel is not None
+    varlen_attn, takes_gqa = kernel
+    extra = {"enable_gqa": query.shape[1] != key.shape[1]} if takes_gqa else {}
+    return varlen_attn(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scale,
+                       window_size=(-1, 0), **extra)
+
+
+def varlen_supported(module: nn.Module, query: torch.Tensor, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether :func:`flash_varlen_attention` can compute this call of the sdpa attention function."""
+    if any(kwargs.get(name) is None for name in PADDING_FREE_KWARGS) or _flash_kernel() is None:
+        return False
+    if not flash_runs(query):
+        return False
+    head_dim = query.shape[-1]
+    window = kwargs.get("sliding_window")
+    return (dropout == 0.0 and kwargs.get("softcap") is None and getattr(module, "is_causal", True)
+            and head_dim % 8 == 0 and head_dim <= 256
+            and (window is None or kwargs["max_length_k"] <= window))
+
+
+def _varlen_or_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if not varlen_supported(module, query, dropout, kwargs):
+            return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        # transformers hands [batch, heads, seq, head_dim] views of [batch, seq, heads, head_dim] projections: the
+        # transposes below are views again, and the packed tokens of every row are one run of sequences.
+        batch, heads, seq, head_dim = query.shape
+
+        def tokens(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.transpose(1, 2).reshape(batch * seq, tensor.shape[1], tensor.shape[-1])
+
+        out = flash_varlen_attention(tokens(query), tokens(key), tokens(value), kwargs["cu_seq_lens_q"],
+                                     kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"], scaling)
+        return out.view(batch, seq, heads, -1), None  # the layout transformers' attention functions return
+
+    attention.lamelm_varlen_wrapped = sdpa  # type: ignore[attr-defined]
+    return attention
+
+
+def patch_varlen_attention() -> bool:
+    """Wrap transformers' ``"sdpa"`` attention function (see the module docstring); idempotent. Returns whether torch
+    has varlen flash attention at all (the wrapper is installed either way: it is sdpa where varlen cannot run)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not hasattr(current, "lamelm_varlen_wrapped"):
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = _varlen_or_sdpa(current)
+    return _flash_kernel() is not None

@@ -1,0 +1,168 @@
+"""Packed batches through varlen attention: the same loss and gradients as sdpa over transformers' block-diagonal
+mask (Llama, Qwen3, Gemma3; grouped-query attention), sdpa untouched where varlen cannot run.
+
+torch's varlen flash kernel runs on CUDA only, so on CPU a reference of its contract (each sequence's own causal
+attention, one sdpa call per sequence) stands in for it: the tests prove the wrapper's layout, the padding-free
+arguments our batches carry and the fallback; the GPU test runs torch's kernel itself."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import embedded_records, rel_err, tiny_model
+from lamelm_fast.ops import varlen_attention
+from lamelm_fast.ops.varlen_attention import patch_varlen_attention
+from lamelm_fast.train.data import Batch, Example, collate
+
+LAYERS = 2  # tiny_model's
+
+
+def reference_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens_q: torch.Tensor,
+                     cu_seq_lens_k: torch.Tensor, max_length_q: int, max_length_k: int, scale: float | None,
+                     ) -> torch.Tensor:
+    """flash_varlen_attention's contract in plain torch: [tokens, heads, head_dim], each sequence on its own."""
+    starts = cu_seq_lens_q.tolist()
+    assert starts == cu_seq_lens_k.tolist() and max_length_q == max_length_k == max(
+        b - a for a, b in zip(starts, starts[1:], strict=False))
+    pieces = []
+    for begin, end in zip(starts, starts[1:], strict=False):
+        q, k, v = (t[begin:end].transpose(0, 1)[None] for t in (query, key, value))
+        pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                     enable_gqa=True)[0].transpose(0, 1))
+    return torch.cat(pieces)
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The wrapper's varlen path on CPU tensors, through ``reference_varlen``; counts its calls."""
+    calls = {"varlen": 0}
+
+    def counted(*args, **kwargs):
+        calls["varlen"] += 1
+        return reference_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(varlen_attention, "flash_runs", lambda query: True)
+    monkeypatch.setattr(varlen_attention, "flash_varlen_attention", counted)
+    return calls
+
+
+def packed_batch(lengths: list[int], seed: int) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    examples = [Example(torch.randint(1, 97, (n,), generator=generator).tolist(), [False] + [True] * (n - 1))
+                for n in lengths]
+    return collate(examples, packing=True, pad_token_id=0)
+
+
+def loss_and_grads(model: torch.nn.Module, batch: Batch, padding_free: bool,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                   **(batch.attention_kwargs() if padding_free else {})).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("family", "lengths"), [
+    ("llama", [7, 13, 1, 22]), ("qwen3", [9, 4, 17]), ("gemma3", [5, 8, 3, 8])])  # gemma3: within its window of 8
+def test_packed_batch_through_varlen_equals_sdpa_over_the_mask(family: str, lengths: list[int],
+                                                               varlen_on_cpu: dict[str, int]) -> None:
+    patch_varlen_attention()
+    model = tiny_model(family).train()
+    batch = packed_batch(lengths, seed=len(lengths))
+    assert batch.cu_seq_lens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert batch.max_length == max(lengths)
+    ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)  # transformers' block-diagonal mask
+    assert varlen_on_cpu["varlen"] == 0
+    loss, grads = loss_and_grads(model, batch, padding_free=True)
+    assert varlen_on_cpu["varlen"] == LAYERS
+    assert rel_err(loss, ref_loss) < 1e-6
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+def test_the_trainer_passes_its_packed_batches_to_varlen(tiny_model_dir, embedded_tokenizer,
+                                                         varlen_on_cpu: dict[str, int]) -> None:
+    from lamelm_fast.train.config import TrainConfig, resolve
+    from lamelm_fast.train.data import Record, encode_record
+    from lamelm_fast.train.model import causal_lm_loss, load_model, load_model_config
+
+    config = resolve(TrainConfig(model=str(tiny_model_dir), finetune="full"))
+    model = load_model(config, load_model_config(config), torch.device("cpu")).model  # apply_kernels patches
+    examples = [encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False) for r in embedded_records(3)]
+    batch = collate(examples, packing=True, pad_token_id=0)
+    with torch.no_grad():
+        loss, correct = causal_lm_loss(model, batch, batch.num_targets, None)
+        assert varlen_on_cpu["varlen"] == LAYERS
+        masked = causal_lm_loss(model, dataclasses.replace(batch, cu_seq_lens=None), batch.num_targets, None)
+    assert varlen_on_cpu["varlen"] == LAYERS and rel_err(loss, masked[0]) < 1e-6 and correct == masked[1]
+
+
+def test_a_sliding_window_shorter_than_a_sequence_keeps_sdpa(varlen_on_cpu: dict[str, int]) -> None:
+    patch_varlen_attention()
+    model = tiny_model("gemma3")  # every layer of the 2-layer Gemma3 slides over 8 tokens
+    batch = packed_batch([5, 11, 3], seed=3)
+    ref_loss, _ = loss_and_grads(model, batch, padding_free=False)
+    loss, _ = loss_and_grads(model, batch, padding_free=True)
+    assert varlen_on_cpu["varlen"] == 0 and torch.equal(loss, ref_loss)
+
+
+def test_sdpa_is_unchanged_where_varlen_cannot_run() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    patch_varlen_attention()
+    wrapper = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    patch_varlen_attention()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapper  # idempotent: wrapped once
+    original = wrapper.lamelm_varlen_wrapped
+    assert not hasattr(original, "lamelm_varlen_wrapped")
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    batch = packed_batch([6, 10], seed=1)
+    # CPU tensors: the padding-free arguments are there, but the flash kernel is not, so transformers' sdpa runs.
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+    try:
+        expected = loss_and_grads(reference, batch, padding_free=True)
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapper
+    loss, grads = loss_and_grads(model, batch, padding_free=True)
+    assert torch.equal(loss, expected[0])
+    assert all(torch.equal(grads[n], expected[1][n]) for n in grads)
+
+
+def test_only_packed_batches_carry_padding_free_arguments() -> None:
+    examples = [Example([5, 6, 7], [False, True, True]), Example([8, 9], [False, True])]
+    assert collate(examples, packing=False, pad_token_id=0).attention_kwargs() == {}
+    moved = collate(examples, packing=True, pad_token_id=0).to(torch.device("cpu"))
+    kwargs = moved.attention_kwargs()
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_torch_varlen_kernel_equals_sdpa_over_the_mask(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"varlen": 0}
+    kernel = varlen_attention.flash_varlen_attention
+
+    def counted(*args, **kwargs):
+        calls["varlen"] += 1
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(varlen_attention, "flash_varlen_attention", counted)
+    assert patch_varlen_attention(), "this torch has no varlen flash attention"
+    model = tiny_model(family).to("cuda", torch.bfloat16).train()
+    batch = packed_batch([37, 130, 1, 64, 259], seed=4).to(torch.device("cuda"))
+    ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)
+    loss, grads = loss_and_grads(model, batch, padding_free=True)
+    assert calls["varlen"] == LAYERS
+    assert rel_err(loss, ref_loss) < 1e-2
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 3e-2, name
