@@ -1,5 +1,6 @@
 """Activation checkpointing through the trainer's model loading: ``keep_attention`` runs each layer's attention once
-per step instead of twice, and no policy changes a loss or a gradient (full, LoRA and QLoRA with dropout)."""
+per step instead of twice, ``every_n_layers`` leaves the other layers uncheckpointed, and neither changes a loss or a
+gradient (full, LoRA and QLoRA with dropout)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ class AttentionRuns(TorchDispatchMode):
 
 
 def train_step(tiny_model_dir: Path, tokenizer, finetune: str, policy: str | None, device: str = "cpu",
-               ) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+               every_n_layers: int = 1) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
     """Attention runs, loss and gradients of one packed step of the trainer's model under ``policy`` (None: no
     checkpointing); bf16 autocast on a GPU."""
     config = resolve(TrainConfig(model=str(tiny_model_dir), finetune=finetune, lora_dropout=0.1,
                                  gradient_checkpointing=policy is not None, bf16=device == "cuda",
-                                 gradient_checkpointing_policy=policy or "full"))
+                                 gradient_checkpointing_policy=policy or "full",
+                                 gradient_checkpointing_every_n_layers=every_n_layers))
     validate(config)
     loaded = load_model(config, load_model_config(config), torch.device(device))
     generator = torch.Generator().manual_seed(1)
@@ -62,9 +64,12 @@ def test_keep_attention_skips_the_attention_recompute_and_changes_no_number(
         finetune: str, tiny_model_dir: Path, embedded_tokenizer, single_thread) -> None:
     plain_runs, plain_loss, plain_grads = train_step(tiny_model_dir, embedded_tokenizer, finetune, None)
     assert plain_runs == LAYERS and plain_grads
-    for policy, runs_per_layer in (("full", 2), ("keep_attention", 1)):
-        runs, loss, grads = train_step(tiny_model_dir, embedded_tokenizer, finetune, policy)
-        assert runs == runs_per_layer * LAYERS, policy
+    # Every layer or every other one (layer 0 of 2) checkpointed; the attention of a checkpointed layer runs again
+    # in backward unless it is kept.
+    for policy, every, recomputed in (("full", 1, LAYERS), ("keep_attention", 1, 0), ("full", 2, 1),
+                                      ("keep_attention", 2, 0)):
+        runs, loss, grads = train_step(tiny_model_dir, embedded_tokenizer, finetune, policy, every_n_layers=every)
+        assert runs == LAYERS + recomputed, (policy, every)
         assert torch.equal(loss, plain_loss), policy
         assert grads.keys() == plain_grads.keys()
         for name, grad in grads.items():
@@ -87,6 +92,10 @@ def test_keep_attention_on_the_gpu_with_the_triton_kernels(finetune: str, tiny_m
 def test_keep_attention_is_refused_where_it_would_do_nothing() -> None:
     with pytest.raises(ConfigError, match="add --gradient-checkpointing"):
         validate(TrainConfig(gradient_checkpointing_policy="keep_attention"))
+    with pytest.raises(ConfigError, match="gradient_checkpointing_every_n_layers applies"):
+        validate(TrainConfig(gradient_checkpointing_every_n_layers=2))
+    with pytest.raises(ConfigError, match="gradient_checkpointing_every_n_layers must be >= 1"):
+        validate(TrainConfig(gradient_checkpointing=True, gradient_checkpointing_every_n_layers=0))
     with pytest.raises(ConfigError, match="--attn-implementation sdpa"):
         validate(TrainConfig(gradient_checkpointing=True, gradient_checkpointing_policy="keep_attention",
                              attn_implementation="eager"))
@@ -96,6 +105,8 @@ def test_out_of_memory_advice_names_the_settings_that_save_more() -> None:
     kept = TrainConfig(gradient_checkpointing=True, gradient_checkpointing_policy="keep_attention",
                        max_seq_length=2048)
     assert "--gradient-checkpointing-policy full" in out_of_memory_message(3, kept, 70.0, 80.0, None, "x")
+    partial = TrainConfig(gradient_checkpointing=True, gradient_checkpointing_every_n_layers=3)
+    assert "--gradient-checkpointing-every-n-layers 1" in out_of_memory_message(3, partial, 70.0, 80.0, None, "x")
     full = TrainConfig(gradient_checkpointing=True, max_seq_length=2048, finetune="full", bf16=True)
     advice = out_of_memory_message(3, full, 70.0, 80.0, None, "x")
     assert "--gradient-checkpointing" not in advice and "--bf16-weights" in advice

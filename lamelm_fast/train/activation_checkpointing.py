@@ -50,12 +50,13 @@ def checkpoint_kwargs(policy: str) -> dict[str, Any]:
     return kwargs
 
 
-def enable_activation_checkpointing(model: nn.Module, policy: str) -> None:
-    """Checkpoint every decoder layer of a transformers model under ``policy``."""
+def enable_activation_checkpointing(model: nn.Module, policy: str, every_n_layers: int = 1) -> None:
+    """Checkpoint the decoder layers of a transformers model under ``policy``: every layer, or with
+    ``every_n_layers`` = n the layers 0, n, 2n... (the others keep their activations: less recompute, more memory)."""
     kwargs = checkpoint_kwargs(policy)
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:  # transformers >= 5.2x, where gradient_checkpointing_enable is a deprecated alias
-        enable(activation_checkpointing_kwargs=kwargs)
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
 

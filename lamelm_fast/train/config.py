@@ -61,6 +61,9 @@ class TrainConfig:
         "with --gradient-checkpointing: full re-runs each decoder layer in backward (HF's behaviour, least "
         "memory); keep_attention also keeps each layer's attention output, so backward does not re-run attention "
         "(+ tokens x hidden in the compute dtype per layer; pays off most on long sequences)"))
+    gradient_checkpointing_every_n_layers: int = field(default=1, metadata=_help(
+        "with --gradient-checkpointing: checkpoint only layers 0, n, 2n... (1: every layer); the others keep their "
+        "activations, which trades memory back for the recompute's time"))
     bf16: bool = field(default=False, metadata=_help("bf16 mixed precision (bf16 compute, fp32 master weights)"))
     bf16_weights: bool = field(default=False, metadata=_help(
         "with --bf16 and --finetune full: the model's weights and gradients in bf16 and their fp32 master copies in "
@@ -219,7 +222,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def validate(config: TrainConfig) -> None:
     """Range checks that the type system cannot express. Raises ConfigError naming the field and the fix."""
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "lora_r"]
+                "logging_steps", "lora_r", "gradient_checkpointing_every_n_layers"]
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -261,10 +264,12 @@ def validate(config: TrainConfig) -> None:
                           "train 0 (or endless) steps")
     if config.bf16_weights and not config.bf16:
         raise ConfigError("bf16_weights holds the weights in bf16 for bf16 compute: add --bf16, or drop --bf16-weights")
+    if not config.gradient_checkpointing:
+        for name, default in (("gradient_checkpointing_policy", "full"), ("gradient_checkpointing_every_n_layers", 1)):
+            if getattr(config, name) != default:
+                raise ConfigError(f"{name} applies to checkpointed layers: add --gradient-checkpointing, or drop "
+                                  f"--{name.replace('_', '-')}")
     if config.gradient_checkpointing_policy == "keep_attention":
-        if not config.gradient_checkpointing:
-            raise ConfigError("gradient_checkpointing_policy keep_attention applies to checkpointed layers: add "
-                              "--gradient-checkpointing, or drop the policy")
         if config.attn_implementation == "eager":
             raise ConfigError("gradient_checkpointing_policy keep_attention keeps the output of a fused attention op "
                               "and eager attention has none: use --attn-implementation sdpa, or the policy full")

@@ -57,8 +57,11 @@ def out_of_memory_message(step: int, config: TrainConfig, peak_gb: float, capaci
              f"--max-seq-length (now {config.max_seq_length})"]
     if not config.gradient_checkpointing:
         lower.append("--gradient-checkpointing")
-    elif config.gradient_checkpointing_policy != "full":
-        lower.append("--gradient-checkpointing-policy full")
+    else:
+        if config.gradient_checkpointing_policy != "full":
+            lower.append("--gradient-checkpointing-policy full")
+        if config.gradient_checkpointing_every_n_layers > 1:
+            lower.append("--gradient-checkpointing-every-n-layers 1")
     if not config.bf16 and config.finetune != "qlora":
         lower.append("--bf16")
     elif config.finetune == "full" and not config.bf16_weights:

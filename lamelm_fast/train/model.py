@@ -172,7 +172,8 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         if config.finetune == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if config.gradient_checkpointing:
-            enable_activation_checkpointing(model, config.gradient_checkpointing_policy)
+            enable_activation_checkpointing(model, config.gradient_checkpointing_policy,
+                                            config.gradient_checkpointing_every_n_layers)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=_lora_targets(config), task_type="CAUSAL_LM")
         try:
@@ -189,9 +190,12 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
                          + (f"; gradients accumulate in bf16 over the {config.gradient_accumulation_steps} "
                             "micro-batches" if config.gradient_accumulation_steps > 1 else ""))
         if config.gradient_checkpointing:
-            enable_activation_checkpointing(model, config.gradient_checkpointing_policy)
+            enable_activation_checkpointing(model, config.gradient_checkpointing_policy,
+                                            config.gradient_checkpointing_every_n_layers)
     if config.gradient_checkpointing:
-        notes.append(f"activation checkpointing of every decoder layer, policy {config.gradient_checkpointing_policy}"
+        every = config.gradient_checkpointing_every_n_layers
+        which = "every decoder layer" if every == 1 else f"decoder layers 0, {every}, {2 * every}..."
+        notes.append(f"activation checkpointing of {which}, policy {config.gradient_checkpointing_policy}"
                      + (": attention is not re-run in backward" if config.gradient_checkpointing_policy
                         == "keep_attention" else ""))
     # The loss is fused where the loop computes it (causal_lm_loss below); here the layers. QLoRA: the 4-bit base
