@@ -8,7 +8,6 @@ function of that data, and every number in the report is computed from it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -19,6 +18,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from lamelm_fast.cli_parser import OneLineParser
 from lamelm_fast.metrics.plots import epoch_number
 
 EXPECTED = ("expected a lamelm-fast run directory (with metrics.jsonl), an HF trainer_state.json, or a directory "
@@ -591,15 +591,8 @@ def to_markdown(analysis: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad arguments get one line and exit code 2, like every other error of this tool."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineParser(prog="python -m lamelm_fast.explain",
+    parser = OneLineParser(prog="python -m lamelm_fast.explain",
                             description="Explain a training run: milestones, loss phases, overfitting, which "
                                         "checkpoint to use, throughput.")
     parser.add_argument("run", metavar="RUN_DIR", help="lamelm-fast run directory, HF trainer_state.json, HF "

@@ -5,21 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
+from lamelm_fast.cli_parser import OneLineParser
 from lamelm_fast.train.config import ConfigError, TrainConfig, from_mapping, load_yaml
 from lamelm_fast.train.distributed import launched_rank
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus an error; our contract is one line naming the problem and the fix."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m lamelm_fast.train",
         description="Fine-tune a causal LM. Flags are Hugging Face TrainingArguments names in kebab case.",
         argument_default=argparse.SUPPRESS,  # only flags the user gave overlay the YAML and the defaults

@@ -33,7 +33,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def _pretrained_source(config: TrainConfig) -> str:
+def pretrained_source(config: TrainConfig) -> str:
     name = config.model
     assert name is not None
     path = Path(name).expanduser()
@@ -50,7 +50,7 @@ def _pretrained_source(config: TrainConfig) -> str:
 def load_tokenizer(config: TrainConfig) -> Any:
     from transformers import AutoTokenizer
 
-    source = embedded_asset("tokenizer") if config.model is None else _pretrained_source(config)
+    source = embedded_asset("tokenizer") if config.model is None else pretrained_source(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -66,7 +66,7 @@ def load_tokenizer(config: TrainConfig) -> Any:
 def load_model_config(config: TrainConfig) -> Any:
     from transformers import AutoConfig
 
-    source = embedded_asset("model") if config.model is None else _pretrained_source(config)
+    source = embedded_asset("model") if config.model is None else pretrained_source(config)
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -107,6 +107,18 @@ def _lora_targets(config: TrainConfig) -> str | list[str]:
     return targets
 
 
+def quantized_load_kwargs(device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments of QLoRA's frozen base on ``device``: NF4 with double quantization, bf16 compute
+    on a GPU (fp32 on CPU). Training and the merged export load the base through this, so they quantize it alike."""
+    from transformers import BitsAndBytesConfig
+
+    on_cuda = device.type == "cuda"
+    return {"quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32),
+            "device_map": {"": device.index if on_cuda and device.index is not None else str(device)}}
+
+
 def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> LoadedModel:
     """Build the trainable model for ``config.finetune`` (already resolved)."""
     from transformers import AutoModelForCausalLM
@@ -130,18 +142,13 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("--finetune qlora needs bitsandbytes: pip install bitsandbytes, "
                               "or use --finetune lora")
-        from transformers import BitsAndBytesConfig
-
-        compute_dtype = torch.bfloat16 if on_cuda else torch.float32
         if not on_cuda:
             notes.append("no CUDA device: QLoRA runs bitsandbytes 4-bit on the CPU with fp32 compute (slow)")
             autocast_dtype = None
         else:
             autocast_dtype = torch.bfloat16
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype)
-        load_kwargs["device_map"] = {"": device.index if on_cuda and device.index is not None else str(device)}
+        load_kwargs.update(quantized_load_kwargs(device))
+        compute_dtype = load_kwargs["quantization_config"].bnb_4bit_compute_dtype
         notes.append(f"QLoRA: NF4 + double quantization, {str(compute_dtype).removeprefix('torch.')} compute")
     elif config.finetune == "lora" and config.bf16:
         load_kwargs["dtype"] = torch.bfloat16  # frozen base in bf16; adapters stay fp32
@@ -158,7 +165,7 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
                      "(from scratch) unless --finetune says otherwise")
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(_pretrained_source(config), **load_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(pretrained_source(config), **load_kwargs)
         except (OSError, ValueError) as error:
             raise ConfigError(f"could not load model '{config.model}': {first_line(error)}") from None
     if "device_map" not in load_kwargs:

@@ -1,0 +1,13 @@
+"""The argument parser of every ``python -m lamelm_fast...`` command."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus an error; our contract is one line naming the problem and the fix, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
