@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from conftest import embedded_records, write_jsonl
 from lamelm_fast.train.config import ConfigError
 from lamelm_fast.train.data import (
     IGNORE_INDEX,
+    Example,
     Record,
     collate,
     detect_format,
     encode_record,
+    fingerprint,
     load_records,
     prepare_datasets,
     shifted_labels,
@@ -125,3 +128,22 @@ def test_dataset_directory_and_hub_ids_go_through_datasets(tmp_path: Path) -> No
     assert name == str(folder) and [r.data["output"] for r in loaded] == [r["output"] for r in records]
     with pytest.raises(ConfigError, match="could not load dataset 'no-such-org/no-such-set' .* from the Hugging"):
         load_records("no-such-org/no-such-set")
+
+
+def test_examples_are_stored_compactly_and_fingerprint_as_lists_did(embedded_tokenizer) -> None:
+    example = Example([5, 300_000, 7, 9], [True, False, True, True])
+    assert (example.input_ids.itemsize, example.target_mask.itemsize) == (4, 1)  # bytes per token: 4 + 1
+    assert example.num_targets == 2 and shifted_labels(example).tolist() == [IGNORE_INDEX, 7, 9, IGNORE_INDEX]
+    with pytest.raises(ValueError, match="3 tokens but 2 target flags"):
+        Example([1, 2, 3], [True, False])
+    # The digest a checkpoint keeps to refuse resuming on other data is the one list-held examples gave.
+    examples = [encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False) for r in embedded_records(3)]
+    digest = hashlib.sha256()
+    for part in (examples, []):
+        digest.update(len(part).to_bytes(8, "little"))
+        for e in part:
+            ids, mask = list(e.input_ids), [bool(m) for m in e.target_mask]
+            digest.update(len(ids).to_bytes(8, "little"))
+            digest.update(b"".join(t.to_bytes(8, "little", signed=True) for t in ids))
+            digest.update(bytes(mask))
+    assert fingerprint(examples, []) == digest.hexdigest()
