@@ -32,22 +32,30 @@ def mini_llama_dir(tmp_path_factory: pytest.TempPathFactory, embedded_tokenizer)
     return path
 
 
-def losses(model_dir: Path, out: Path, finetune: str, kernels: str) -> tuple[list[float], list[float]]:
+def losses(model_dir: Path, out: Path, finetune: str, kernels: str, **settings: object,
+           ) -> tuple[list[float], list[float]]:
     result = train(TrainConfig(
         model=str(model_dir), finetune=finetune, kernels=kernels, max_steps=STEPS, logging_steps=1,
         per_device_train_batch_size=4, max_seq_length=256, learning_rate=1e-3 if finetune == "full" else 2e-3,
-        bf16=True, gradient_checkpointing=True, eval_split_ratio=0.0, seed=3, output_dir=str(out), quiet=True))
+        bf16=True, gradient_checkpointing=True, eval_split_ratio=0.0, seed=3, output_dir=str(out), quiet=True,
+        **settings))
     rows = [row for row in result.history if row["type"] == "train"]
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     return [row["loss"] for row in rows], [row["grad_norm"] for row in rows]
 
 
-@pytest.mark.parametrize("finetune", ["full", "lora", "qlora"])
-def test_kernels_train_like_the_references(mini_llama_dir: Path, tmp_path: Path, finetune: str) -> None:
+# The last case: bf16 weights with fp32 masters in the fused AdamW, and checkpointing that keeps attention (torch's
+# varlen kernel on these packed batches, saved by the selective checkpoint).
+@pytest.mark.parametrize(("finetune", "settings"), [
+    ("full", {}), ("lora", {}), ("qlora", {}),
+    ("full", {"bf16_weights": True, "gradient_checkpointing_policy": "keep_attention"})],
+    ids=["full", "lora", "qlora", "full-bf16-weights-keep-attention"])
+def test_kernels_train_like_the_references(mini_llama_dir: Path, tmp_path: Path, finetune: str,
+                                           settings: dict[str, object]) -> None:
     if finetune == "qlora":
         pytest.importorskip("bitsandbytes")
-    ours, our_norms = losses(mini_llama_dir, tmp_path / "kernels", finetune, "auto")
-    reference, reference_norms = losses(mini_llama_dir, tmp_path / "torch", finetune, "torch")
+    ours, our_norms = losses(mini_llama_dir, tmp_path / "kernels", finetune, "auto", **settings)
+    reference, reference_norms = losses(mini_llama_dir, tmp_path / "torch", finetune, "torch", **settings)
     # The first step sees the same weights: only rounding differs.
     assert abs(ours[0] - reference[0]) / reference[0] < 5e-3
     assert abs(our_norms[0] - reference_norms[0]) / reference_norms[0] < 2e-2
