@@ -104,6 +104,29 @@ def test_the_trainer_passes_its_packed_batches_to_varlen(tiny_model_dir, embedde
     assert varlen_on_cpu["varlen"] == LAYERS and rel_err(loss, masked[0]) < 1e-6 and correct == masked[1]
 
 
+def test_hf_flattening_collator_batches_reach_varlen_through_apply_kernels(varlen_on_cpu: dict[str, int]) -> None:
+    """The README's promise for other trainers: apply_kernels, then HF's DataCollatorWithFlattening batches."""
+    from transformers import DataCollatorWithFlattening
+
+    from lamelm_fast import apply_kernels
+
+    model = tiny_model("llama").train()
+    reference = copy.deepcopy(model)
+    assert apply_kernels(model).varlen_attention
+    generator = torch.Generator().manual_seed(5)
+    features = [{"input_ids": torch.randint(1, 97, (n,), generator=generator).tolist()} for n in (11, 4, 19)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    loss = model(**batch).loss  # our fused loss, our varlen attention
+    loss.backward()
+    assert varlen_on_cpu["varlen"] == LAYERS
+    masked = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
+    expected = reference(**masked).loss  # transformers' own: sdpa over the block mask, its loss
+    expected.backward()
+    assert rel_err(loss.detach(), expected.detach()) < 1e-5
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert rel_err(param.grad, ref.grad) < 1e-4, name
+
+
 def test_a_sliding_window_shorter_than_a_sequence_keeps_sdpa(varlen_on_cpu: dict[str, int]) -> None:
     patch_varlen_attention()
     model = tiny_model("gemma3")  # every layer of the 2-layer Gemma3 slides over 8 tokens
