@@ -147,3 +147,35 @@ def test_examples_are_stored_compactly_and_fingerprint_as_lists_did(embedded_tok
             digest.update(b"".join(t.to_bytes(8, "little", signed=True) for t in ids))
             digest.update(bytes(mask))
     assert fingerprint(examples, []) == digest.hexdigest()
+
+
+def test_large_datasets_tokenize_in_worker_processes_to_the_same_examples(
+        tmp_path: Path, embedded_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamelm_fast.train import data
+
+    records = embedded_records(60)
+    records[7]["output"] = ""  # after truncation to 48 tokens some examples keep no target: skipped, and counted
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    serial = prepare_datasets(str(path), "train", "auto", embedded_tokenizer, 48, False, 0.1, 3)
+    monkeypatch.setattr(data, "_tokenizing_workers", lambda n: 3)
+    monkeypatch.setattr(data, "PARALLEL_CHUNK", 7)  # 9 chunks over 3 processes
+    parallel = prepare_datasets(str(path), "train", "auto", embedded_tokenizer, 48, False, 0.1, 3)
+    assert parallel[2] == serial[2] and serial[2].truncated > 0 and serial[2].skipped_no_targets > 0
+    for ours, theirs in ((parallel[0], serial[0]), (parallel[1], serial[1])):
+        assert [(e.input_ids, e.target_mask) for e in ours] == [(e.input_ids, e.target_mask) for e in theirs]
+    records[45]["output"] = 7  # a bad record in a worker's chunk: the same error as in one process
+    write_jsonl(path, records)
+    with pytest.raises(ConfigError, match=r"d.jsonl:46: field 'output' must be a string"):
+        prepare_datasets(str(path), "train", "auto", embedded_tokenizer, 48, False, 0.1, 3)
+
+
+def test_worker_count_follows_size_cpus_and_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamelm_fast.train import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data._tokenizing_workers(data.PARALLEL_MIN_RECORDS - 1) == 1
+    assert data._tokenizing_workers(30_000) == 30_000 // data.PARALLEL_CHUNK
+    assert data._tokenizing_workers(1_000_000) == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 ranks on this machine share its CPUs
+    assert data._tokenizing_workers(1_000_000) == 2

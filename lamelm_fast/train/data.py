@@ -10,6 +10,8 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
+import os
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -310,22 +312,72 @@ def encode_record(record: Record, fmt: str, tokenizer: Any, train_on_prompt: boo
     return Example(ids, mask)
 
 
+# Below this many records one process tokenizes (a fork costs more than it saves); above, one worker per
+# PARALLEL_CHUNK records up to the CPUs this process may use, so 1M chat records take seconds, not minutes.
+PARALLEL_MIN_RECORDS = 20_000
+PARALLEL_CHUNK = 5_000
+
+
+def _encode_records(records: list[Record], fmt: str, tokenizer: Any, train_on_prompt: bool, max_seq_length: int,
+                    ) -> tuple[list[Example | None], int]:
+    """Each record's example truncated to max_seq_length (None: no target left), and how many were truncated."""
+    examples: list[Example | None] = []
+    truncated = 0
+    for record in records:
+        example = encode_record(record, fmt, tokenizer, train_on_prompt)
+        if len(example.input_ids) > max_seq_length:
+            truncated += 1
+            example = Example(example.input_ids[:max_seq_length], example.target_mask[:max_seq_length])
+        examples.append(example if example.num_targets > 0 else None)
+    return examples, truncated
+
+
+_WORKER_ARGS: tuple[str, Any, bool, int] | None = None  # set in the parent before forking; read by the workers
+
+
+def _encode_chunk(records: list[Record]) -> tuple[list[Example | None], int]:
+    assert _WORKER_ARGS is not None
+    fmt, tokenizer, train_on_prompt, max_seq_length = _WORKER_ARGS
+    return _encode_records(records, fmt, tokenizer, train_on_prompt, max_seq_length)
+
+
+def _tokenizing_workers(num_records: int) -> int:
+    if num_records < PARALLEL_MIN_RECORDS or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # every rank on this machine tokenizes too
+    return max(1, min(cpus, num_records // PARALLEL_CHUNK))
+
+
+def encode_all(records: list[Record], fmt: str, tokenizer: Any, train_on_prompt: bool, max_seq_length: int,
+               ) -> tuple[list[Example | None], int]:
+    """:func:`_encode_records` over every record, in forked worker processes for large datasets (the same
+    examples in the same order; a bad record's error names it as in one process)."""
+    global _WORKER_ARGS
+    workers = _tokenizing_workers(len(records))
+    if workers == 1:
+        return _encode_records(records, fmt, tokenizer, train_on_prompt, max_seq_length)
+    chunks = [records[i:i + PARALLEL_CHUNK] for i in range(0, len(records), PARALLEL_CHUNK)]
+    _WORKER_ARGS = (fmt, tokenizer, train_on_prompt, max_seq_length)
+    try:
+        # fork: the workers inherit the tokenizer instead of unpickling one each. The Rust tokenizer is used one
+        # text at a time here, so no thread pool of its own exists to be forked.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_encode_chunk, chunks, chunksize=1)
+    finally:
+        _WORKER_ARGS = None
+    return [e for examples, _ in results for e in examples], sum(truncated for _, truncated in results)
+
+
 def prepare_datasets(source: str | None, split: str, fmt: str, tokenizer: Any, max_seq_length: int,
                      train_on_prompt: bool, eval_split_ratio: float, seed: int,
                      ) -> tuple[list[Example], list[Example], DatasetStats]:
     name, records = load_records(source, split)
     fmt = detect_format(records) if fmt == "auto" else fmt
     stats = DatasetStats(source=name, format=fmt, records=len(records))
-    examples = []
-    for record in records:
-        example = encode_record(record, fmt, tokenizer, train_on_prompt)
-        if len(example.input_ids) > max_seq_length:
-            stats.truncated += 1
-            example = Example(example.input_ids[:max_seq_length], example.target_mask[:max_seq_length])
-        if example.num_targets == 0:
-            stats.skipped_no_targets += 1
-            continue
-        examples.append(example)
+    encoded, stats.truncated = encode_all(records, fmt, tokenizer, train_on_prompt, max_seq_length)
+    examples = [e for e in encoded if e is not None]
+    stats.skipped_no_targets = len(encoded) - len(examples)
     if not examples:
         raise ConfigError(f"every label in {name} is masked ({stats.records} records, {stats.truncated} truncated "
                           f"to {max_seq_length} tokens): raise --max-seq-length, check the response field, "
