@@ -526,6 +526,16 @@ def throughput(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, An
     return result
 
 
+def _with_export_hint(choice: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A lamelm-fast checkpoint also gets the command that makes it a standalone model (adapters merged)."""
+    if kind == "lamelm-fast" and choice["path"] is not None:
+        merged = Path(choice["path"]).parent / f"merged-{choice['step']}"
+        choice["export_command"] = f"python -m lamelm_fast.export {choice['path']} {merged}"
+        choice["text"] += (f" To serve it as one standalone model directory (a LoRA or QLoRA adapter merged into "
+                           f"its base): `{choice['export_command']}`.")
+    return choice
+
+
 def analyse(run: RunData) -> dict[str, Any]:
     """The whole report as one JSON-ready dict; the Markdown output renders exactly this."""
     steps = np.array([p.step for p in run.train], dtype=float)
@@ -543,7 +553,7 @@ def analyse(run: RunData) -> dict[str, Any]:
         "mean_vs_final": mean_vs_final(run.train, run.summary),
         "end_fluctuation": end_fluctuation(run.train),
         "overfitting": overfitting(run.train, run.evals),
-        "checkpoint": pick_checkpoint(run.evals, run.checkpoints),
+        "checkpoint": _with_export_hint(pick_checkpoint(run.evals, run.checkpoints), run.kind),
         "throughput": throughput(run.train, run.summary),
         "warnings": run.warnings,
         "notes": run.notes,

@@ -86,7 +86,7 @@ def test_explains_an_hf_trainer_run(hf_output_dir: Path, target: str, capsys: py
     best_step = min(evals, key=lambda e: e["eval_loss"])["step"]
     expected = max([s for s in saved if s <= best_step], default=saved[0])
     recommendation = analysis["checkpoint"]
-    assert recommendation["step"] == expected
+    assert recommendation["step"] == expected and "export_command" not in recommendation  # an HF checkpoint
     assert Path(recommendation["path"]) == hf_output_dir / f"checkpoint-{expected}"
     assert Path(recommendation["path"]).is_dir()
 
@@ -152,6 +152,9 @@ def test_phases_overfitting_and_checkpoint_of_a_known_curve(tmp_path: Path, ever
     assert f"Overfitting from step {BEST_VAL_STEP}" in verdict["text"]
     assert analysis["checkpoint"]["step"] == 90  # newest of 50, 90, 150, 200 at or before step 100
     assert analysis["checkpoint"]["path"] == str(tmp_path / "run" / "checkpoint-90")
+    run = tmp_path / "run"
+    command = f"python -m lamelm_fast.export {run}/checkpoint-90 {run}/merged-90"
+    assert analysis["checkpoint"]["export_command"] == command
     assert analysis["warnings"] == [{"step": 120, "check": "grad_norm_spike",
                                      "message": "grad norm 12.0 is 10x the running median"}]
 
