@@ -63,13 +63,21 @@ def tokenizer() -> Any:
     return load_tokenizer(Config())
 
 
+_MODEL_DIRS: dict[str, Path] = {}
+
+
 def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, variant: str) -> Path:
-    path = tmp_path_factory.mktemp(f"model-{variant}")
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(model_config(variant), dtype=torch.bfloat16 if ON_GPU else torch.float32)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """The variant's randomly initialised model, saved once per session (drawing and writing 1.2B parameters takes
+    ~15 s of a GPU call's 10 minutes; every test reads the same seeded weights)."""
+    if variant not in _MODEL_DIRS:
+        path = tmp_path_factory.mktemp(f"model-{variant}")
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(model_config(variant),
+                                                 dtype=torch.bfloat16 if ON_GPU else torch.float32)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        _MODEL_DIRS[variant] = path
+    return _MODEL_DIRS[variant]
 
 
 def documents(tokenizer: Any, count: int, seq_len: int = SEQ_LEN) -> list[str]:
