@@ -197,6 +197,14 @@ class RunLogger:
             self._print(f"  eval @ step {row['step']}: val loss {row['val_loss']:.4f}  perplexity "
                         f"{row['val_perplexity']:.2f}  token accuracy {row['val_token_accuracy']:.3f}")
 
+    def sample_rows(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Completions of validation prompts (train/samples.py); the first one printed, shortened."""
+        for row in rows:
+            self._record({"type": "sample", "step": step, **row})
+        if rows and not (self.quiet or self.json_lines):
+            first = rows[0]
+            self._print(f"  sample @ step {step}: ...{first['prompt'][-60:]!r} -> {first['completion'][:100]!r}")
+
     def warning(self, step: int, check: str, message: str) -> None:
         self._record({"type": "warning", "step": step, "check": check, "message": message})
         if not self.json_lines:

@@ -130,6 +130,9 @@ class TrainConfig:
         "device peak bf16 TFLOP/s for MFU; default: looked up from the GPU name"))
     early_stopping_patience: int | None = field(default=None, metadata=_help(
         "stop after N evaluations without a new best validation loss; the best checkpoint is kept"))
+    eval_samples: int = field(default=0, metadata=_help(
+        "at each evaluation, the model's greedy completion of the first N validation prompts, beside their "
+        "reference answers, written to metrics.jsonl ('sample' rows; the first one printed); 0 = none"))
 
 
 def _field_types() -> dict[str, Any]:
@@ -257,6 +260,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"report_to: unknown destination {unknown[0]!r}; choose from {', '.join(REPORT_TO)}")
     if config.peak_tflops is not None and not (config.peak_tflops > 0 and math.isfinite(config.peak_tflops)):
         raise ConfigError(f"peak_tflops must be > 0, got {config.peak_tflops}")
+    if config.eval_samples < 0:
+        raise ConfigError(f"eval_samples must be >= 0, got {config.eval_samples}")
+    if config.eval_samples and not config.eval_split_ratio > 0:
+        raise ConfigError("eval_samples completes validation prompts: set --eval-split-ratio > 0, or drop "
+                          "--eval-samples")
     if config.early_stopping_patience and not (config.eval_split_ratio > 0 and config.eval_steps):
         raise ConfigError("early_stopping_patience needs evaluations: set --eval-steps and --eval-split-ratio > 0")
     if config.max_steps <= 0 and not (config.num_train_epochs > 0 and math.isfinite(config.num_train_epochs)):

@@ -25,6 +25,7 @@ from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import SkipStreak, TrainingStopped
 from lamelm_fast.train.model import CausalLMLoss, load_model, load_model_config, load_tokenizer, model_context
 from lamelm_fast.train.reporting import SilentLogger, TrainingReport, WindowMetrics, peak_memory_gb
+from lamelm_fast.train.samples import generate_samples
 
 
 @dataclass
@@ -140,6 +141,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         raise ConfigError(f"--kernels {config.kernels}: {error}") from None
     loaded = load_model(config, model_config, device)
     notes: list[str | None] = [*loaded.notes]
+    if config.eval_samples and dist.world_size > 1:
+        notes.append("--eval-samples is off under torchrun: generation runs on one process")
     state = None
     if resume is not None:
         state = checkpoint.load_training_state(resume.path)
@@ -189,9 +192,13 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                                                        config.save_total_limit, keep=best_checkpoint)
         return result.checkpoint
 
+    sample_set = eval_set[:config.eval_samples] if dist.world_size == 1 else []  # generation: one process
+
     def run_eval(step: int, epoch: float) -> bool:
-        return report.log_eval(window, step, epoch, lambda: evaluate(
-            model, eval_set, config, tokenizer.pad_token_id, dist))
+        return report.log_eval(
+            window, step, epoch, lambda: evaluate(model, eval_set, config, tokenizer.pad_token_id, dist),
+            sample=(lambda: generate_samples(loaded.model, sample_set, tokenizer, loaded.autocast_dtype))
+            if sample_set else None)
 
     @contextlib.contextmanager
     def out_of_memory_guard(step: int, weights_intact: bool) -> Iterator[None]:

@@ -81,6 +81,9 @@ class SilentLogger:
     def eval_row(self, row: dict[str, Any]) -> None:
         self.history.append({"type": "eval", **row})
 
+    def sample_rows(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self.history.extend({"type": "sample", "step": step, **row} for row in rows)
+
     def warning(self, step: int, check: str, message: str) -> None:
         self.history.append({"type": "warning", "step": step, "check": check, "message": message})
 
@@ -153,13 +156,16 @@ class TrainingReport:
                                           fatal=True))
         return self._warn(warnings)
 
-    def log_eval(self, window: WindowMetrics, step: int, epoch: float, evaluate: Any) -> bool:
-        """Runs ``evaluate()`` (not counted as training time); True when it set a new best validation loss."""
+    def log_eval(self, window: WindowMetrics, step: int, epoch: float, evaluate: Any, sample: Any = None) -> bool:
+        """Runs ``evaluate()`` and ``sample()`` (completions to log) and logs them; none of it counts as training time.
+        True when the evaluation set a new best validation loss."""
         started = time.perf_counter()
         row = {"step": step, "epoch": epoch, **evaluate()}
-        window.started += time.perf_counter() - started  # tokens/s measures training, not evaluation
+        samples = sample() if sample is not None else []
         previous_best = self.health.best_eval
-        self.logger.eval_row(row)
+        self.logger.eval_row(row)  # redraws the plots: part of the evaluation's time too
+        self.logger.sample_rows(step, samples)
+        window.started += time.perf_counter() - started  # tokens/s measures training, not evaluation
         self._warn(self.health.on_eval_row(row))
         return self.health.best_eval is not previous_best and self.health.best_eval is not None
 

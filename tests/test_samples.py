@@ -1,0 +1,70 @@
+"""--eval-samples: at each evaluation the model's greedy completions of validation prompts, logged beside the
+references; they are what the model at that step generates."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lamelm_fast.metrics.logger import RunLogger
+from lamelm_fast.train import TrainConfig, train
+from lamelm_fast.train.config import ConfigError, validate
+from lamelm_fast.train.data import Example, prepare_datasets
+from lamelm_fast.train.model import load_tokenizer
+from lamelm_fast.train.samples import NEW_TOKENS, TEXT_PROMPT_TOKENS, prompt_and_reference
+
+
+def test_samples_are_the_models_own_greedy_completions(tmp_path: Path, tiny_model_dir: Path,
+                                                       small_alpaca: Path) -> None:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = TrainConfig(model=str(tiny_model_dir), dataset=str(small_alpaca), finetune="full", learning_rate=1e-3,
+                         max_steps=4, eval_steps=2, eval_samples=2, eval_split_ratio=0.2, per_device_train_batch_size=4,
+                         max_seq_length=128, save_steps=2, output_dir=str(tmp_path / "run"), quiet=True, seed=5)
+    result = train(config)
+    samples = [row for row in result.history if row["type"] == "sample"]
+    assert [(row["step"], row["index"]) for row in samples] == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    on_disk = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row for row in on_disk if row["type"] == "sample"] == samples
+
+    tokenizer = load_tokenizer(config)
+    _, held_out, _ = prepare_datasets(str(small_alpaca), "train", "auto", tokenizer, 128, False, 0.2, 5)
+    generation = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    for row, example in zip(samples, held_out[:2] * 2, strict=True):
+        model = AutoModelForCausalLM.from_pretrained(result.run_dir / f"checkpoint-{row['step']}").eval()
+        prompt, reference = prompt_and_reference(example)
+        assert row["prompt"] == tokenizer.decode(prompt, skip_special_tokens=True)
+        assert row["reference"] == tokenizer.decode(reference, skip_special_tokens=True)
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                             generation_config=generation)
+        assert row["completion"] == tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
+    # After 2 steps the model still babbles, so the check above compared real text; 2 steps more changed it.
+    assert samples[0]["completion"] and samples[1]["completion"]
+    assert samples[0]["completion"] != samples[2]["completion"]
+
+
+def test_prompt_and_reference_split() -> None:
+    chat = Example(list(range(10, 110)), [False] * 30 + [True] * 70)
+    assert prompt_and_reference(chat) == (list(range(10, 40)), list(range(40, 40 + NEW_TOKENS)))
+    text = Example(list(range(100)), [True] * 100)  # every token a target: continue its first tokens
+    assert prompt_and_reference(text) == (list(range(TEXT_PROMPT_TOKENS)),
+                                          list(range(TEXT_PROMPT_TOKENS, TEXT_PROMPT_TOKENS + NEW_TOKENS)))
+    short = Example([1, 2, 3, 4, 5], [True] * 5)
+    assert prompt_and_reference(short) == ([1, 2], [3, 4, 5])
+
+
+def test_first_sample_printed_and_bad_settings_refused(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    logger = RunLogger(tmp_path, 10, stream=stream)
+    logger.sample_rows(4, [{"index": 0, "prompt": "### Response:\n", "completion": "def f(): pass", "reference": "x"}])
+    logger.close()
+    assert "sample @ step 4: ...'### Response:\\n' -> 'def f(): pass'" in stream.getvalue()
+    with pytest.raises(ConfigError, match="set --eval-split-ratio > 0"):
+        validate(TrainConfig(eval_samples=2, eval_split_ratio=0.0))
+    with pytest.raises(ConfigError, match="eval_samples must be >= 0"):
+        validate(TrainConfig(eval_samples=-1))
