@@ -71,6 +71,7 @@ class RunData:
     summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # --eval-samples rows (lamelm-fast runs)
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
@@ -141,6 +142,7 @@ def load_lamelm_run(run_dir: Path) -> RunData:
         _fail(metrics, f"cannot read ({error})")
     rows: list[tuple[dict[str, Any], str]] = []
     warnings: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
     notes: list[str] = []
     bad_lines = []
     for number, line in enumerate(lines, 1):
@@ -162,6 +164,8 @@ def load_lamelm_run(run_dir: Path) -> RunData:
                              "message": row.get("message")})
         elif kind in ("train", "eval"):
             rows.append((row, kind))
+        elif kind == "sample" and isinstance(row.get("completion"), str):
+            samples.append(row)
     if bad_lines:
         notes.append(f"{len(bad_lines)} unreadable line(s) in {metrics} skipped (line {bad_lines[0]} first)")
     train, evals = _split_losses(rows, "token_accuracy", "val_loss", notes)
@@ -172,7 +176,8 @@ def load_lamelm_run(run_dir: Path) -> RunData:
         loaded = _read_json(run_dir / "summary.json")
         if isinstance(loaded, dict):
             summary = {k: v for k, v in loaded.items() if isinstance(v, (int, float, str))}
-    return RunData(str(run_dir), "lamelm-fast", train, evals, _checkpoints_in(run_dir), summary, warnings, notes)
+    return RunData(str(run_dir), "lamelm-fast", train, evals, _checkpoints_in(run_dir), summary, warnings, notes,
+                   samples)
 
 
 def load_hf_state(state_file: Path) -> RunData:
@@ -526,6 +531,32 @@ def throughput(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, An
     return result
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def samples_over_time(samples: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Per sampled prompt, the model's completion at the first and the last evaluation, and the reference."""
+    by_prompt: dict[Any, list[dict[str, Any]]] = {}
+    for row in samples:
+        by_prompt.setdefault(row.get("index"), []).append(row)
+    if not by_prompt:
+        return {"prompts": [], "text": "The HF Trainer logs no completions." if kind != "lamelm-fast" else
+                "No samples were logged: --eval-samples N shows what the model generates for N validation prompts "
+                "at each evaluation."}
+    prompts, lines = [], []
+    for rows in by_prompt.values():
+        first, last = rows[0], rows[-1]
+        prompts.append({"prompt": first.get("prompt"), "reference": first.get("reference"),
+                        "first_step": first.get("step"), "first": first["completion"],
+                        "last_step": last.get("step"), "last": last["completion"]})
+        lines += [f"- prompt {_clip(str(first.get('prompt', '')), 120)}",
+                  f"  - step {first.get('step')}: {_clip(first['completion'])}",
+                  *([f"  - step {last.get('step')}: {_clip(last['completion'])}"] if last is not first else []),
+                  f"  - reference: {_clip(str(first.get('reference', '')))}"]
+    return {"prompts": prompts, "text": "\n".join(lines)}
+
+
 def _with_export_hint(choice: dict[str, Any], kind: str) -> dict[str, Any]:
     """A lamelm-fast checkpoint also gets the command that makes it a standalone model (adapters merged)."""
     if kind == "lamelm-fast" and choice["path"] is not None:
@@ -555,6 +586,7 @@ def analyse(run: RunData) -> dict[str, Any]:
         "overfitting": overfitting(run.train, run.evals),
         "checkpoint": _with_export_hint(pick_checkpoint(run.evals, run.checkpoints), run.kind),
         "throughput": throughput(run.train, run.summary),
+        "samples": samples_over_time(run.samples, run.kind),
         "warnings": run.warnings,
         "notes": run.notes,
     }
@@ -592,7 +624,7 @@ def to_markdown(analysis: dict[str, Any]) -> str:
         lines.append(phases["text"])
     for heading, key in (("Mean train loss vs final loss", "mean_vs_final"), ("End of the run", "end_fluctuation"),
                          ("Overfitting", "overfitting"), ("Which checkpoint to use", "checkpoint"),
-                         ("Throughput and cost", "throughput")):
+                         ("Throughput and cost", "throughput"), ("What the model says", "samples")):
         lines += ["", f"## {heading}", "", analysis[key]["text"]]
     lines += ["", "## Warnings recorded in the run", ""]
     lines += [f"- step {w['step']} ({w['check']}): {w['message']}" for w in analysis["warnings"]] or ["None."]

@@ -87,6 +87,7 @@ def test_explains_an_hf_trainer_run(hf_output_dir: Path, target: str, capsys: py
     expected = max([s for s in saved if s <= best_step], default=saved[0])
     recommendation = analysis["checkpoint"]
     assert recommendation["step"] == expected and "export_command" not in recommendation  # an HF checkpoint
+    assert analysis["samples"]["text"] == "The HF Trainer logs no completions."
     assert Path(recommendation["path"]) == hf_output_dir / f"checkpoint-{expected}"
     assert Path(recommendation["path"]).is_dir()
 
@@ -288,3 +289,20 @@ def test_module_entry_point_exits_2_on_a_bad_path(tmp_path: Path) -> None:
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [result.stderr.strip()] and str(missing) in result.stderr
+
+
+def test_samples_show_what_the_model_said_first_and_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = write_run(tmp_path / "run")
+    with (run / "metrics.jsonl").open("a") as metrics:
+        for step, said in ((20, "x x x"), (100, "def add(a, b):"), (200, "def add(a, b):\n    return a + b")):
+            metrics.write(json.dumps({"type": "sample", "step": step, "index": 0, "prompt": "Add two numbers.",
+                                      "completion": said, "reference": "def add(a, b): return a + b"}) + "\n")
+    analysis = analyse(load_run(run))
+    assert analysis["samples"]["prompts"] == [{"prompt": "Add two numbers.", "reference": "def add(a, b): return a + b",
+                                               "first_step": 20, "first": "x x x", "last_step": 200,
+                                               "last": "def add(a, b):\n    return a + b"}]
+    assert analysis["train_points"] == 200  # sample rows are not train rows
+    assert main([str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "## What the model says" in text and "  - step 200: 'def add(a, b):\\n    return a + b'" in text
+    assert "No samples were logged" in analyse(load_run(write_run(tmp_path / "plain")))["samples"]["text"]
