@@ -189,3 +189,24 @@ def test_torch_varlen_kernel_equals_sdpa_over_the_mask(family: str, monkeypatch:
     assert rel_err(loss, ref_loss) < 1e-2
     for name, grad in grads.items():
         assert rel_err(grad, ref_grads[name]) < 3e-2, name
+
+
+def test_varlen_only_where_it_computes_what_sdpa_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamelm_fast.ops.varlen_attention import varlen_supported
+
+    module = torch.nn.Module()
+    query = torch.zeros(1, 4, 10, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    plain = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 6, "max_length_k": 6}
+    assert not varlen_supported(module, query, 0.0, plain)  # CPU fp32: no flash kernel
+    monkeypatch.setattr(varlen_attention, "flash_runs", lambda q: True)
+    assert varlen_supported(module, query, 0.0, plain)
+    assert not varlen_supported(module, query, 0.0, {**plain, "max_length_k": None})  # padding-free args incomplete
+    assert not varlen_supported(module, query, 0.1, plain)  # attention dropout
+    for extra in ({"is_causal": False}, {"softcap": 50.0}, {"position_bias": torch.zeros(1)}, {"cache": object()},
+                  {"sliding_window": 5}):
+        assert not varlen_supported(module, query, 0.0, {**plain, **extra}), extra
+    assert varlen_supported(module, query, 0.0, {**plain, "sliding_window": 6})  # the window covers every sequence
+    module.is_causal = False  # an encoder's attention
+    assert not varlen_supported(module, query, 0.0, plain)
+    assert not varlen_supported(torch.nn.Module(), torch.zeros(1, 4, 10, 12), 0.0, plain)  # head size not 8k

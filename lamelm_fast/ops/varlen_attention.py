@@ -10,8 +10,8 @@ for a row of n equal sequences ~2n times less work, and no mask.
 the varlen path only when the caller passes transformers' padding-free keyword arguments (``cu_seq_lens_q``,
 ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``: our loop does for packed batches, as HF's
 ``DataCollatorWithFlattening`` does) and flash attention can run them (CUDA on sm80+, bf16/fp16, head size a multiple
-of 8 up to 256, causal, no dropout, no softcap, no sliding window shorter than the longest sequence). Every other call
-is transformers' sdpa, unchanged.
+of 8 up to 256, causal, no dropout, softcap, position bias or paged cache, no sliding window shorter than the longest
+sequence). Every other call is transformers' sdpa, unchanged.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def varlen_supported(module: nn.Module, query: torch.Tensor, dropout: float, kwa
         return False
     head_dim = query.shape[-1]
     window = kwargs.get("sliding_window")
-    return (dropout == 0.0 and kwargs.get("softcap") is None and getattr(module, "is_causal", True)
+    causal = kwargs.get("is_causal") is not False and getattr(module, "is_causal", True)
+    extras = ("softcap", "position_bias", "cache")  # what sdpa adds or consults beyond plain attention
+    return (dropout == 0.0 and causal and all(kwargs.get(name) is None for name in extras)
             and head_dim % 8 == 0 and head_dim <= 256
             and (window is None or kwargs["max_length_k"] <= window))
 
