@@ -124,7 +124,9 @@ def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"{output} exists and is not empty: choose another output directory or delete it")
     config = training_config(checkpoint)
-    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    # CPU by default: the merge is a few additions per weight, and host memory holds an fp32 copy of a model that a
+    # GPU of the size QLoRA was chosen for may not.
+    device = device or torch.device("cpu")
     model = merged_model(checkpoint, config, base, device).to(dtype)
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -154,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", choices=BASES, default="quantized",
                         help="QLoRA: merge into the NF4 base dequantized, as trained (default), or into the original "
                              "unquantized weights")
+    parser.add_argument("--device", default="cpu", help="where to load and merge: cpu (default) or cuda")
     args = parser.parse_args(argv)
     try:
-        path = export_merged(args.checkpoint, args.output, DTYPES[args.dtype], args.base)
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    try:
+        path = export_merged(args.checkpoint, args.output, DTYPES[args.dtype], args.base, device)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

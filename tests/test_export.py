@@ -107,6 +107,9 @@ def test_what_cannot_be_exported_is_refused_clearly(tmp_path: Path, tiny_model_d
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     assert main([str(checkpoint), str(tmp_path / "busy")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), str(tmp_path / "x"), "--device", "gpu"])
+    assert exit_info.value.code == 2 and "--device gpu: expected cpu, cuda or cuda:N" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="random base weights are not saved"):
         merged_model(checkpoint, TrainConfig(finetune="lora"), "quantized", CPU)  # an embedded-model adapter
