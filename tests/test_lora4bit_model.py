@@ -275,3 +275,41 @@ def test_projections_sharing_an_input_share_its_adapter_cast(quantized_dir: Path
     unshared = casts_in_a_forward()
     layers = model.config.num_hidden_layers
     assert unshared - shared == (2 + 1) * layers  # q/k/v: 3 -> 1, gate/up: 2 -> 1
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["separate-head", "tied-head"])
+def test_frozen_embedding_and_head_stay_16_bit_with_the_same_numbers(tmp_path: Path, tied: bool) -> None:
+    from transformers import LlamaForCausalLM
+
+    from lamelm_fast.train.data import Example, collate
+    from lamelm_fast.train.model import causal_lm_loss, narrow_frozen_lookup_weights
+
+    path = tmp_path / "bf16"
+    torch.manual_seed(0)  # a bf16 checkpoint, as Llama-3's: the embedding and head load in bf16
+    LlamaForCausalLM(tiny_llama_config(VOCAB, intermediate_size=128, tie_word_embeddings=tied)).to(
+        torch.bfloat16).save_pretrained(path)
+    generator = torch.Generator().manual_seed(3)
+    batch = collate([Example(torch.randint(1, VOCAB, (n,), generator=generator).tolist(), [False] + [True] * (n - 1))
+                     for n in (13, 7, 21)], packing=True, pad_token_id=0)
+
+    def run(narrow: bool) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(1)  # the same LoRA A matrices
+        base = load_4bit(path)
+        loaded = {id(p): p.dtype for p in base.parameters()}
+        model = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        saved = narrow_frozen_lookup_weights(model, loaded) if narrow else 0
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        patch_peft_lora4bit(model)
+        loss, _ = causal_lm_loss(model, batch, batch.num_targets, torch.bfloat16)  # bf16 autocast, as on a GPU
+        loss.backward()
+        return saved, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    saved, loss, grads = run(narrow=True)
+    _, ref_loss, ref_grads = run(narrow=False)
+    assert saved == (1 if tied else 2) * VOCAB * 64 * 2  # fp32 -> bf16: 2 bytes a weight
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
