@@ -55,8 +55,13 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...
   fi
   [ $left -lt "$cap" ] && cap=$left
   echo "== $name (at most ${cap}s)" | tee -a "$OUTDIR/run.log"
+  local started=$SECONDS
   timeout -s INT -k 20 "$cap" "$@" 2>&1 | tee -a "$OUTDIR/run.log" | tail -25
-  status=$((status | PIPESTATUS[0]))
+  local rc=${PIPESTATUS[0]}
+  status=$((status | rc))
+  # How long each stage took, for planning the next GPU session's calls.
+  echo "== $name: exit $rc after $((SECONDS - started))s ($((BUDGET - SECONDS))s of the budget left)" \
+    | tee -a "$OUTDIR/run.log"
 }
 BENCH=(python3 -m pytest -q --benchmark-only -p no:cacheprovider)
 for name in "${STAGES[@]}"; do

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,9 @@ def test_a_stage_runs_into_outdir(fake_gpu_path: dict[str, str], tmp_path: Path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "install skipped" in (out / "install.log").read_text()
     assert (out / "device.txt").read_text().startswith("Stand-in GPU")
-    assert "== swiglu" in (out / "run.log").read_text()
+    log = (out / "run.log").read_text()
+    assert "== swiglu (at most" in log
+    assert re.search(r"== swiglu: exit 0 after \d+s \(\d+s of the budget left\)", log)
     (results,) = out.glob("*.json")
     payload = json.loads(results.read_text())
     assert {row["suite"] for row in payload["results"]} == {"swiglu"}
