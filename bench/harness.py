@@ -97,12 +97,15 @@ def measure_into(row: dict[str, Any], name: str, fn: Callable[[], Any], device: 
 
 
 def measure_against(row: dict[str, Any], steps: dict[str, Callable[[], Any]], device: torch.device,
-                    **options: Any) -> None:
+                    floor: tuple[str, float] | None = None, **options: Any) -> None:
     """:func:`measure_into` every implementation in ``steps`` (ours is ``"lamelm"``, measured first), then ours
     against each other one that ran: ``time_vs_<name>`` and ``memory_vs_<name>`` (ours / theirs: below 1 is better).
+    ``floor`` = (name, ms), the physical floor of the op: ``<name>_ms`` and our share of it, ``<name>_fraction``.
 
     A reference or peer that fails (a peer's API changed between releases, torch.compile meets another Triton)
     leaves ``<name>_error`` in the row instead of taking the row, and ours with it, down; ours must run."""
+    if floor is not None:
+        row[f"{floor[0]}_ms"] = floor[1]
     for name, step in steps.items():
         if name == "lamelm":
             measure_into(row, name, step, device, **options)
@@ -118,6 +121,8 @@ def measure_against(row: dict[str, Any], steps: dict[str, Callable[[], Any]], de
             row[f"time_vs_{name}"] = ours / row[f"{name}_ms"]
             if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
                 row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
+    if floor is not None:
+        row[f"{floor[0]}_fraction"] = floor[1] / ours
 
 
 def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:

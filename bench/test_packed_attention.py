@@ -84,11 +84,10 @@ def test_packed_attention(benchmark, device: torch.device, peaks: dict[str, floa
 
     flops = 7.0 * HEADS * HEAD_DIM * sum(n * n for n in lengths)
     row: dict[str, object] = {"tokens": tokens, "mean_length": mean, "sequences": len(lengths), "heads": HEADS,
-                              "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": str(DTYPE),
-                              "roofline_ms": flops / peaks["matmul_flops"] * 1e3}
+                              "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": str(DTYPE)}
     harness.measure_against(row, {"lamelm": step(wrapped, mask, padding_free), "sdpa_block_mask": step(sdpa, mask, {})},
-                            device, warmup=3, repeats=20 if device.type == "cuda" else 3, setup=reset)
-    row["roofline_fraction"] = row["roofline_ms"] / row["lamelm_ms"]
+                            device, floor=("roofline", flops / peaks["matmul_flops"] * 1e3), warmup=3,
+                            repeats=20 if device.type == "cuda" else 3, setup=reset)
     harness.record("packed_attention", row)
     benchmark.extra_info.update(row)
 

@@ -375,7 +375,11 @@ def test_unknown_classes_and_formulas_are_left_alone() -> None:
 # --- GPU: real shapes, and row offsets past 2^31 ---------------------------------------------------------------------
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 @pytest.mark.gpu
+@NEEDS_CUDA
 @pytest.mark.parametrize(("shape", "x_dtype", "w_dtype", "offset", "cast", "weight_grad"), [
     ((8192, 2048), f32, f32, 0.0, True, False),  # QLoRA residual stream, frozen norm
     ((2, 4096, 4096), bf16, bf16, 0.0, True, True),  # full fine-tune
@@ -386,8 +390,6 @@ def test_gpu_real_shapes(shape: tuple[int, ...], x_dtype: torch.dtype, w_dtype: 
                          cast: bool, weight_grad: bool) -> None:
     """On the GPU (round-to-nearest-even, unlike the interpreter) the forward gives HF's exact bits except where the
     fp32 rstd differs by an ulp; gradients within rounding of the float64 reference."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     x, w = make_inputs(shape, x_dtype, w_dtype, offset)
     x, w = x.cuda(), w.cuda()
     with use_backend("triton"):
@@ -400,9 +402,8 @@ def test_gpu_real_shapes(shape: tuple[int, ...], x_dtype: torch.dtype, w_dtype: 
 
 
 @pytest.mark.gpu
+@NEEDS_CUDA
 def test_gpu_row_offsets_past_2_to_the_31() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     hidden = 2048
     rows = 2**31 // hidden + 3  # the last rows start past element 2^31
     x = torch.randn(rows, hidden, device="cuda", dtype=bf16).requires_grad_()

@@ -137,9 +137,8 @@ def test_patched_peft_lora_model_trains_the_same() -> None:
     with use_backend("triton"):
         loss, grads = model_loss_and_grads(model, ids)
     ref_loss, ref_grads = model_loss_and_grads(reference, ids)
-    assert rel_err(loss, ref_loss) < 1e-6
-    assert grads.keys() == ref_grads.keys() and len(grads) == 12
-    assert all(rel_err(grads[n], ref_grads[n]) < 1e-5 for n in grads)
+    assert len(grads) == 12
+    assert_same_training((loss, grads), (ref_loss, ref_grads), exact=False)
 
 
 @pytest.mark.gpu
