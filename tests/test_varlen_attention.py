@@ -46,7 +46,7 @@ def varlen_on_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["varlen"] += 1
         return reference_varlen(*args, **kwargs)
 
-    monkeypatch.setattr(varlen_attention, "flash_runs", lambda query: True)
+    monkeypatch.setattr(varlen_attention, "flash_runs", lambda device, dtype: True)
     monkeypatch.setattr(varlen_attention, "flash_varlen_attention", counted)
     return calls
 
@@ -171,7 +171,9 @@ def test_only_packed_batches_carry_padding_free_arguments() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_torch_varlen_kernel_equals_sdpa_over_the_mask(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("weights", ["bf16", "fp32 under bf16 autocast"])
+def test_torch_varlen_kernel_equals_sdpa_over_the_mask(family: str, weights: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"varlen": 0}
     kernel = varlen_attention.flash_varlen_attention
 
@@ -181,10 +183,12 @@ def test_torch_varlen_kernel_equals_sdpa_over_the_mask(family: str, monkeypatch:
 
     monkeypatch.setattr(varlen_attention, "flash_varlen_attention", counted)
     assert patch_varlen_attention(), "this torch has no varlen flash attention"
-    model = tiny_model(family).to("cuda", torch.bfloat16).train()
+    autocast = weights != "bf16"
+    model = tiny_model(family).to("cuda", torch.float32 if autocast else torch.bfloat16).train()
     batch = packed_batch([37, 130, 1, 64, 259], seed=4).to(torch.device("cuda"))
-    ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)
-    loss, grads = loss_and_grads(model, batch, padding_free=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)
+        loss, grads = loss_and_grads(model, batch, padding_free=True)
     assert calls["varlen"] == LAYERS
     assert rel_err(loss, ref_loss) < 1e-2
     for name, grad in grads.items():
@@ -198,15 +202,53 @@ def test_varlen_only_where_it_computes_what_sdpa_would(monkeypatch: pytest.Monke
     query = torch.zeros(1, 4, 10, 64)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     plain = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 6, "max_length_k": 6}
-    assert not varlen_supported(module, query, 0.0, plain)  # CPU fp32: no flash kernel
-    monkeypatch.setattr(varlen_attention, "flash_runs", lambda q: True)
-    assert varlen_supported(module, query, 0.0, plain)
-    assert not varlen_supported(module, query, 0.0, {**plain, "max_length_k": None})  # padding-free args incomplete
-    assert not varlen_supported(module, query, 0.1, plain)  # attention dropout
+    assert not varlen_supported(module, query, query, query, 0.0, plain)  # CPU fp32: no flash kernel
+    monkeypatch.setattr(varlen_attention, "flash_runs", lambda device, dtype: True)
+    assert varlen_supported(module, query, query, query, 0.0, plain)
+    assert not varlen_supported(module, query, query, query, 0.0, {**plain, "max_length_k": None})  # args incomplete
+    assert not varlen_supported(module, query, query, query, 0.1, plain)  # attention dropout
     for extra in ({"is_causal": False}, {"softcap": 50.0}, {"position_bias": torch.zeros(1)}, {"cache": object()},
                   {"sliding_window": 5}):
-        assert not varlen_supported(module, query, 0.0, {**plain, **extra}), extra
-    assert varlen_supported(module, query, 0.0, {**plain, "sliding_window": 6})  # the window covers every sequence
+        assert not varlen_supported(module, query, query, query, 0.0, {**plain, **extra}), extra
+    assert varlen_supported(module, query, query, query, 0.0, {**plain, "sliding_window": 6})  # window covers all
     module.is_causal = False  # an encoder's attention
-    assert not varlen_supported(module, query, 0.0, plain)
-    assert not varlen_supported(torch.nn.Module(), torch.zeros(1, 4, 10, 12), 0.0, plain)  # head size not 8k
+    assert not varlen_supported(module, query, query, query, 0.0, plain)
+    odd = torch.zeros(1, 4, 10, 12)
+    assert not varlen_supported(torch.nn.Module(), odd, odd, odd, 0.0, plain)  # head size not a multiple of 8
+    assert not varlen_supported(torch.nn.Module(), query, query, torch.zeros(1, 4, 10, 32), 0.0, plain)  # value's
+
+
+def test_fp32_weights_under_bf16_autocast_run_varlen_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's GPU setups: fp32 weights (a full fine-tune's masters; QLoRA's fp32 embedding output) under bf16
+    autocast give an fp32 query and key (RoPE's tables take the hidden states' dtype) and a bf16 value. sdpa computes
+    that in bf16 (autocast), and so must the varlen path: it runs, in bf16, and agrees with sdpa over the mask."""
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def kernel(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return reference_varlen(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(varlen_attention, "flash_device", lambda device: True)  # only the device check is mocked
+    monkeypatch.setattr(varlen_attention, "flash_varlen_attention", kernel)
+    patch_varlen_attention()
+    model = tiny_model("llama").train()
+    batch = packed_batch([9, 14, 5], seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)
+        assert not seen
+        loss, grads = loss_and_grads(model, batch, padding_free=True)
+    assert seen == [(torch.bfloat16,) * 3] * LAYERS
+    assert rel_err(loss, ref_loss) < 1e-2
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and rel_err(grad, ref_grads[name]) < 5e-2, name
+
+
+def test_attention_dtype_is_what_sdpa_computes_in() -> None:
+    from lamelm_fast.ops.varlen_attention import attention_dtype, flash_runs
+
+    fp32, bf16 = torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
+    assert attention_dtype(bf16, bf16, bf16) == torch.bfloat16
+    assert attention_dtype(fp32, fp32, bf16) is None  # sdpa refuses mixed dtypes outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_dtype(fp32, fp32, bf16) == torch.bfloat16
+    assert not flash_runs(torch.device("cpu"), torch.bfloat16)  # no flash kernel on the CPU

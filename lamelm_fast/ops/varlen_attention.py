@@ -12,6 +12,11 @@ the varlen path only when the caller passes transformers' padding-free keyword a
 ``DataCollatorWithFlattening`` does) and flash attention can run them (CUDA on sm80+, bf16/fp16, head size a multiple
 of 8 up to 256, causal, no dropout, softcap, position bias or paged cache, no sliding window shorter than the longest
 sequence). Every other call is transformers' sdpa, unchanged.
+
+The dtype is the one sdpa would compute in: under autocast, autocast's (sdpa is on its lower-precision list). That
+matters because the query and key often arrive in fp32 under bf16 autocast: RoPE multiplies them by cos/sin tables in
+the hidden states' dtype, which is fp32 for fp32 weights (a full fine-tune's masters) and for QLoRA (whose embedding
+output is fp32), while the value, straight from its projection, is bf16.
 """
 
 from __future__ import annotations
@@ -39,13 +44,24 @@ def _flash_kernel() -> tuple[Callable[..., torch.Tensor], bool] | None:
 
 
 @functools.cache
-def _flash_capable(device: torch.device) -> bool:
-    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+def flash_device(device: torch.device) -> bool:
+    """Whether torch's flash kernel runs on this device (a CUDA GPU of compute capability 8.0 or later)."""
+    return (device.type == "cuda" and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def flash_runs(query: torch.Tensor) -> bool:
-    """Whether torch's flash kernel runs on this tensor's device and dtype."""
-    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _flash_capable(query.device)
+def flash_runs(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether torch's flash kernel runs on this device in this dtype."""
+    return dtype in (torch.bfloat16, torch.float16) and flash_device(device)
+
+
+def attention_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
+    """The dtype sdpa computes this call in: autocast's where autocast is on for the device, else the inputs' common
+    dtype (None when they differ: sdpa refuses that)."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return query.dtype if query.dtype == key.dtype == value.dtype else None
 
 
 def flash_varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens_q: torch.Tensor,
@@ -60,13 +76,16 @@ def flash_varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                        window_size=(-1, 0), **extra)
 
 
-def varlen_supported(module: nn.Module, query: torch.Tensor, dropout: float, kwargs: dict[str, Any]) -> bool:
+def varlen_supported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                     kwargs: dict[str, Any]) -> bool:
     """Whether :func:`flash_varlen_attention` can compute this call of the sdpa attention function."""
     if any(kwargs.get(name) is None for name in PADDING_FREE_KWARGS) or _flash_kernel() is None:
         return False
-    if not flash_runs(query):
+    if not flash_runs(query.device, attention_dtype(query, key, value)):
         return False
     head_dim = query.shape[-1]
+    if key.shape[-1] != head_dim or value.shape[-1] != head_dim:
+        return False
     window = kwargs.get("sliding_window")
     causal = kwargs.get("is_causal") is not False and getattr(module, "is_causal", True)
     extras = ("softcap", "position_bias", "cache")  # what sdpa adds or consults beyond plain attention
@@ -79,14 +98,16 @@ def _varlen_or_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
-        if not varlen_supported(module, query, dropout, kwargs):
+        if not varlen_supported(module, query, key, value, dropout, kwargs):
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         # transformers hands [batch, heads, seq, head_dim] views of [batch, seq, heads, head_dim] projections: the
-        # transposes below are views again, and the packed tokens of every row are one run of sequences.
+        # transposes below are views again, and the packed tokens of every row are one run of sequences. The cast is
+        # autocast's for sdpa (a no-op where the dtype is already right).
         batch, heads, seq, head_dim = query.shape
+        dtype = attention_dtype(query, key, value)
 
         def tokens(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.transpose(1, 2).reshape(batch * seq, tensor.shape[1], tensor.shape[-1])
+            return tensor.to(dtype).transpose(1, 2).reshape(batch * seq, tensor.shape[1], tensor.shape[-1])
 
         out = flash_varlen_attention(tokens(query), tokens(key), tokens(value), kwargs["cu_seq_lens_q"],
                                      kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"], scaling)

@@ -19,6 +19,7 @@ from torch import nn
 from lamelm_fast import patching
 from lamelm_fast.metrics.throughput import logical_numel
 from lamelm_fast.ops.dispatch import resolve_backend
+from lamelm_fast.ops.varlen_attention import flash_device
 from lamelm_fast.train.activation_checkpointing import enable_activation_checkpointing
 from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
@@ -217,10 +218,10 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     if config.finetune == "qlora":
         notes.append(f"fused 4-bit LoRA kernels on {report.lora_layers} layers")
     if config.packing and config.attn_implementation == "sdpa":
-        varlen = report.varlen_attention and on_cuda and autocast_dtype is not None
+        varlen = report.varlen_attention and autocast_dtype is not None and flash_device(device)
         notes.append("packed batches: " + ("varlen flash attention, each sequence attending only to itself" if varlen
                                            else "sdpa over a block-diagonal mask (varlen flash attention needs a "
-                                           "CUDA GPU, bf16 compute and torch >= 2.10)"))
+                                           "CUDA GPU of compute capability 8.0+, bf16 compute and torch >= 2.10)"))
     if report.swiglu_mlps or report.rms_norms or report.rope_attentions:
         where = "Triton kernels" if resolve_backend(device) == "triton" else "their torch reference"
         notes.append(f"fused layers ({where}): RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
