@@ -210,6 +210,53 @@ def test_load_state_dict_keeps_fp32_moments_for_bf16_params() -> None:
             assert torch.equal(value, opt.state[p][key])
 
 
+@pytest.mark.parametrize("stochastic_rounding", [False, True])
+def test_master_weights_survive_a_resume_but_not_steps_taken_without_them(stochastic_rounding: bool) -> None:
+    """A bf16 param's fp32 master copy is kept on load when the param is still its rounding (a resume, also after
+    stochastic rounding), and dropped when the param moved without it: torch.optim.AdamW carries our master in its
+    state dict but never updates it, so loading that back must not undo torch's steps."""
+    model = TinyModel(torch.bfloat16)
+    opt = FusedAdamW(model.groups(), lr=LR, master_weights=True, stochastic_rounding=stochastic_rounding)
+    for step in range(3):
+        fake_backward(model, step)
+        opt.step()
+    resumed = FusedAdamW(model.groups(), lr=LR, master_weights=True, stochastic_rounding=stochastic_rounding)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in model.parameters():
+        assert torch.equal(resumed.state[p]["master_param"], opt.state[p]["master_param"])
+
+    torch_opt = torch.optim.AdamW(model.groups(), lr=LR)
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    before_torch = [p.detach().clone() for p in model.parameters()]
+    for step in range(3, 8):
+        fake_backward(model, step)
+        torch_opt.step()
+    after_torch = [p.detach().clone() for p in model.parameters()]
+    back = FusedAdamW(model.groups(), lr=LR, master_weights=True, stochastic_rounding=stochastic_rounding)
+    back.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for p, before in zip(model.parameters(), before_torch, strict=True):
+        moved = not torch.equal(p, before)
+        # (bf16 AdamW can leave a small param where it is: its update is under half an ulp. Its master is still
+        # consistent with it and kept.)
+        assert ("master_param" in back.state[p]) != moved
+    assert sum("master_param" not in back.state[p] for p in model.parameters()) >= 4
+    fake_backward(model, 8)
+    back.step()  # re-seeds each master from its param, then one AdamW step of size ~LR
+    for p, before in zip(model.parameters(), after_torch, strict=True):
+        assert (p.float() - before.float()).abs().max() < 2 * LR, "the params jumped back to a stale master copy"
+
+
+def test_first_param_group_may_be_empty() -> None:
+    model = TinyModel()
+    opt = FusedAdamW([{"params": []}, *model.groups()], max_grad_norm=MAX_GRAD_NORM)
+    fake_backward(model, 0)
+    opt.step()
+    assert opt.skipped_steps.device == model.weight.device and opt.grad_norm > 0
+    opt.zero_grad(set_to_none=True)
+    opt.step()  # no gradients at all: nothing moves, and the norm reported is clip_grad_norm_'s 0, not the last one
+    assert opt.grad_norm.item() == 0.0 == torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+
+
 def test_load_rejects_amsgrad_state() -> None:
     model = TinyModel()
     ref_opt = torch.optim.AdamW(model.groups(), amsgrad=True)

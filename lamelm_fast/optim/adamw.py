@@ -36,6 +36,16 @@ _MASTER = "master_param"
 _OUR_GROUP_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding")
 
 
+def _rounds_to(master: Tensor, param: Tensor) -> bool:
+    """Whether ``param`` is the fp32 ``master`` rounded to the param's dtype: to nearest, or for bf16 either way (what
+    stochastic rounding may give), i.e. the master's bits truncated to bf16 or the next bf16 away from zero."""
+    if param.dtype == torch.bfloat16:
+        toward_zero = master.view(torch.int32) & ~0xFFFF
+        bits = param.float().view(torch.int32)
+        return bool(((bits == toward_zero) | (bits == toward_zero + 0x10000)).all())
+    return torch.equal(master.to(param.dtype), param)
+
+
 def _local(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (sharing its storage), else the tensor itself."""
     return tensor.to_local() if DTensor is not None and isinstance(tensor, DTensor) else tensor
@@ -209,7 +219,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self._plan: _StepPlan | None = None
         super().__init__(params, defaults)
         self.grad_norm: Tensor | None = None
-        device = _local(self.param_groups[0]["params"][0]).device
+        first = next((p for group in self.param_groups for p in group["params"]), None)
+        device = torch.device("cpu") if first is None else _local(first).device
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         # Drawn from torch's global RNG, so torch.manual_seed makes stochastic rounding reproducible.
         self.seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
@@ -326,7 +337,8 @@ class FusedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         collected = self._collect()
-        if collected is None:
+        if collected is None:  # no gradients: nothing to update, and a norm of 0 (clip_grad_norm_'s answer)
+            self.grad_norm = torch.zeros((), device=self.skipped_steps.device)
             return loss
         work, buckets = collected
         if self.skipped_steps.device != work.device:  # the model moved after the optimizer was built: once only
@@ -362,11 +374,15 @@ class FusedAdamW(torch.optim.Optimizer):
             saved = state_dict["state"].get(saved_id)
             if saved:
                 # Moments and master copy take the param's layout (the kernels walk them in the param's order).
-                self.state[param] = {
+                self.state[param] = state = {
                     key: torch.empty_like(param, dtype=torch.float32).copy_(saved[key]) if key != "step"
                     else saved[key].to(device=_local(param).device, dtype=torch.float32, copy=True)
                     for key in (*_STATE_KEYS, _MASTER) if key in saved
                 }
+                if _MASTER in state and not _rounds_to(_local(state[_MASTER]), _local(param)):
+                    # Stale: the param moved without it (steps of torch.optim.AdamW, which carries our master copy
+                    # in its state but never updates it). The param is the truth; the next step re-seeds the master.
+                    del state[_MASTER]
         # A torch.optim.AdamW state dict has no skip count: it starts at 0, as on a fresh FusedAdamW.
         self.skipped_steps.copy_(state_dict.get("skipped_steps", torch.zeros((), dtype=torch.int64)))
         self.seed = state_dict.get("seed", self.seed)
