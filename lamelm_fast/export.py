@@ -14,6 +14,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -121,18 +122,25 @@ def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype
     checkpoint, output = Path(checkpoint), Path(output)
     if base not in BASES:
         raise ConfigError(f"--base {base}: choose one of {', '.join(BASES)}")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output} exists and is not a directory: choose a directory path to write the model to")
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"{output} exists and is not empty: choose another output directory or delete it")
-    config = training_config(checkpoint)
     # CPU by default: the merge is a few additions per weight, and host memory holds an fp32 copy of a model that a
     # GPU of the size QLoRA was chosen for may not.
     device = device or torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA GPU torch can use; merge with --device cpu")
+    config = training_config(checkpoint)
     model = merged_model(checkpoint, config, base, device).to(dtype)
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        # Unique, so that two exports to one path cannot share it; removed whatever stops the write (Ctrl-C too).
+        temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    except OSError as error:
+        raise ConfigError(f"could not create {output.parent} ({first_line(error)}): choose another directory") from None
     try:
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
@@ -140,9 +148,10 @@ def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype
             output.rmdir()  # empty, checked above
         os.replace(temporary, output)
     except OSError as error:
-        shutil.rmtree(temporary, ignore_errors=True)
         raise ConfigError(f"could not write {output} ({first_line(error)}): nothing was left half-written; free "
                           "space or choose another directory") from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)  # gone already when the rename succeeded
     return output
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,30 @@ def test_large_datasets_tokenize_in_worker_processes_to_the_same_examples(
     records[45]["output"] = 7  # a bad record in a worker's chunk: the same error as in one process
     write_jsonl(path, records)
     with pytest.raises(ConfigError, match=r"d.jsonl:46: field 'output' must be a string"):
+        prepare_datasets(str(path), "train", "auto", embedded_tokenizer, 48, False, 0.1, 3)
+
+
+def _encode_chunk_slowly_if_first_bad(records: list) -> tuple:
+    """A worker whose chunk holds the earlier bad record (line 13 of the file) fails last."""
+    from lamelm_fast.train import data
+
+    if any(record.where.endswith(":13") for record in records):
+        time.sleep(1.0)
+    return data._encode_records(records, *data._WORKER_ARGS)
+
+
+def test_parallel_tokenization_names_the_first_bad_record_whichever_worker_fails_first(
+        tmp_path: Path, embedded_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamelm_fast.train import data
+
+    records = embedded_records(30)
+    records[12]["output"] = 7  # line 13, in the second chunk; line 15 in the third fails first
+    records[14]["output"] = 8
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    monkeypatch.setattr(data, "_tokenizing_workers", lambda n: 3)
+    monkeypatch.setattr(data, "PARALLEL_CHUNK", 7)
+    monkeypatch.setattr(data, "_encode_chunk", _encode_chunk_slowly_if_first_bad)
+    with pytest.raises(ConfigError, match=r"d.jsonl:13: field 'output' must be a string"):
         prepare_datasets(str(path), "train", "auto", embedded_tokenizer, 48, False, 0.1, 3)
 
 

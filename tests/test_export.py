@@ -111,9 +111,30 @@ def test_what_cannot_be_exported_is_refused_clearly(tmp_path: Path, tiny_model_d
         main([str(checkpoint), str(tmp_path / "x"), "--device", "gpu"])
     assert exit_info.value.code == 2 and "--device gpu: expected cpu, cuda or cuda:N" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("mine")
+    assert main([str(checkpoint), str(tmp_path / "a-file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([str(checkpoint), str(tmp_path / "x"), "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="random base weights are not saved"):
         merged_model(checkpoint, TrainConfig(finetune="lora"), "quantized", CPU)  # an embedded-model adapter
     (checkpoint / "adapter_model.safetensors").write_bytes(b"broken")
     assert main([str(checkpoint), str(tmp_path / "out")]) == 2
     assert "not an intact lamelm-fast checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_an_interrupted_export_leaves_nothing_behind(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import PreTrainedModel
+
+    checkpoint = trained_checkpoint(tmp_path, tiny_model_dir, small_alpaca, "full")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_merged(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

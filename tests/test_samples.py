@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_model
 from lamelm_fast.metrics.logger import RunLogger
 from lamelm_fast.train import TrainConfig, train
 from lamelm_fast.train.config import ConfigError, validate
 from lamelm_fast.train.data import Example, prepare_datasets
 from lamelm_fast.train.model import load_tokenizer
-from lamelm_fast.train.samples import NEW_TOKENS, TEXT_PROMPT_TOKENS, prompt_and_reference
+from lamelm_fast.train.samples import (
+    NEW_TOKENS,
+    TEXT_PROMPT_TOKENS,
+    generate_samples,
+    prompt_and_reference,
+    stop_token_ids,
+)
 
 
 def test_samples_are_the_models_own_greedy_completions(tmp_path: Path, tiny_model_dir: Path,
@@ -68,3 +75,22 @@ def test_first_sample_printed_and_bad_settings_refused(tmp_path: Path) -> None:
         validate(TrainConfig(eval_samples=2, eval_split_ratio=0.0))
     with pytest.raises(ConfigError, match="eval_samples must be >= 0"):
         validate(TrainConfig(eval_samples=-1))
+
+
+def test_a_completion_stops_at_the_models_own_end_token(embedded_tokenizer) -> None:
+    """A chat model's end of turn is often in its generation config only, not the tokenizer's eos."""
+    model = tiny_model("llama").eval()
+    end_of_turn = 42
+    with torch.no_grad():  # a model that always says token 42
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end_of_turn] = 1.0
+        model.model.norm.weight.fill_(1.0)
+    example = Example([5, 6, 7, 8, 9, 10], [False, False, False, True, True, True])
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(model, embedded_tokenizer) == [embedded_tokenizer.eos_token_id]
+    babble = generate_samples(model, [example], embedded_tokenizer, None)[0]["completion"]
+    model.generation_config.eos_token_id = [end_of_turn, 3]
+    assert stop_token_ids(model, embedded_tokenizer) == sorted({3, end_of_turn, embedded_tokenizer.eos_token_id})
+    stopped = generate_samples(model, [example], embedded_tokenizer, None)[0]["completion"]
+    assert stopped == embedded_tokenizer.decode([end_of_turn], skip_special_tokens=True)
+    assert babble == embedded_tokenizer.decode([end_of_turn] * NEW_TOKENS, skip_special_tokens=True)

@@ -362,8 +362,9 @@ def encode_all(records: list[Record], fmt: str, tokenizer: Any, train_on_prompt:
     try:
         # fork: the workers inherit the tokenizer instead of unpickling one each. The Rust tokenizer is used one
         # text at a time here, so no thread pool of its own exists to be forked.
+        # imap yields in chunk order, so the error raised is the first bad record's, whichever worker failed first.
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.map(_encode_chunk, chunks, chunksize=1)
+            results = list(pool.imap(_encode_chunk, chunks))
     finally:
         _WORKER_ARGS = None
     return [e for examples, _ in results for e in examples], sum(truncated for _, truncated in results)

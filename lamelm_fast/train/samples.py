@@ -28,6 +28,14 @@ def prompt_and_reference(example: Example) -> tuple[list[int], list[int]]:
     return ids[:first_target], ids[first_target:first_target + NEW_TOKENS]
 
 
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int] | None:
+    """Where a completion ends: the tokenizer's eos and every end token of the model's own generation config (a chat
+    model's end of turn, e.g. Llama-3's ``<|eot_id|>``, is often only there)."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(own if isinstance(own, list) else [own])} - {None}
+    return sorted(ids) or None
+
+
 @torch.no_grad()
 def generate_samples(model: nn.Module, examples: list[Example], tokenizer: Any,
                      autocast_dtype: torch.dtype | None) -> list[dict[str, Any]]:
@@ -37,7 +45,7 @@ def generate_samples(model: nn.Module, examples: list[Example], tokenizer: Any,
     causal_lm = patching.causal_lm(model)  # a PEFT model's adapters are in its modules: they take part
     device = next(causal_lm.parameters()).device
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(causal_lm, tokenizer))
     was_training = causal_lm.training
     causal_lm.eval()
     rows = []
