@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import embedded_records, rel_err, tiny_model
 from lamelm_fast.ops import varlen_attention
@@ -252,3 +253,78 @@ def test_attention_dtype_is_what_sdpa_computes_in() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attention_dtype(fp32, fp32, bf16) == torch.bfloat16
     assert not flash_runs(torch.device("cpu"), torch.bfloat16)  # no flash kernel on the CPU
+
+
+class SquareTensors(TorchDispatchMode):
+    """Counts the tensors created with a [..., T, T] shape: transformers' block mask of a T-token packed row."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens, self.count = tokens, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-2:] == (self.tokens, self.tokens):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_block_mask_is_built_only_where_a_layer_falls_back_to_sdpa(family: str, monkeypatch: pytest.MonkeyPatch,
+                                                                       ) -> None:
+    from lamelm_fast import apply_kernels
+
+    builds = {"count": 0}
+    get = varlen_attention.DeferredMask.get
+
+    def counted_get(self):
+        builds["count"] += self._build is not None
+        return get(self)
+
+    monkeypatch.setattr(varlen_attention.DeferredMask, "get", counted_get)
+    model = tiny_model(family).train()
+    reference = copy.deepcopy(model)  # never given to apply_kernels: its masks are built at once, as before
+    apply_kernels(model, cross_entropy=False, lora=False, swiglu=False, rms_norm=False, rope=False)
+    batch = packed_batch([5, 8, 3, 7], seed=6)
+    tokens = batch.input_ids.shape[1]
+    with SquareTensors(tokens) as squares:
+        expected, _ = loss_and_grads(reference, batch, padding_free=False)
+    assert squares.count > 0 and builds["count"] == 0
+
+    with SquareTensors(tokens) as squares:  # CPU: every layer falls back, so the mask is built, once per mask kind
+        loss, _ = loss_and_grads(model, batch, padding_free=True)
+    assert squares.count > 0 and builds["count"] == 1  # (tiny Gemma3's layers all slide: its full mask is unused)
+    assert torch.equal(loss, expected)
+
+    monkeypatch.setattr(varlen_attention, "flash_runs", lambda device, dtype: True)
+    monkeypatch.setattr(varlen_attention, "flash_varlen_attention", reference_varlen)
+    builds["count"] = 0
+    with SquareTensors(tokens) as squares:  # every layer runs varlen: no [T, T] tensor at all
+        loss, _ = loss_and_grads(model, batch, padding_free=True)
+    assert squares.count == 0 and builds["count"] == 0
+    assert rel_err(loss, expected) < 1e-6
+
+
+def test_generation_masks_are_not_deferred(monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate() passes a 2-D padding mask, and transformers may hand the mask it makes back to the model (static
+    caches): such masks are built at once."""
+    from lamelm_fast import apply_kernels
+
+    deferred = []
+    init = varlen_attention.DeferredMask.__init__
+
+    def counted_init(self, build):
+        deferred.append(build)
+        init(self, build)
+
+    monkeypatch.setattr(varlen_attention.DeferredMask, "__init__", counted_init)
+    model = tiny_model("llama").eval()
+    reference = copy.deepcopy(model)
+    apply_kernels(model, cross_entropy=False, lora=False, swiglu=False, rms_norm=False, rope=False)
+    prompt = torch.tensor([[5, 9, 2, 7, 11]])
+    for cache in ("dynamic", "static"):  # a static cache's masks are made outside the forward and handed to it
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                             do_sample=False, cache_implementation=cache)
+        expected = reference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                      do_sample=False, cache_implementation=cache)
+        assert torch.equal(out, expected) and not deferred, cache

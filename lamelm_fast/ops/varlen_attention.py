@@ -13,6 +13,10 @@ the varlen path only when the caller passes transformers' padding-free keyword a
 of 8 up to 256, causal, no dropout, softcap, position bias or paged cache, no sliding window shorter than the longest
 sequence). Every other call is transformers' sdpa, unchanged.
 
+:func:`defer_sdpa_masks` also defers transformers' sdpa mask for a model: a packed row's mask is [batch, 1, T, T]
+(256 MB at 16k tokens, 1 GB at 32k) and only the sdpa fallback reads it, so it is built the first time a layer falls
+back, once per forward, and never when every layer runs varlen.
+
 The dtype is the one sdpa would compute in: under autocast, autocast's (sdpa is on its lower-precision list). That
 matters because the query and key often arrive in fp32 under bf16 autocast: RoPE multiplies them by cos/sin tables in
 the hidden states' dtype, which is fp32 for fp32 weights (a full fine-tune's masters) and for QLoRA (whose embedding
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -94,11 +99,52 @@ def varlen_supported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
             and (window is None or kwargs["max_length_k"] <= window))
 
 
+class DeferredMask:
+    """transformers' sdpa mask for one forward, built on first use and kept for the other layers."""
+
+    def __init__(self, build: Callable[[], torch.Tensor | None]) -> None:
+        self._build: Callable[[], torch.Tensor | None] | None = build
+        self._mask: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor | None:
+        if self._build is not None:
+            self._mask, self._build = self._build(), None
+        return self._mask
+
+
+_DEFERRING_CONFIGS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def defer_sdpa_masks(config: Any) -> None:
+    """Defer the sdpa masks made for the model with this config (see the module docstring). Only for families whose
+    code hands the mask to the attention function untouched (lamelm_fast.patching.SUPPORTED_MODEL_TYPES): nothing
+    but the wrapped sdpa may receive a :class:`DeferredMask`."""
+    _DEFERRING_CONFIGS[id(config)] = config
+
+
+def _deferred(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
+    def mask(*args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("config")
+        # A training-shaped call (no padding mask, no cache offset, keys = queries) whose mask transformers may not
+        # skip: a packed row. Generation's masks (a padding mask, a cache; with a static cache made outside the
+        # model's forward and handed back to it) are built at once, as before.
+        deferrable = (kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip") is False
+                      and kwargs.get("q_offset") == 0 and kwargs.get("kv_length") == kwargs.get("q_length"))
+        if not deferrable or config is None or _DEFERRING_CONFIGS.get(id(config)) is not config:
+            return sdpa_mask(*args, **kwargs)
+        return DeferredMask(functools.partial(sdpa_mask, *args, **kwargs))
+
+    mask.lamelm_deferred = sdpa_mask  # type: ignore[attr-defined]
+    return mask
+
+
 def _varlen_or_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
         if not varlen_supported(module, query, key, value, dropout, kwargs):
+            if isinstance(attention_mask, DeferredMask):
+                attention_mask = attention_mask.get()
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         # transformers hands [batch, heads, seq, head_dim] views of [batch, seq, heads, head_dim] projections: the
         # transposes below are views again, and the packed tokens of every row are one run of sequences. The cast is
@@ -118,11 +164,16 @@ def _varlen_or_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def patch_varlen_attention() -> bool:
-    """Wrap transformers' ``"sdpa"`` attention function (see the module docstring); idempotent. Returns whether torch
-    has varlen flash attention at all (the wrapper is installed either way: it is sdpa where varlen cannot run)."""
+    """Wrap transformers' ``"sdpa"`` attention and mask functions (see the module docstring); idempotent. Returns
+    whether torch has varlen flash attention at all (the wrappers are installed either way: they are sdpa's where
+    varlen cannot run)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     current = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if not hasattr(current, "lamelm_varlen_wrapped"):
         ALL_ATTENTION_FUNCTIONS["sdpa"] = _varlen_or_sdpa(current)
+    current_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    if not hasattr(current_mask, "lamelm_deferred"):
+        ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] = _deferred(current_mask)
     return _flash_kernel() is not None
