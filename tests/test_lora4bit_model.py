@@ -274,7 +274,8 @@ def test_projections_sharing_an_input_share_its_adapter_cast(quantized_dir: Path
     monkeypatch.setattr(lora4bit._Casts, "to", lambda self, dtype: self.tensor.to(dtype))  # a cast per request
     unshared = casts_in_a_forward()
     layers = model.config.num_hidden_layers
-    assert unshared - shared == (2 + 1) * layers  # q/k/v: 3 -> 1, gate/up: 2 -> 1
+    # q/k/v: 3 -> 1, gate/up: 2 -> 1; and the cast kept for backward is the shared one, not one more (2 per layer)
+    assert unshared - shared == (2 + 1 + 2) * layers
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["separate-head", "tied-head"])
@@ -313,3 +314,39 @@ def test_frozen_embedding_and_head_stay_16_bit_with_the_same_numbers(tmp_path: P
     assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys() and grads
     for name, grad in grads.items():
         assert torch.equal(grad, ref_grads[name]), name
+
+
+def test_backward_keeps_the_inputs_adapter_cast_not_the_fp32_input(quantized_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """QLoRA under autocast: the fused ops' input is fp32 (PEFT's fp32 residual stream) and backward reads it only
+    through its bf16 cast (for dA), so that cast is what they keep: half the bytes per layer (q/k/v and gate/up
+    inputs), the same gradients to the bit."""
+    from lamelm_fast.ops import lora4bit
+
+    model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False)
+    patch_peft_lora4bit(model)
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(9))
+    shape = (ids.numel(), model.config.hidden_size)
+
+    def run() -> tuple[dict[torch.dtype, int], dict[str, torch.Tensor]]:
+        kept: dict[torch.dtype, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tuple(tensor.shape) == shape:
+                kept[tensor.dtype] = kept.get(tensor.dtype, 0) + 1
+            return tensor
+
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), use_backend("torch"), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        return kept, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept, grads = run()
+    monkeypatch.setattr(lora4bit, "_input_for_backward", lambda x, casts, specs: x)  # keep the fp32 input
+    kept_fp32, grads_fp32 = run()
+    layers = model.config.num_hidden_layers
+    assert kept_fp32.get(torch.float32, 0) - kept.get(torch.float32, 0) == 2 * layers
+    assert kept.get(torch.bfloat16, 0) - kept_fp32.get(torch.bfloat16, 0) == 2 * layers
+    assert grads.keys() == grads_fp32.keys() and all(torch.equal(grads[n], grads_fp32[n]) for n in grads)

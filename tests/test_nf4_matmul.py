@@ -238,6 +238,41 @@ def test_qkv_group_accumulates_the_input_gradient_with_dequant(launches: dict[st
         assert rel_err(got[name], expected[name]) < 1e-5, name
 
 
+def test_projections_of_one_input_share_its_cast_on_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under autocast (fp32 input, 16-bit compute) q, k and v read one cast of their input in their fused forward
+    kernels, not one cast each."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+
+    class Attention(nn.Module):
+        is_loaded_in_4bit = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (peft_layer(64, n, seed=n).get_base_layer() for n in (48, 32, 32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q_proj(x).float().sum() + self.k_proj(x).float().sum() + self.v_proj(x).float().sum()
+
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
+                                    Attention())
+    assert patch_peft_lora4bit(model) == 3
+    operands: list[torch.Tensor] = []
+    kernel = nf4_lora.matmul_4bit_lora
+
+    def spy(a, *args, **kwargs):
+        if kwargs.get("weight_transposed", True):  # the forward products
+            operands.append(a)
+        return kernel(a, *args, **kwargs)
+
+    monkeypatch.setattr(nf4_lora, "matmul_4bit_lora", spy)
+    x = torch.randn(2, 5, 64)
+    with use_backend("triton"), use_nf4_matmul("fused"), torch.autocast("cpu", dtype=torch.float16):
+        model(x).backward()
+    assert len(operands) == 3 and all(a.dtype == torch.float16 for a in operands)
+    assert len({a.data_ptr() for a in operands}) == 1
+
+
 # ------------------------------------------------------------------------------------------------- auto
 
 

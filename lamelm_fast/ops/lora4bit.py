@@ -62,8 +62,9 @@ class _Spec:
 
 def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_dtype: torch.dtype,
                  lora: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ op(W) (+ bias) + scale * left @ right`` in ``out_dtype``, added into ``out`` when it is given.
+                 out: torch.Tensor | None = None, casts: _Casts | None = None) -> torch.Tensor:
+    """``a @ op(W) (+ bias) + scale * left @ right`` in ``out_dtype``, added into ``out`` when it is given;
+    ``casts``: a's, shared with the other projections of a.
 
     Triton: one kernel, fp32 accumulation, one rounding (or dequantize + cuBLAS, per ``spec.matmul``). Torch: the
     base in the compute dtype and the LoRA term in its own dtype, each rounded to ``out_dtype`` and then added,
@@ -78,10 +79,11 @@ def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_d
             accumulate = False
         else:
             accumulate = True
-        # a goes in uncast: the dequant strategy writes the cast into its GEMM operand.
+        # a goes in uncast too: the dequant strategy writes the cast into its GEMM operand.
+        a_cast = None if casts is None else casts.to(spec.compute_dtype)
         return nf4_matmul.matmul_4bit_lora(a, spec.weight, strategy=spec.matmul, dtype=spec.compute_dtype,
                                            weight_transposed=weight_transposed, lora=lora, scale=spec.scale,
-                                           bias=bias, out=out, accumulate=accumulate)
+                                           bias=bias, out=out, accumulate=accumulate, a_cast=a_cast)
     a = a.to(spec.compute_dtype)
     weight = dequantize_reference(spec.weight, spec.compute_dtype)
     if weight_transposed:
@@ -128,11 +130,12 @@ def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Ten
                      out_dtype: torch.dtype, casts: _Casts | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One projection of 2-D x: (y, xa = dropout(x) @ A^T, dropout keep-mask or None); ``casts``: x's, shared."""
-    x_lora = (casts or _Casts(x)).to(spec.lora_dtype)
+    casts = casts or _Casts(x)
+    x_lora = casts.to(spec.lora_dtype)
     keep = _dropout_mask(x_lora, spec.dropout)
     xa = _apply_dropout(x_lora, keep, spec.dropout) @ A.to(spec.lora_dtype).t()
     y = _base_matmul(x, spec, weight_transposed=True, out_dtype=out_dtype, lora=(xa, B.to(spec.lora_dtype).t()),
-                     bias=bias)
+                     bias=bias, casts=casts)
     return y, xa, keep
 
 
@@ -159,24 +162,33 @@ def _adapter_output_grads(grad: torch.Tensor, spec: _Spec, B: torch.Tensor, xa: 
     return gb, grad_b
 
 
-def _project_backward(grad: torch.Tensor, x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Tensor,
-                      xa: torch.Tensor, keep: torch.Tensor | None, needs: tuple[bool, bool, bool, bool],
-                      dx: torch.Tensor | None, casts: _Casts | None = None) -> tuple[torch.Tensor | None, ...]:
-    """Gradients (dx, dA, dB, dbias) of one projection; dx is added into ``dx`` when that is given; ``casts``: x's,
-    shared."""
+def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec: _Spec, A: torch.Tensor,
+                      B: torch.Tensor, xa: torch.Tensor, keep: torch.Tensor | None,
+                      needs: tuple[bool, bool, bool, bool], dx: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Gradients (dx, dA, dB, dbias) of one projection of an input of dtype ``x_dtype``, whose casts ``x`` holds
+    (shared by the projections of one input); dx is added into ``dx`` when that is given."""
     need_x, need_a, need_b, need_bias = needs
     A_l = A.to(spec.lora_dtype)
     gb, grad_b = _adapter_output_grads(grad, spec, B, xa, need_x or need_a, need_b)
     if need_x:
         if keep is None:  # the LoRA term rides in the kernel's epilogue
-            dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x.dtype, lora=(gb, A_l), out=dx)
+            dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, lora=(gb, A_l), out=dx)
         else:
-            dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x.dtype, out=dx)
-            dx += (_apply_dropout(gb @ A_l, keep, spec.dropout) * spec.scale).to(x.dtype)
-    x_lora = (casts or _Casts(x)).to(spec.lora_dtype) if need_a else None
+            dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, out=dx)
+            dx += (_apply_dropout(gb @ A_l, keep, spec.dropout) * spec.scale).to(x_dtype)
+    x_lora = x.to(spec.lora_dtype) if need_a else None
     grad_a = (gb.t() @ _apply_dropout(x_lora, keep, spec.dropout)).mul_(spec.scale) if need_a else None
     grad_bias = grad.sum(0) if need_bias else None
     return dx, grad_a, grad_b, grad_bias
+
+
+def _input_for_backward(x: torch.Tensor, casts: _Casts, specs: tuple[_Spec, ...]) -> torch.Tensor:
+    """What backward keeps of the input: its one cast to the adapter dtype where that is narrower (QLoRA under
+    autocast: x is fp32, the adapters bf16; backward reads x only through that cast, for dA), else x itself."""
+    lora_dtypes = {spec.lora_dtype for spec in specs}
+    if len(lora_dtypes) == 1 and (dtype := lora_dtypes.pop()).itemsize < x.dtype.itemsize:
+        return casts.to(dtype)
+    return x
 
 
 class _SharedInputLoRA4bit(torch.autograd.Function):
@@ -193,28 +205,27 @@ class _SharedInputLoRA4bit(torch.autograd.Function):
                 y, xa, keep = _project_forward(x2, spec, A, B, bias, x.dtype, casts)
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
                 saved += [xa, keep]
-        ctx.specs = specs
-        ctx.save_for_backward(x, *params, *saved)
+        ctx.specs, ctx.x_shape, ctx.x_dtype = specs, x.shape, x.dtype
+        ctx.save_for_backward(_input_for_backward(x2, casts, specs), *params, *saved)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
-        x, *rest = ctx.saved_tensors
+        x2, *rest = ctx.saved_tensors
         n = len(ctx.specs)
         params, saved = rest[: 3 * n], rest[3 * n:]
-        x2 = x.reshape(-1, x.shape[-1])
         dx, param_grads, casts = None, [], _Casts(x2)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x2.device.type, enabled=False):
             for i, (spec, grad) in enumerate(zip(ctx.specs, grads, strict=True)):
                 A, B, bias = params[3 * i: 3 * i + 3]
                 needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2 + 3 * i: 5 + 3 * i])
                 if grad is None:
                     param_grads += [None, None, None]
                     continue
-                dx, *grads_i = _project_backward(grad.reshape(-1, grad.shape[-1]), x2, spec, A, B, saved[2 * i],
-                                                 saved[2 * i + 1], needs, dx, casts)
+                dx, *grads_i = _project_backward(grad.reshape(-1, grad.shape[-1]), casts, ctx.x_dtype, spec, A, B,
+                                                 saved[2 * i], saved[2 * i + 1], needs, dx)
                 param_grads += grads_i
-        return (None if dx is None else dx.view(x.shape)), None, *param_grads
+        return (None if dx is None else dx.view(ctx.x_shape)), None, *param_grads
 
 
 def _mlp_inner_dtype(x_dtype: torch.dtype, gate: _Spec) -> torch.dtype:
@@ -243,31 +254,32 @@ class _LoRA4bitSwiGLU(torch.autograd.Function):
             casts = _Casts(x2)
             g, xa_g, keep_g = _project_forward(x2, gate, *params[0:3], inner, casts)
             u, xa_u, keep_u = _project_forward(x2, up, *params[3:6], inner, casts)
+            kept = _input_for_backward(x2, casts, (gate, up))
             del casts
             y, xa_d, keep_d = _project_forward(swiglu_values(g, u, down.backend), down, *params[6:9], x.dtype)
-        ctx.specs = specs
-        ctx.save_for_backward(x, g, u, *params, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d)
+        ctx.specs, ctx.x_shape, ctx.x_dtype = specs, x.shape, x.dtype
+        ctx.save_for_backward(kept, g, u, *params, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):
-        x, g, u, *rest = ctx.saved_tensors
+        x2, g, u, *rest = ctx.saved_tensors
         params, (xa_g, keep_g, xa_u, keep_u, xa_d, keep_d) = rest[:9], rest[9:]
         gate, up, down = ctx.specs
         need = ctx.needs_input_grad
-        x2 = x.reshape(-1, x.shape[-1])
-        with torch.autocast(x.device.type, enabled=False):
-            dh, *down_grads = _project_backward(grad_y.reshape(-1, grad_y.shape[-1]),
-                                                swiglu_values(g, u, down.backend), down, *params[6:8], xa_d,
-                                                keep_d, (True, *need[8:11]), None)
+        with torch.autocast(x2.device.type, enabled=False):
+            h = swiglu_values(g, u, down.backend)
+            dh, *down_grads = _project_backward(grad_y.reshape(-1, grad_y.shape[-1]), _Casts(h), h.dtype, down,
+                                                *params[6:8], xa_d, keep_d, (True, *need[8:11]), None)
+            del h
             dg, du = swiglu_gradients(dh, g, u, down.backend, overwrite_grad=True)  # dh is ours: dg goes over it
             del dh
             casts = _Casts(x2)
-            dx, *gate_grads = _project_backward(dg, x2, gate, *params[0:2], xa_g, keep_g, (need[0], *need[2:5]),
-                                                None, casts)
-            dx, *up_grads = _project_backward(du, x2, up, *params[3:5], xa_u, keep_u, (need[0], *need[5:8]), dx,
-                                              casts)
-        return (None if dx is None else dx.view(x.shape)), None, *gate_grads, *up_grads, *down_grads
+            dx, *gate_grads = _project_backward(dg, casts, ctx.x_dtype, gate, *params[0:2], xa_g, keep_g,
+                                                (need[0], *need[2:5]), None)
+            dx, *up_grads = _project_backward(du, casts, ctx.x_dtype, up, *params[3:5], xa_u, keep_u,
+                                              (need[0], *need[5:8]), dx)
+        return (None if dx is None else dx.view(ctx.x_shape)), None, *gate_grads, *up_grads, *down_grads
 
 
 # --------------------------------------------------------------------------------------------------- public op
