@@ -81,6 +81,35 @@ def test_tabular_and_json_files_load_like_jsonl(tmp_path: Path, suffix: str) -> 
     assert [{k: r.data[k] or "" for k in ("instruction", "input", "output")} for r in loaded] == records
 
 
+def test_csv_cells_are_text_and_errors_name_the_row(tmp_path: Path, embedded_tokenizer) -> None:
+    path = tmp_path / "numbers.csv"
+    path.write_text("instruction,input,output\nWhat is 6 x 7?,,42\nName a prime,,\nSay hi,,hi\n")
+    _, records = load_records(str(path))
+    assert [r.data for r in records][:2] == [{"instruction": "What is 6 x 7?", "input": "", "output": "42"},
+                                             {"instruction": "Name a prime", "input": "", "output": ""}]
+    assert records[2].where == f"{path} row 3"
+    path.write_text("prompt,output\nx,1\n")
+    with pytest.raises(ConfigError, match=r"numbers.csv row 1: "):
+        prepare_datasets(str(path), "train", "alpaca", embedded_tokenizer, 48, False, 0.0, 3)
+
+
+def test_a_saved_dataset_directory_and_typos_in_local_paths(tmp_path: Path) -> None:
+    import datasets
+
+    records = embedded_records(4)
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "splits"))
+    for name in ("saved", "splits"):
+        _, loaded = load_records(str(tmp_path / name))
+        assert [r.data for r in loaded] == records
+    with pytest.raises(ConfigError, match="has no split 'test' \\(it has train\\): set --dataset-split"):
+        load_records(str(tmp_path / "splits"), "test")
+    write_jsonl(tmp_path / "alpaca.jsonl", records)
+    for typo in ("alpaca.jsonll", "alpaca"):  # in an existing directory: a typo, not a hub id (no network wait)
+        with pytest.raises(ConfigError, match=f"{typo} not found \\(did you mean .*alpaca.jsonl\\?\\)"):
+            load_records(str(tmp_path / typo))
+
+
 def test_truncation_is_counted_and_split_is_deterministic(tmp_path: Path, embedded_tokenizer) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", embedded_records(40, max_chars=2000))
     kwargs = dict(split="train", fmt="auto", tokenizer=embedded_tokenizer, max_seq_length=48,

@@ -6,6 +6,7 @@ shifted here, per sequence, so packed sequences never predict across a boundary.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -160,13 +161,25 @@ def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
     try:
         if kind == "hub":
             table = datasets.load_dataset(path, split=split)
+        elif kind == "disk":  # written by save_to_disk: one Dataset, or a DatasetDict of splits
+            table = datasets.load_from_disk(path)
+            if isinstance(table, datasets.DatasetDict):
+                if split not in table:
+                    raise ConfigError(f"{path} has no split '{split}' (it has {', '.join(table)}): set "
+                                      "--dataset-split")
+                table = table[split]
         else:
             table = datasets.load_dataset(kind, data_files=path, split="train")
+    except ConfigError:
+        raise
     except Exception as error:  # datasets raises many types; all mean "could not read it"
         if kind == "hub":
             raise ConfigError(f"could not load dataset '{path}' (split '{split}') from the Hugging Face hub: "
                               f"{first_line(error)}; for a local file give its path") from None
         raise ConfigError(f"{path}: could not read as {kind}: {first_line(error)}") from None
+    if kind == "csv":  # a CSV has no types: a number is text, an empty cell empty text; rows counted from 1
+        return [Record({key: "" if value is None else str(value) for key, value in row.items()},
+                       f"{path} row {index + 1}") for index, row in enumerate(table)]
     return [Record(dict(row), f"{path}[{index}]") for index, row in enumerate(table)]
 
 
@@ -187,9 +200,15 @@ def load_records(source: str | None, split: str = "train") -> tuple[str, list[Re
         else:
             raise ConfigError(f"{path}: unsupported file type '{suffix}': use one of {', '.join(LOCAL_SUFFIXES)}")
     elif path.is_dir():
-        records = _read_with_datasets("hub", name, split)
-    elif source is not None and (path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))):
-        raise ConfigError(f"dataset file {source} not found: check the path given to --dataset")
+        saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+        records = _read_with_datasets("disk" if saved else "hub", name, split)
+    elif source is not None and (path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
+                                 or path.parent != Path(".") and path.parent.is_dir()):
+        # (A missing name inside an existing local directory is a typo, not a hub id: no network round trip.)
+        near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1) \
+            if path.parent.is_dir() else []
+        hint = f" (did you mean {path.parent / near[0]}?)" if near else ""
+        raise ConfigError(f"dataset file {source} not found{hint}: check the path given to --dataset")
     else:
         records = _read_with_datasets("hub", name, split)
     if not records:
