@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
+# The demo starts afresh each time: the previous `make train`'s checkpoints in output/ are replaced.
 train: $(STAMP)
-	$(RUN) -m lamelm_fast.train $(ARGS)
+	$(RUN) -m lamelm_fast.train --overwrite-output-dir $(ARGS)
 
 test: $(STAMP)
 	$(RUN) -m pytest -q -m "not gpu" $(ARGS)

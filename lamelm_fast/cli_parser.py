@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus an error; our contract is one line naming the problem and the fix, exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No prefix matching: `--lr` must not quietly mean `--lr-scheduler-type`.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see --help)\n")

@@ -48,6 +48,37 @@ def test_wrong_type_and_range_errors() -> None:
         validate(TrainConfig(lr_scheduler_type="cosin"))
 
 
+def test_the_python_api_gets_the_same_checks_and_coercion_as_the_cli(tmp_path: Path) -> None:
+    from lamelm_fast.train import train
+    from lamelm_fast.train.config import checked
+
+    for bad, message in ((dict(finetune="LoRA"), "finetune: invalid value 'LoRA'; choose one of qlora, lora, full"),
+                         (dict(dataset_format="sharegpt"), "dataset_format: invalid value 'sharegpt'"),
+                         (dict(max_steps=2.5), "max_steps: expected int, got 2.5"),
+                         (dict(learning_rate="fast"), "learning_rate: expected float, got 'fast'")):
+        with pytest.raises(ConfigError, match=f"TrainConfig: {message}"):
+            train(TrainConfig(output_dir=str(tmp_path / "run"), **bad))
+    assert not (tmp_path / "run").exists()
+    # What the CLI accepts as text, the API accepts too: the same coercion.
+    config = checked(TrainConfig(learning_rate="1e-3", report_to="tensorboard", lora_target_modules="q_proj,v_proj"))
+    assert (config.learning_rate, config.report_to, config.lora_target_modules) == (1e-3, ["tensorboard"],
+                                                                                    ["q_proj", "v_proj"])
+    assert checked(TrainConfig()) == TrainConfig()
+
+
+def test_names_from_other_tools_get_our_name_as_the_hint(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'lr' \(did you mean learning_rate\?\)"):
+        parse_config(["--config", str(path)])
+    path.write_text("batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"did you mean per_device_train_batch_size\?"):
+        parse_config(["--config", str(path)])
+    result = run_cli("--lr", "1e-3", cwd=tmp_path)  # not a prefix of --lr-scheduler-type
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown flag --lr (did you mean --learning-rate?) (see --help)"
+
+
 def test_resolve_picks_model_dependent_defaults_once() -> None:
     embedded = resolve(TrainConfig())
     assert (embedded.finetune, embedded.learning_rate, embedded.max_seq_length) == ("full", 4e-3, 256)
@@ -66,7 +97,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 BAD_INPUTS = {
     "missing_model": (["--model", "./no/such/model"], "model directory ./no/such/model not found"),
     "unknown_flag_value": (["--finetune", "qlorax"], "finetune: invalid value 'qlorax'"),
-    "unknown_flag": (["--learnig-rate", "1"], "unrecognized arguments: --learnig-rate"),
+    "unknown_flag": (["--learnig-rate", "1"], "unknown flag --learnig-rate (did you mean --learning-rate?)"),
     "missing_dataset": (["--dataset", "nope.jsonl"], "dataset file nope.jsonl not found"),
     "context": (["--max-seq-length", "5000"], "longer than the model's context (1024"),
 }
@@ -145,3 +176,34 @@ def test_kernels_flag_refuses_a_backend_that_cannot_run_here(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="--kernels triton: .*TRITON_INTERPRET"):
         train(TrainConfig(kernels="triton", max_steps=1, output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_without_saving(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from lamelm_fast.train.loop import _stderr, _StopRequest
+
+    with _StopRequest(_stderr) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread between bytecodes
+        assert stop.signal_name == "SIGINT"
+        assert "SIGINT: stopping after the current step and saving a checkpoint (Ctrl-C again to stop now" in (
+            capsys.readouterr().err)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_ctrl_c_before_training_is_one_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from lamelm_fast.train import cli, loop
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert cli.main(["--max-steps", "1"]) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: stopped at once; nothing was saved since the last "
+                                               "checkpoint")

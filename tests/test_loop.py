@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -246,3 +247,19 @@ def test_training_step_adds_no_host_sync(tiny_model_dir: Path, embedded_tokenize
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     assert step.count == transformers_only.count
+
+
+def test_lora_target_modules_all_linear_and_a_wrong_name(tiny_model_dir: Path, small_alpaca: Path,
+                                                         tmp_path: Path) -> None:
+    from lamelm_fast.train.config import resolve
+    from lamelm_fast.train.model import load_model, load_model_config
+
+    config = resolve(base_config(tmp_path, tiny_model_dir, small_alpaca, finetune="lora",
+                                 lora_target_modules=["all-linear"]))
+    model = load_model(config, load_model_config(config), torch.device("cpu")).model
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    wrong = dataclasses.replace(config, lora_target_modules=["qkv"])
+    with pytest.raises(ConfigError, match="this model's linear layers are down_proj,gate_proj,k_proj,o_proj,q_proj,"
+                                          "up_proj,v_proj"):
+        load_model(wrong, load_model_config(wrong), torch.device("cpu"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -136,3 +137,41 @@ def test_changed_data_is_refused_on_resume_unless_ignore_data_change(
 
     assert main([*argv, "--ignore-data-change"]) == 0
     assert (three_checkpoints / "checkpoint-4").is_dir()
+
+
+def test_a_fresh_run_refuses_an_output_dir_holding_an_earlier_runs_checkpoints(
+        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Otherwise its checkpoints mix with the earlier run's, and `latest` would later resume the wrong run."""
+    fresh = dataclasses.replace(config(tiny_model_dir, small_alpaca, three_checkpoints, max_steps=2,
+                                       learning_rate=1e-3), quiet=False)
+    with pytest.raises(ConfigError, match=r"holds checkpoints of an earlier run \(checkpoint-1, checkpoint-2, "
+                                          r"checkpoint-3\): continue it with --resume-from-checkpoint latest"):
+        train(fresh)
+    assert sorted(p.name for p in three_checkpoints.glob("checkpoint-*")) == [f"checkpoint-{n}" for n in (1, 2, 3)]
+    capsys.readouterr()
+    train(dataclasses.replace(fresh, overwrite_output_dir=True))
+    assert sorted(p.name for p in three_checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert "--overwrite-output-dir: deleted 3 checkpoint(s) of an earlier run" in capsys.readouterr().out
+    not_a_dir = three_checkpoints / "a-file"
+    not_a_dir.write_text("mine")
+    with pytest.raises(ConfigError, match="is a file: give a directory"):
+        train(dataclasses.replace(fresh, output_dir=str(not_a_dir)))
+
+
+def test_resume_names_what_it_keeps_from_the_checkpoint_and_what_changed(
+        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    resume = dict(resume_from_checkpoint="latest")
+    with pytest.raises(ConfigError, match=r"checkpoint-3 is at step 3 and this run ends at step 3: nothing to train"):
+        train(config(tiny_model_dir, small_alpaca, three_checkpoints, max_steps=3, **resume))
+    with pytest.raises(ConfigError, match=r"was trained on \(changed: --eval-split-ratio 0.0 -> 0.2, --seed 7 -> 8\)"):
+        train(config(tiny_model_dir, small_alpaca, three_checkpoints, max_steps=5, seed=8, eval_split_ratio=0.2,
+                     **resume))
+    capsys.readouterr()
+    result = train(dataclasses.replace(config(tiny_model_dir, small_alpaca, three_checkpoints, max_steps=5,
+                                              learning_rate=1e-4, **resume), quiet=False))
+    out = capsys.readouterr().out
+    assert "the learning-rate schedule continues from" in out and "--learning-rate 0.0001 applies to new runs" in out
+    rows = [row for row in result.history if row["type"] == "train"]
+    assert [row["step"] for row in rows][-2:] == [4, 5]
+    assert rows[-2]["learning_rate"] > 1e-3  # the checkpoint's peak over this run's length
+    assert not [row for row in result.history if row["type"] == "warning"]  # no false "LR off its schedule"

@@ -176,6 +176,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer:
 # --------------------------------------------------------------------------- loading
 
 
+def check_output_dir(run_dir: Path, resuming: bool, overwrite: bool) -> list[Path]:
+    """Refuse an --output-dir that is a file, or one holding an earlier run's checkpoints when this run starts
+    afresh (its checkpoints would mix with theirs, and ``latest`` would pick theirs). Returns the checkpoints that
+    --overwrite-output-dir deletes."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--output-dir {run_dir} is a file: give a directory")
+    earlier = [] if resuming else list_checkpoints(run_dir)
+    if earlier and not overwrite:
+        names = ", ".join(p.name for p in earlier[-3:])
+        raise ConfigError(f"--output-dir {run_dir} holds checkpoints of an earlier run ({names}): continue it with "
+                          "--resume-from-checkpoint latest, start afresh in another --output-dir, or add "
+                          "--overwrite-output-dir to delete them")
+    return earlier
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoint directories in ``run_dir``, oldest first (temporary directories are not matched)."""
     run_dir = Path(run_dir)
@@ -252,12 +267,23 @@ def load_training_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def check_same_data(state: dict[str, Any], fingerprint: str, path: Path, ignore_change: bool) -> str | None:
-    """Refuse (ConfigError) to resume on data that differs from the checkpoint's; with ``ignore_change``, a note."""
+# The settings that decide the tokenized examples and the validation split (the seed draws the split).
+DATA_SETTINGS = ("dataset", "dataset_split", "dataset_format", "max_seq_length", "train_on_prompt", "eval_split_ratio",
+                 "seed")
+
+
+def check_same_data(state: dict[str, Any], fingerprint: str, path: Path, ignore_change: bool,
+                    settings: dict[str, Any]) -> str | None:
+    """Refuse (ConfigError) to resume on data that differs from the checkpoint's; with ``ignore_change``, a note.
+    The message names the data settings that differ from the checkpoint's (``settings``: this run's)."""
     if state["data_fingerprint"] == fingerprint:
         return None
-    what = (f"the training data differs from what {path} was trained on (the dataset file changed, or the "
-            "tokenizer, --max-seq-length, --dataset-format, --train-on-prompt or --eval-split-ratio)")
+    saved = state.get("config", {})
+    changed = [f"--{name.replace('_', '-')} {saved[name]} -> {settings[name]}" for name in DATA_SETTINGS
+               if name in saved and saved[name] != settings[name]]
+    why = (f"changed: {', '.join(changed)}" if changed
+           else "the dataset file or the tokenizer changed; the data settings are the same")
+    what = f"the training data differs from what {path} was trained on ({why})"
     if ignore_change:
         return f"{what}: resuming anyway (--ignore-data-change), from the same step and example position"
     raise ConfigError(f"{what}: resuming would not continue the original run; restore the original data, or pass "

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import logging
 import sys
+import warnings
 from typing import Any
 
 from lamelm_fast.cli_parser import OneLineParser
-from lamelm_fast.train.config import ConfigError, TrainConfig, from_mapping, load_yaml
+from lamelm_fast.train.config import (
+    ALIASES,
+    ConfigError,
+    TrainConfig,
+    field_choices,
+    field_names,
+    from_mapping,
+    load_yaml,
+)
 from lamelm_fast.train.distributed import launched_rank
 
 
@@ -22,20 +33,40 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = f"{f.metadata.get('help', '')} (default: {default})"
+        text = f.metadata.get("help", "")
+        if "default:" not in text:  # where the help explains a model-dependent default, None would only confuse
+            text += f" (default: {default})"
         if f.type == "bool":
             # `--bf16` alone means true; `--bf16 false` and `--no-bf16` are accepted too (HF style).
-            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", dest=f.name, help=text)
+            parser.add_argument(flag, nargs="?", const="true", metavar="BOOL", dest=f.name,
+                                help=f"{text}; --no-{f.name.replace('_', '-')} for false")
             parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_const", const="false",
                                 dest=f.name, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=text)
+            choices = field_choices(f.name)
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            parser.add_argument(flag, dest=f.name, metavar=metavar, help=text)
     return parser
+
+
+def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """argparse's "unrecognized arguments", with the flag we have for a name other tools use (--lr...)."""
+    flag = next((arg for arg in unknown if arg.startswith("-")), None)
+    if flag is None:
+        parser.error(f"unexpected argument {unknown[0]!r}: every setting is a --flag")
+    name = flag.lstrip("-").split("=")[0].replace("-", "_")
+    close = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(name, field_names(), n=1, cutoff=0.8)
+    hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+    parser.error(f"unknown flag {flag.split('=')[0]}{hint}")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then the flags: each later layer wins."""
-    args: dict[str, Any] = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unknown_flag_error(parser, unknown)
+    args: dict[str, Any] = vars(namespace)
     config = TrainConfig()
     if "config" in args:
         path = args.pop("config")
@@ -43,9 +74,19 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return from_mapping(args, source="command line", base=config)
 
 
+def quiet_third_party_noise() -> None:
+    """Two messages every CPU LoRA/QLoRA run would print that say nothing to the user: bitsandbytes' note that an
+    optional CPU kernel package is absent (its own CPU code runs instead), and transformers 5.2x's deprecation of a
+    property that PEFT reads."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     from lamelm_fast.train.faults import TrainingStopped
     from lamelm_fast.train.loop import train
+
+    quiet_third_party_noise()
 
     # Under torchrun every rank meets the same error: rank 0 alone says it.
     say = print if launched_rank() == 0 else lambda *args, **kwargs: None
@@ -58,4 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stop:
         say(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: no traceback, and no save
+        say("interrupted: stopped at once; nothing was saved since the last checkpoint", file=sys.stderr)
+        return 130
     return 0

@@ -110,6 +110,8 @@ class TrainConfig:
     seed: int = field(default=42, metadata=_help("seed for init, data order and dropout"))
     # Reporting and checkpoints
     output_dir: str = field(default="output", metadata=_help("run directory: checkpoints, metrics, summary"))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "start afresh in an --output-dir that holds an earlier run's checkpoints, deleting them"))
     logging_steps: int = field(default=10, metadata=_help("log every N optimizer steps"))
     eval_steps: int | None = field(default=None, metadata=_help("evaluate every N steps; default: end of run"))
     save_steps: int | None = field(default=None, metadata=_help("checkpoint every N steps; always at the end"))
@@ -135,6 +137,15 @@ class TrainConfig:
         "reference answers, written to metrics.jsonl ('sample' rows; the first one printed); 0 = none"))
 
 
+# Names other trainers and scripts use for our settings: an unknown key among them gets our name as its hint.
+ALIASES = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size", "epochs": "num_train_epochs",
+           "num_epochs": "num_train_epochs", "grad_accum": "gradient_accumulation_steps",
+           "gradient_accumulation": "gradient_accumulation_steps", "warmup": "warmup_ratio", "steps": "max_steps",
+           "output": "output_dir", "data": "dataset", "model_name_or_path": "model", "base_model": "model",
+           "seq_len": "max_seq_length", "sequence_len": "max_seq_length", "max_length": "max_seq_length",
+           "lora_rank": "lora_r", "target_modules": "lora_target_modules", "scheduler": "lr_scheduler_type"}
+
+
 def _field_types() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
 
@@ -154,6 +165,15 @@ def _bool_from(value: Any, name: str) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {value!r}")
 
 
+def field_choices(name: str) -> tuple[str, ...]:
+    """The values a Literal field allows (empty for other fields)."""
+    kind = _field_types()[name]
+    args = [a for a in get_args(kind) if a is not type(None)]
+    if get_origin(kind) is Literal or (args and get_origin(args[0]) is Literal):
+        return get_args(kind if get_origin(kind) is Literal else args[0])
+    return ()
+
+
 def coerce_value(name: str, value: Any) -> Any:
     """Convert a CLI string or YAML value to the field's type; raise ConfigError naming the field."""
     kind = _field_types()[name]
@@ -163,8 +183,8 @@ def coerce_value(name: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{name}: a value is required")
-    if get_origin(kind) is Literal or (args and get_origin(args[0]) is Literal):
-        choices = get_args(kind if get_origin(kind) is Literal else args[0])
+    choices = field_choices(name)
+    if choices:
         if value not in choices:
             raise ConfigError(f"{name}: invalid value {value!r}; choose one of {', '.join(choices)}")
         return value
@@ -195,7 +215,7 @@ def from_mapping(values: dict[str, Any], source: str, base: TrainConfig | None =
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in known:
-            close = [k for k in known if k.split("_")[0] == key.split("_")[0]]
+            close = [ALIASES[key]] if key in ALIASES else [k for k in known if k.split("_")[0] == key.split("_")[0]]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{source}: unknown setting '{raw_key}'{hint}")
         try:
@@ -220,6 +240,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
     return data
+
+
+def checked(config: TrainConfig) -> TrainConfig:
+    """A TrainConfig built in Python, through the coercion the CLI and YAML values get: a choice outside a field's
+    choices, or a value of the wrong type, raises ConfigError naming the field (a dataclass checks neither)."""
+    return from_mapping(dataclasses.asdict(config), source="TrainConfig")
 
 
 def validate(config: TrainConfig) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import signal
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from lamelm_fast.metrics import RunLogger
 from lamelm_fast.ops.dispatch import BackendUnavailable, resolve_backend, use_backend
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
-from lamelm_fast.train.config import ConfigError, TrainConfig, resolve, validate
+from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, validate
 from lamelm_fast.train.data import DataOrder, Example, collate, fingerprint, iterate_batches, prepare_datasets
 from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import SkipStreak, TrainingStopped
@@ -91,12 +93,22 @@ def evaluate(model: nn.Module, examples: list[Example], config: TrainConfig, pad
             "val_token_accuracy": right / max(targets, 1)}
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes the step, saves and exits cleanly."""
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
-    def __init__(self) -> None:
+
+def _silent(text: str) -> None:
+    pass
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step, saves and exits cleanly. The first signal says so at
+    once (an evaluation may take a while to finish); a second Ctrl-C stops at once, without saving."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._say = say
 
     def __enter__(self) -> _StopRequest:
         try:
@@ -107,7 +119,11 @@ class _StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
         self.signal_name = signal.Signals(signum).name
+        self._say(f"{self.signal_name}: stopping after the current step and saving a checkpoint"
+                  + (" (Ctrl-C again to stop now, without saving)" if signum == signal.SIGINT else ""))
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -116,6 +132,7 @@ class _StopRequest:
 
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written."""
+    config = checked(config)
     validate(config)
     with (contextlib.nullcontext() if config.kernels == "auto" else use_backend(config.kernels),
           distributed.setup() as dist):
@@ -124,6 +141,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     transformers_logging.disable_progress_bar()  # our own table reports progress
+    run_dir = Path(config.output_dir)
+    earlier_checkpoints = checkpoint.check_output_dir(run_dir, bool(config.resume_from_checkpoint),
+                                                      config.overwrite_output_dir)
     tokenizer = load_tokenizer(config)
     model_config = load_model_config(config)
     config = resolve(config, model_context(model_config))
@@ -131,7 +151,6 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         config.dataset, config.dataset_split, config.dataset_format, tokenizer, config.max_seq_length,
         config.train_on_prompt, config.eval_split_ratio, config.seed)
     data_fingerprint = fingerprint(train_set, eval_set)
-    run_dir = Path(config.output_dir)
     resume = (checkpoint.find_resume_checkpoint(config.resume_from_checkpoint, run_dir)
               if config.resume_from_checkpoint else None)
     device = dist.device
@@ -147,7 +166,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     if resume is not None:
         state = checkpoint.load_training_state(resume.path)
         notes += [*resume.notes, checkpoint.check_same_data(state, data_fingerprint, resume.path,
-                                                            config.ignore_data_change)]
+                                                            config.ignore_data_change, dataclasses.asdict(config))]
         checkpoint.load_weights(resume.path, loaded.model)  # before wrapping: FSDP shards what is loaded
     total_params, trainable_params = loaded.parameter_counts()
     model, wrap_note = dist.wrap(CausalLMLoss(loaded.model, loaded.autocast_dtype), config)
@@ -165,6 +184,22 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         position = Position(**state["position"])
         notes.append(checkpoint.restore_rng(state["rng"], dist.rank, dist.world_size))
+        if position.step >= total_steps:
+            raise ConfigError(f"{resume.path} is at step {position.step} and this run ends at step {total_steps}: "
+                              "nothing to train; raise --max-steps (or --num-train-epochs) to continue it")
+        if scheduler.base_lrs[0] != config.learning_rate:  # the restored schedule wins, as in HF
+            notes.append(f"the learning-rate schedule continues from {resume.path} (peak {scheduler.base_lrs[0]:g});"
+                         f" --learning-rate {config.learning_rate:g} applies to new runs only")
+        # The next step's LR from this run's schedule (its length may differ from the checkpoint's: a raised
+        # --max-steps), not the one the checkpoint's schedule left in the optimizer. Equal when nothing changed.
+        scheduler._last_lr = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
+                                                                                   scheduler.lr_lambdas, strict=True)]
+        for group, lr in zip(optimizer.param_groups, scheduler._last_lr, strict=True):
+            group["lr"] = lr
+    if dist.is_main and earlier_checkpoints:
+        for path in earlier_checkpoints:
+            shutil.rmtree(path)
+        notes.append(f"--overwrite-output-dir: deleted {len(earlier_checkpoints)} checkpoint(s) of an earlier run")
 
     logger = RunLogger(run_dir, total_steps, quiet=config.quiet, log_format=config.log_format,
                        resume_step=position.step if resume else None, report_to=config.report_to,
@@ -218,7 +253,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
 
     model.train()
     try:
-        with _StopRequest() as stop:
+        with _StopRequest(_stderr if dist.is_main else _silent) as stop:
             for step in range(position.step + 1, total_steps + 1):
                 epoch, next_example, indices = next(windows)
                 micro_batches = [collate([train_set[i] for i in dist.shard(idx)], config.packing,
@@ -247,7 +282,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                 result.global_step = step
 
                 if step % config.logging_steps == 0 or step == total_steps:
-                    expected = config.learning_rate * scheduler.lr_lambdas[0](step - 1)
+                    expected = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)
                     fatal = report.log_train(window, optimizer.grad_norm, skips, step, learning_rate, expected,
                                              epoch_progress)
                     if fatal is not None:

@@ -101,8 +101,10 @@ def pick_device() -> torch.device:
 
 
 def _lora_targets(config: TrainConfig) -> str | list[str]:
-    targets = config.lora_target_modules or "all-linear"
-    if isinstance(targets, list) and any(t.split(".")[-1] == "lm_head" for t in targets):
+    targets = config.lora_target_modules
+    if not targets or targets == ["all-linear"]:  # PEFT's name for every linear layer but the head, as a string
+        return "all-linear"
+    if any(t.split(".")[-1] == "lm_head" for t in targets):
         raise ConfigError("LoRA on lm_head is not supported (the fused cross-entropy reads the head weight "
                           "directly): remove lm_head from --lora-target-modules")
     return targets
@@ -193,7 +195,10 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         try:
             model = get_peft_model(model, lora)
         except ValueError as error:  # e.g. a target module name the model does not have
-            raise ConfigError(f"--lora-target-modules: {first_line(error)}") from None
+            names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                            if isinstance(module, nn.Linear)} - {"lm_head"})
+            raise ConfigError(f"--lora-target-modules: {first_line(error)}; this model's linear layers are "
+                              f"{','.join(names)} (or all-linear)") from None
         if config.model is None:
             notes.append("LoRA on the embedded model's random weights learns little: prefer --finetune full")
     else:
