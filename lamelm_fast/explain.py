@@ -562,8 +562,8 @@ def _with_export_hint(choice: dict[str, Any], kind: str) -> dict[str, Any]:
     if kind == "lamelm-fast" and choice["path"] is not None:
         merged = Path(choice["path"]).parent / f"merged-{choice['step']}"
         choice["export_command"] = f"python -m lamelm_fast.export {choice['path']} {merged}"
-        choice["text"] += (f" To serve it as one standalone model directory (a LoRA or QLoRA adapter merged into "
-                           f"its base): `{choice['export_command']}`.")
+        choice["text"] += (f" To serve it as one standalone model directory (an adapter merged into its base, a "
+                           f"full fine-tune in the dtype you choose): `{choice['export_command']}`.")
     return choice
 
 

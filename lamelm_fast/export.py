@@ -31,6 +31,11 @@ def training_config(checkpoint: Path) -> TrainConfig:
     """The TrainConfig a checkpoint was written under (settings added since then take their defaults)."""
     from lamelm_fast.train import checkpoint as checkpoints
 
+    if not checkpoint.is_dir():
+        raise ConfigError(f"checkpoint {checkpoint} not found: give a checkpoint-N directory of a run")
+    inside = checkpoints.list_checkpoints(checkpoint)
+    if inside:
+        raise ConfigError(f"{checkpoint} is a run directory: give one of its checkpoints (the newest is {inside[-1]})")
     problem = checkpoints.verify_checkpoint(checkpoint)
     if problem is not None:
         raise ConfigError(f"{checkpoint} is not an intact lamelm-fast checkpoint ({problem}): export another one")
@@ -109,14 +114,16 @@ def merged_model(checkpoint: Path, config: TrainConfig, base: str, device: torch
             base_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
     except (OSError, ValueError) as error:
         raise ConfigError(f"could not load the base model '{config.model}' that {checkpoint} was trained on "
-                          f"({first_line(error)}): make it available at that path or hub id") from None
+                          f"({first_line(error)}): make it available at that path or hub id, or give its "
+                          "location with --model") from None
     peft_model = PeftModel.from_pretrained(base_model, str(checkpoint))
     return _merge_into_dequantized(peft_model) if quantized else peft_model.merge_and_unload()
 
 
 def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype = torch.bfloat16,
-                  base: str = "quantized", device: torch.device | None = None) -> Path:
-    """Write ``checkpoint`` as a standalone model directory at ``output`` (see the module docstring)."""
+                  base: str = "quantized", device: torch.device | None = None, model: str | None = None) -> Path:
+    """Write ``checkpoint`` as a standalone model directory at ``output`` (see the module docstring); ``model``: the
+    base model's directory or hub id where it is no longer where the run found it."""
     from transformers import AutoTokenizer
 
     checkpoint, output = Path(checkpoint), Path(output)
@@ -132,6 +139,8 @@ def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: this machine has no CUDA GPU torch can use; merge with --device cpu")
     config = training_config(checkpoint)
+    if model is not None:
+        config = dataclasses.replace(config, model=model)
     model = merged_model(checkpoint, config, base, device).to(dtype)
     model.config.use_cache = True  # training turned the KV cache off; generation wants it
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -166,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="QLoRA: merge into the NF4 base dequantized, as trained (default), or into the original "
                              "unquantized weights")
     parser.add_argument("--device", default="cpu", help="where to load and merge: cpu (default) or cuda")
+    parser.add_argument("--model", help="LoRA/QLoRA: the base model (directory or hub id), where it is no longer "
+                                        "where the run loaded it from")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     try:
-        path = export_merged(args.checkpoint, args.output, DTYPES[args.dtype], args.base, device)
+        path = export_merged(args.checkpoint, args.output, DTYPES[args.dtype], args.base, device, args.model)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -207,3 +207,30 @@ def test_ctrl_c_before_training_is_one_line_not_a_traceback(monkeypatch: pytest.
     assert cli.main(["--max-steps", "1"]) == 130
     assert capsys.readouterr().err.strip() == ("interrupted: stopped at once; nothing was saved since the last "
                                                "checkpoint")
+
+
+def test_a_missing_tracker_package_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from lamelm_fast.train import train
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("kept\n")
+    with pytest.raises(ConfigError, match=r"--report-to wandb needs the wandb package"):
+        train(TrainConfig(report_to=["wandb"], output_dir=str(run), max_steps=1))
+    assert (run / "metrics.jsonl").read_text() == "kept\n"
+
+
+def test_settings_a_run_does_not_use_are_named() -> None:
+    from lamelm_fast.train.config import unused_settings
+
+    assert unused_settings(resolve(TrainConfig())) == []
+    notes = unused_settings(resolve(TrainConfig(lora_r=64, lora_target_modules=["q_proj"], eval_split_ratio=0.0,
+                                                eval_steps=5)))
+    assert notes == ["--lora-r, --lora-target-modules apply to LoRA and QLoRA: not used by --finetune full",
+                     "--eval-steps does nothing without a validation set: set --eval-split-ratio > 0"]
+    assert unused_settings(resolve(TrainConfig(model="x", lora_r=64))) == []  # qlora uses it

@@ -111,6 +111,10 @@ def test_what_cannot_be_exported_is_refused_clearly(tmp_path: Path, tiny_model_d
         main([str(checkpoint), str(tmp_path / "x"), "--device", "gpu"])
     assert exit_info.value.code == 2 and "--device gpu: expected cpu, cuda or cuda:N" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    assert main([str(checkpoint.parent), str(tmp_path / "x")]) == 2
+    assert f"is a run directory: give one of its checkpoints (the newest is {checkpoint})" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+    assert "nope not found: give a checkpoint-N directory" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("mine")
     assert main([str(checkpoint), str(tmp_path / "a-file")]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
@@ -138,3 +142,25 @@ def test_an_interrupted_export_leaves_nothing_behind(tmp_path: Path, tiny_model_
     with pytest.raises(KeyboardInterrupt):
         export_merged(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_relative_model_path_is_recorded_absolute_and_a_moved_base_is_given_with_model(
+        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_model_dir, base)
+    monkeypatch.chdir(tmp_path)
+    checkpoint = trained_checkpoint(tmp_path, Path("models/base"), small_alpaca, "lora")
+    adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the run's working directory no longer matters
+    assert main([str(checkpoint), str(tmp_path / "out1"), "--dtype", "float32"]) == 0
+    shutil.move(str(base), str(tmp_path / "moved"))
+    assert main([str(checkpoint), str(tmp_path / "out2"), "--dtype", "float32"]) == 2
+    assert main([str(checkpoint), str(tmp_path / "out2"), "--dtype", "float32", "--model",
+                 str(tmp_path / "moved")]) == 0
+    assert torch.equal(logits(exported(tmp_path / "out1")), logits(exported(tmp_path / "out2")))

@@ -6,7 +6,6 @@ Rows arrive as plain Python numbers: the device is read only at logging steps, b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -74,12 +73,10 @@ class _Trackers:
     """TensorBoard and W&B, each only when asked for; a missing package is a clear error, not a crash."""
 
     def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any]) -> None:
-        from lamelm_fast.train.config import ConfigError
+        from lamelm_fast.train.config import check_trackers
 
         self.tensorboard = self.wandb = None
-        for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-            if name in names and importlib.util.find_spec(module) is None:
-                raise ConfigError(f"--report-to {name} needs the {module} package: pip install 'lamelm-fast[tracking]'")
+        check_trackers(names)
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -168,7 +165,7 @@ class RunLogger:
         self.history.append(row)
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
-        if self.json_lines:
+        if self.json_lines and not self.quiet:
             print(json.dumps(row), file=self.stream, flush=True)
 
     def train_row(self, row: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ for this model"; :func:`resolve` is the one place that decides them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_trackers(names: list[str]) -> None:
+    """Each --report-to destination's package is installed (checked before a run writes anything)."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--report-to {name} needs the {name} package: pip install 'lamelm-fast[tracking]'")
+
+
 def checked(config: TrainConfig) -> TrainConfig:
     """A TrainConfig built in Python, through the coercion the CLI and YAML values get: a choice outside a field's
     choices, or a value of the wrong type, raises ConfigError naming the field (a dataclass checks neither)."""
@@ -284,6 +292,7 @@ def validate(config: TrainConfig) -> None:
     unknown = sorted(set(config.report_to or []) - set(REPORT_TO))
     if unknown:
         raise ConfigError(f"report_to: unknown destination {unknown[0]!r}; choose from {', '.join(REPORT_TO)}")
+    check_trackers(config.report_to or [])
     if config.peak_tflops is not None and not (config.peak_tflops > 0 and math.isfinite(config.peak_tflops)):
         raise ConfigError(f"peak_tflops must be > 0, got {config.peak_tflops}")
     if config.eval_samples < 0:
@@ -312,6 +321,22 @@ def validate(config: TrainConfig) -> None:
                           f"choose one of {', '.join(LR_SCHEDULER_TYPES)}")
 
 
+def unused_settings(config: TrainConfig) -> list[str]:
+    """Settings the user changed that this (resolved) run does not use, for the banner: silence would suggest they
+    did something."""
+    defaults = TrainConfig()
+    notes = []
+    if config.finetune == "full":
+        lora = [f"--{name.replace('_', '-')}" for name in ("lora_r", "lora_alpha", "lora_dropout",
+                                                            "lora_target_modules")
+                if getattr(config, name) != getattr(defaults, name)]
+        if lora:
+            notes.append(f"{', '.join(lora)} apply to LoRA and QLoRA: not used by --finetune full")
+    if config.eval_split_ratio == 0 and config.eval_steps:
+        notes.append("--eval-steps does nothing without a validation set: set --eval-split-ratio > 0")
+    return notes
+
+
 def resolve(config: TrainConfig, model_context: int | None = None) -> TrainConfig:
     """Fill the model-dependent ``None`` defaults. The one place these choices are made."""
     embedded = config.model is None
@@ -329,5 +354,10 @@ def resolve(config: TrainConfig, model_context: int | None = None) -> TrainConfi
     elif model_context and max_seq_length > model_context:
         raise ConfigError(f"max_seq_length {max_seq_length} is longer than the model's context ({model_context} "
                           f"positions): set --max-seq-length {model_context} or less")
-    return dataclasses.replace(config, finetune=finetune, learning_rate=learning_rate,
+    # A local model directory is recorded absolute (checkpoints, PEFT's adapter_config.json), so that resuming,
+    # exporting and loading an adapter work from any working directory.
+    model = config.model
+    if model is not None and Path(model).expanduser().is_dir():
+        model = str(Path(model).expanduser().resolve())
+    return dataclasses.replace(config, model=model, finetune=finetune, learning_rate=learning_rate,
                                max_seq_length=max_seq_length)

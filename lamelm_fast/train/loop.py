@@ -21,7 +21,7 @@ from lamelm_fast.metrics import RunLogger
 from lamelm_fast.ops.dispatch import BackendUnavailable, resolve_backend, use_backend
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
-from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, validate
+from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, unused_settings, validate
 from lamelm_fast.train.data import DataOrder, Example, collate, fingerprint, iterate_batches, prepare_datasets
 from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import SkipStreak, TrainingStopped
@@ -159,7 +159,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     except BackendUnavailable as error:
         raise ConfigError(f"--kernels {config.kernels}: {error}") from None
     loaded = load_model(config, model_config, device)
-    notes: list[str | None] = [*loaded.notes]
+    notes: list[str | None] = [*loaded.notes, *unused_settings(config)]
     if config.eval_samples and dist.world_size > 1:
         notes.append("--eval-samples is off under torchrun: generation runs on one process")
     state = None
@@ -217,14 +217,16 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     best_checkpoint, stopped_early = None, False
     epoch_progress = order.progress(position.epoch, position.example)
 
-    def save(step: int) -> Path:
+    def save(step: int, new_best: bool = False) -> Path:
+        """Checkpoint this step; pruning spares the best checkpoint, unless this one replaces it as the best."""
         if result.checkpoint == run_dir / f"checkpoint-{step}":  # saved at this step already (best, then periodic)
             return result.checkpoint
         state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                  "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
                  "data_fingerprint": data_fingerprint}
         result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
-                                                       config.save_total_limit, keep=best_checkpoint)
+                                                       config.save_total_limit,
+                                                       keep=None if new_best else best_checkpoint)
         return result.checkpoint
 
     sample_set = eval_set[:config.eval_samples] if dist.world_size == 1 else []  # generation: one process
@@ -289,7 +291,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                         raise TrainingStopped(fatal.message, exit_code=1)
                 if eval_set and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
                     if run_eval(step, epoch_progress) and config.early_stopping_patience:
-                        best_checkpoint = save(step)
+                        best_checkpoint = save(step, new_best=True)
                     if report.health.should_stop:
                         stopped_early = True
                         break
@@ -329,7 +331,7 @@ def _banner(config: TrainConfig, stats: Any, device: torch.device, total: int, t
         f"{stats.eval_examples} validation examples, {stats.train_tokens} train tokens",
         f"  truncated to {config.max_seq_length} tokens: {stats.truncated}; skipped (no target tokens): "
         f"{stats.skipped_no_targets}; packing {'on' if config.packing else 'off'}; loss on "
-        f"{'all tokens' if config.train_on_prompt else 'responses only'}",
+        f"{'all tokens' if config.train_on_prompt or stats.format == 'text' else 'responses only'}",
         f"  {steps} steps x {config.gradient_accumulation_steps} micro-batches of "
         f"{config.per_device_train_batch_size}{ranks}; lr {config.learning_rate:g} ({config.lr_scheduler_type}); "
         f"clip {config.max_grad_norm:g}; run dir {config.output_dir}",
