@@ -194,23 +194,27 @@ def _rope_launches() -> Launches:
     half tile) and 128, at Llama-3 head counts (32 q, 8 kv) in HF's transposed [B, S, heads, d] memory layout."""
     from lamelm_fast.kernels import rope as k
 
-    def launch(dtype: torch.dtype, cos_dtype: torch.dtype, dim: int, backward: bool) -> Callable[[], None]:
+    def launch(dtype: torch.dtype, cos_dtype: torch.dtype, autocast: torch.dtype | None, dim: int,
+               backward: bool) -> Callable[[], None]:
         def run() -> None:
             batch, seq, heads, kv_heads = 2, 3, 32, 8
-            out_dtype = torch.promote_types(dtype, cos_dtype)
+            out_dtype = autocast or torch.promote_types(dtype, cos_dtype)  # autocast: narrower, fp32 products
             q, dq = (torch.randn(batch, seq, heads, dim).transpose(1, 2) for _ in range(2))
             kk, dk = (torch.randn(batch, seq, kv_heads, dim).transpose(1, 2) for _ in range(2))
             cos, sin = (torch.randn(1, seq, dim, dtype=cos_dtype).expand(batch, seq, dim) for _ in range(2))
             if backward:  # output gradients in the result dtype in, input gradients in the input dtype out
-                k.rope_backward(dq.to(out_dtype), dk.to(out_dtype), cos, sin, q.to(dtype), kk.to(dtype))
+                k.rope_backward(dq.to(out_dtype), dk.to(out_dtype), cos, sin, q.to(dtype), kk.to(dtype),
+                                autocast is not None)
             else:
-                k.rope_forward(q.to(dtype), kk.to(dtype), cos, sin, dq.to(out_dtype), dk.to(out_dtype))
+                k.rope_forward(q.to(dtype), kk.to(dtype), cos, sin, dq.to(out_dtype), dk.to(out_dtype),
+                               autocast is not None)
         return run
 
-    dtypes = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
-              "bf16 q fp32 cos": (torch.bfloat16, torch.float32)}
-    return {f"rope {'backward' if backward else 'forward'} {name} d={dim}": launch(*pair, dim, backward)
-            for name, pair in dtypes.items() for dim in (64, 80, 128) for backward in (False, True)}
+    dtypes = {"fp32": (torch.float32, torch.float32, None), "bf16": (torch.bfloat16, torch.bfloat16, None),
+              "bf16 q fp32 cos": (torch.bfloat16, torch.float32, None),
+              "fp32 q under bf16 autocast": (torch.float32, torch.float32, torch.bfloat16)}
+    return {f"rope {'backward' if backward else 'forward'} {name} d={dim}": launch(*dtypes_, dim, backward)
+            for name, dtypes_ in dtypes.items() for dim in (64, 80, 128) for backward in (False, True)}
 
 
 def _nf4_launches() -> Launches:

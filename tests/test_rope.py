@@ -118,6 +118,29 @@ def test_16bit_equals_eager_ops(backend: str, dtype: torch.dtype, cos_dtype: tor
         assert torch.equal(a, e), f"{(a != e).float().mean().item():.2%} of values differ from eager"
 
 
+@pytest.mark.parametrize(("dtype", "autocast"), [(torch.float32, torch.float16), (torch.float16, torch.float16),
+                                                 (torch.float32, torch.bfloat16)])
+def test_under_autocast_the_kernel_writes_what_attentions_cast_would(dtype: torch.dtype,
+                                                                      autocast: torch.dtype) -> None:
+    """QLoRA (fp32 q and k, fp32 tables) and a 16-bit full fine-tune (16-bit q, fp32 tables) under autocast: the
+    kernel writes its result in autocast's dtype, as the attention's own cast of eager's wider result would (values,
+    to the bit where the interpreter rounds to nearest), and the input gradients are eager's through that cast."""
+    q, k, cos, sin = inputs(2, 3, 1, 37, 64, dtype, torch.float32, seed=7)
+
+    def eager_then_cast(*args):
+        return tuple(t.to(autocast) for t in eager_rotary_embedding(*args))
+
+    with torch.autocast("cpu", dtype=autocast):
+        actual = run(ours("triton"), q, k, cos, sin)
+        expected = run(eager_then_cast, q, k, cos, sin)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == e.dtype == (autocast if i < 2 else dtype)
+        if autocast == torch.bfloat16 and triton_interpreted():
+            assert rel_err(a, e) < 1e-2  # the interpreter truncates to bf16; the GPU test compares bits
+        else:
+            assert torch.equal(a, e), f"{i}: {(a != e).float().mean().item():.2%} of values differ"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_input_needs_a_gradient_and_empty_inputs(backend: str, rope_launches: dict[str, int]) -> None:
     q, k, cos, sin = inputs(2, 4, 2, 9, 64, torch.float32, torch.float32, seed=6)
@@ -250,6 +273,19 @@ def test_cuda_real_shape_equals_eager(dtype: torch.dtype, cos_dtype: torch.dtype
         assert a.dtype == e.dtype and memory_layout(a) == memory_layout(e)
         assert rel_err(a, e) < (1e-6 if a.dtype == torch.float32 else 1e-2)
         assert (a != e).float().mean().item() < 0.001
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_under_bf16_autocast_writes_bf16_equal_to_the_cast_of_eager(dtype: torch.dtype) -> None:
+    q, k, cos, sin = (t.cuda() for t in inputs(4, 32, 8, 2048, 64, dtype, torch.float32, seed=10))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        actual = run(ours("triton"), q, k, cos, sin)
+        expected = run(lambda *args: tuple(t.to(torch.bfloat16) for t in eager_rotary_embedding(*args)), q, k, cos,
+                       sin)
+    for a, e in zip(actual, expected, strict=True):
+        assert a.dtype == e.dtype and torch.equal(a, e)
 
 
 @pytest.mark.gpu

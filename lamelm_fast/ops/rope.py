@@ -74,6 +74,20 @@ def _kernel_layout(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return cos.expand(batch, seq_len, dim), sin.expand(batch, seq_len, dim)
 
 
+def _output_dtype(x: torch.Tensor, table: torch.Tensor) -> torch.dtype:
+    """Eager's result dtype (x's and the table's promotion), or autocast's where that is narrower: under autocast the
+    only reader of the rotated q and k, attention, casts them to autocast's dtype first (sdpa and matmul are on its
+    lower-precision list; our varlen path does the same), and the kernel rounds its fp32 result once, as that cast
+    would. QLoRA's fp32 q/k and a bf16 full fine-tune's promoted ones then cost half the bytes written and no cast."""
+    promoted = torch.promote_types(x.dtype, table.dtype)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        narrow = torch.get_autocast_dtype(device_type)
+        if narrow.itemsize < promoted.itemsize:
+            return narrow
+    return promoted
+
+
 class _RotaryEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -82,9 +96,11 @@ class _RotaryEmbeddingFunction(torch.autograd.Function):
 
         # empty_like keeps the transposed-view strides of HF's q and k ([B, S, heads, d] in memory): the kernel then
         # writes each token's heads contiguously, and attention backends that want [B, S, heads, d] get it free.
-        q_out = torch.empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype))
-        k_out = torch.empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype))
-        kernels.rope_forward(q, k, cos, sin, q_out, k_out)
+        q_out = torch.empty_like(q, dtype=_output_dtype(q, cos))
+        k_out = torch.empty_like(k, dtype=_output_dtype(k, cos))
+        # Narrower than eager's dtype (autocast): computed as eager (fp32), rounded once (q and k promote alike).
+        ctx.fp32_products = q_out.dtype != torch.promote_types(q.dtype, cos.dtype)
+        kernels.rope_forward(q, k, cos, sin, q_out, k_out, ctx.fp32_products)
         ctx.save_for_backward(cos, sin)
         ctx.layouts = ((q.dtype, q_out.stride()), (k.dtype, k_out.stride()))
         return q_out, k_out
@@ -100,9 +116,9 @@ class _RotaryEmbeddingFunction(torch.autograd.Function):
         dq = torch.empty_strided(grad_q.shape, q_stride, dtype=q_dtype, device=grad_q.device) if need_q else None
         dk = torch.empty_strided(grad_k.shape, k_stride, dtype=k_dtype, device=grad_k.device) if need_k else None
         if need_q:
-            kernels.rope_backward(grad_q, grad_k if need_k else None, cos, sin, dq, dk)
+            kernels.rope_backward(grad_q, grad_k if need_k else None, cos, sin, dq, dk, ctx.fp32_products)
         elif need_k:
-            kernels.rope_backward(grad_k, None, cos, sin, dk, None)
+            kernels.rope_backward(grad_k, None, cos, sin, dk, None, ctx.fp32_products)
         return dq, dk, None, None
 
 
@@ -112,8 +128,9 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     ``unsqueeze_dim``: transformers' ``apply_rotary_pos_emb``, same values and dtypes, differentiable in q and k.
 
     Fused (Triton) for HF's layout: q [B, heads, S, d], k [B, kv_heads, S, d] (any strides), cos and sin [B or 1, S,
-    d] without gradient, ``unsqueeze_dim=1``, 16/32-bit floats. Anything else, float64, and the torch backend run
-    the eager formula.
+    d] without gradient, ``unsqueeze_dim=1``, 16/32-bit floats; under autocast its results are in autocast's dtype
+    where eager's would be wider (see :func:`_output_dtype`). Anything else, float64, and the torch backend run the
+    eager formula.
     """
     backend = "torch" if torch.float64 in (q.dtype, k.dtype, cos.dtype) else resolve_backend(q.device)
     tables = _kernel_layout(q, k, cos, sin) if backend != "torch" and unsqueeze_dim == 1 else None
