@@ -75,6 +75,14 @@ def test_exploding_gradient_norm_above_maximum() -> None:
     assert "--learning-rate" in warnings[0].message and not warnings[0].fatal
 
 
+def test_a_fresh_models_large_first_gradients_are_not_an_explosion() -> None:
+    """--logging-steps 1 on a model trained from scratch: norms of ~12 in steps 1-3 while the loss falls fast."""
+    rows = [{**train_row(i, grad_norm=12.0 if i < 3 else 1.0), "step": i + 1} for i in range(20)]
+    assert feed(HealthMonitor(), rows) == []
+    late = [{**train_row(i, grad_norm=12.0 if i in (14, 15) else 1.0), "step": i + 1} for i in range(20)]
+    assert fired(feed(HealthMonitor(), late)) == [("exploding_gradients", 16)]
+
+
 def test_one_clipped_spike_is_not_an_explosion() -> None:
     # As in the embedded default's real run: one window at 13.4 among norms of about 1, then back.
     assert feed(HealthMonitor(), [train_row(i, grad_norm=13.4 if i == 10 else 1.0) for i in range(20)]) == []

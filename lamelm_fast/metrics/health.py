@@ -31,6 +31,9 @@ class HealthThresholds:
     grad_norm_jump: float = 10.0  # norm jumps >= this factor vs the median of recent windows
     # ... in this many consecutive windows: one clipped spike is routine, a run of them is not.
     grad_norm_windows: int = 2
+    # ... and the absolute limit from this step on: a freshly initialised model's (or head's) gradients are large in
+    # its first steps while the loss falls fast; that is not an explosion.
+    grad_norm_settle_steps: int = 10
     flat_windows: int = 5  # loss flat over this many consecutive windows -> not learning
     flat_tolerance: float = 0.005  # "flat" = relative change of the loss across those windows below this
     rising_windows: int = 3  # loss rising in this many consecutive windows -> LR too high
@@ -149,7 +152,7 @@ class HealthMonitor:
         median = statistics.median(self._grad_norms) if self._grad_norms else 0.0
         fix = "lower --learning-rate or check --max-grad-norm (clipping)."
         message = None
-        if grad_norm > t.grad_norm_max:
+        if grad_norm > t.grad_norm_max and step > t.grad_norm_settle_steps:
             message = (f"Gradient norm is {grad_norm:.4g} at step {step}, above {t.grad_norm_max:g}: the gradients "
                        f"are exploding, usually because the learning rate is too high; {fix}")
         elif median > 0 and grad_norm >= t.grad_norm_jump * median:  # a zero median makes any ratio meaningless

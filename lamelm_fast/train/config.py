@@ -80,7 +80,8 @@ class TrainConfig:
         "sharded); auto = fsdp when DDP would fill over half of a GPU with them, else ddp"))
     # Data
     dataset: str | None = field(default=None, metadata=_help(
-        "local jsonl/json/parquet/csv/txt file or HF datasets id; omitted: the embedded stdlib instruction set"))
+        "local jsonl/json/parquet/csv/txt file, a dataset directory (save_to_disk, or data files) or HF datasets id; "
+        "omitted: the embedded stdlib instruction set"))
     dataset_format: Literal["auto", "alpaca", "chat", "text"] = field(default="auto", metadata=_help(
         "record format: alpaca (instruction/input/output), chat (messages), text; auto detects"))
     dataset_split: str = field(default="train", metadata=_help("split to load from a HF datasets id"))
