@@ -47,11 +47,11 @@ def load_4bit(path: Path, device: str = "cpu", compute_dtype: torch.dtype | None
 
 
 def qlora_model(path: Path, *, dropout: float, checkpointing: bool, device: str = "cpu",
-                compute_dtype: torch.dtype | None = None) -> nn.Module:
+                compute_dtype: torch.dtype | None = None, targets: list[str] = TARGETS) -> nn.Module:
     model = peft.prepare_model_for_kbit_training(load_4bit(path, device, compute_dtype),
                                                  use_gradient_checkpointing=checkpointing,
                                                  gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
                              task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
     torch.manual_seed(1)
@@ -99,6 +99,32 @@ def test_patched_tiny_llama_equals_peft(quantized_dir: Path, backend: str, dropo
         assert rel_err(grad, ref_grads[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_mlp_without_adapters_runs_fused_too(quantized_dir: Path, backend: str) -> None:
+    """--lora-target-modules q_proj,v_proj: the MLP's projections are bare bitsandbytes layers. The MLP still runs as
+    one op (on a GPU: g and u in bf16, not the fp32 bitsandbytes hands back), and the loss and the adapters'
+    gradients, which flow back through it, equal PEFT's."""
+    ref_model = qlora_model(quantized_dir, dropout=0.1, checkpointing=False, targets=["q_proj", "v_proj"])
+    model = copy.deepcopy(ref_model)
+    assert patch_peft_lora4bit(model) == 2 * 2
+    assert type(model.base_model.model.model.layers[0].mlp).__name__ == "FusedLlamaMLP"
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(6))
+    with use_backend(backend):
+        loss, grads, nodes = loss_and_grads(model, ids)
+    ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    assert "_LoRA4bitSwiGLUBackward" in nodes
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * 2
+    for name, grad in grads.items():
+        assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+def test_a_model_without_peft_layers_is_left_alone(quantized_dir: Path) -> None:
+    model = load_4bit(quantized_dir)
+    assert patch_peft_lora4bit(model) == 0
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
 def test_apply_kernels_with_the_dequant_strategy_equals_peft(quantized_dir: Path, launches: dict[str, int],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """LAMELM_NF4_MATMUL=dequant: every 4-bit product of the fused MLP, the fused q/k/v op (their input gradients
@@ -129,12 +155,15 @@ def test_apply_kernels_with_the_dequant_strategy_equals_peft(quantized_dir: Path
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("strategy", ["fused", "dequant", "auto"])
-def test_patched_tiny_llama_equals_peft_cuda_bf16_autocast(quantized_dir: Path, strategy: str) -> None:
-    """As the trainer runs QLoRA on a GPU: bf16 compute under autocast, fp32 adapters, Triton kernels."""
-    ref_model = qlora_model(quantized_dir, dropout=0.0, checkpointing=True, device="cuda")
+@pytest.mark.parametrize(("strategy", "targets"), [("fused", TARGETS), ("dequant", TARGETS), ("auto", TARGETS),
+                                                   ("auto", ["q_proj", "v_proj"])])
+def test_patched_tiny_llama_equals_peft_cuda_bf16_autocast(quantized_dir: Path, strategy: str,
+                                                           targets: list[str]) -> None:
+    """As the trainer runs QLoRA on a GPU: bf16 compute under autocast, fp32 adapters, Triton kernels (with q/v
+    targets only, the MLP runs fused over its bare 4-bit projections)."""
+    ref_model = qlora_model(quantized_dir, dropout=0.0, checkpointing=True, device="cuda", targets=targets)
     model = copy.deepcopy(ref_model)
-    assert patch_peft_lora4bit(model) == 2 * len(TARGETS)
+    assert patch_peft_lora4bit(model) == 2 * len(targets)
     ids = torch.randint(1, VOCAB, (4, 64), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with use_backend("triton"), use_nf4_matmul(strategy):

@@ -198,24 +198,32 @@ def test_backward_keeps_the_forwards_strategy(launches: dict[str, int]) -> None:
     assert launches == {"fused": 0, "dequant": 2}
 
 
+class Attention4bit(torch.nn.Module):
+    """q, k and v: 4-bit projections of one input, for PEFT to put adapters on."""
+
+    is_loaded_in_4bit = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (peft_layer(64, n, seed=n).get_base_layer() for n in (48, 32, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_proj(x).sum(-1) * self.k_proj(x).mean(-1) + self.v_proj(x).square().sum(-1)
+
+
+def attention_with_lora() -> torch.nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
+                                   Attention4bit())
+
+
 def test_qkv_group_accumulates_the_input_gradient_with_dequant(launches: dict[str, int]) -> None:
     """k and v add their input gradients into q's buffer (ACCUMULATE) on the dequant path too."""
-    from peft import LoraConfig, inject_adapter_in_model
     from torch import nn
 
-    class Attention(nn.Module):
-        is_loaded_in_4bit = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.q_proj, self.k_proj, self.v_proj = (peft_layer(64, n, seed=n).get_base_layer() for n in (48, 32, 32))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.q_proj(x).sum(-1) * self.k_proj(x).mean(-1) + self.v_proj(x).square().sum(-1)
-
     torch.manual_seed(8)
-    ref = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
-                                  Attention())
+    ref = attention_with_lora()
     for name, param in ref.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(param, std=0.3)
@@ -241,21 +249,7 @@ def test_qkv_group_accumulates_the_input_gradient_with_dequant(launches: dict[st
 def test_projections_of_one_input_share_its_cast_on_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under autocast (fp32 input, 16-bit compute) q, k and v read one cast of their input in their fused forward
     kernels, not one cast each."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from torch import nn
-
-    class Attention(nn.Module):
-        is_loaded_in_4bit = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.q_proj, self.k_proj, self.v_proj = (peft_layer(64, n, seed=n).get_base_layer() for n in (48, 32, 32))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.q_proj(x).float().sum() + self.k_proj(x).float().sum() + self.v_proj(x).float().sum()
-
-    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
-                                    Attention())
+    model = attention_with_lora()
     assert patch_peft_lora4bit(model) == 3
     operands: list[torch.Tensor] = []
     kernel = nf4_lora.matmul_4bit_lora
@@ -268,7 +262,7 @@ def test_projections_of_one_input_share_its_cast_on_the_fused_path(monkeypatch: 
     monkeypatch.setattr(nf4_lora, "matmul_4bit_lora", spy)
     x = torch.randn(2, 5, 64)
     with use_backend("triton"), use_nf4_matmul("fused"), torch.autocast("cpu", dtype=torch.float16):
-        model(x).backward()
+        model(x).float().sum().backward()
     assert len(operands) == 3 and all(a.dtype == torch.float16 for a in operands)
     assert len({a.data_ptr() for a in operands}) == 1
 

@@ -58,6 +58,7 @@ class _Spec:
     lora_dtype: torch.dtype  # adapter matmuls
     backend: str  # "triton" or "torch"
     matmul: str  # the Triton backend's 4-bit matmul strategy: "auto", "fused" or "dequant"
+    adapted: bool = True  # False: a bare 4-bit projection (no adapter: A and B are None) inside a fused MLP
 
 
 def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_dtype: torch.dtype,
@@ -131,6 +132,8 @@ def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Ten
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One projection of 2-D x: (y, xa = dropout(x) @ A^T, dropout keep-mask or None); ``casts``: x's, shared."""
     casts = casts or _Casts(x)
+    if not spec.adapted:
+        return _base_matmul(x, spec, weight_transposed=True, out_dtype=out_dtype, bias=bias, casts=casts), None, None
     x_lora = casts.to(spec.lora_dtype)
     keep = _dropout_mask(x_lora, spec.dropout)
     xa = _apply_dropout(x_lora, keep, spec.dropout) @ A.to(spec.lora_dtype).t()
@@ -168,6 +171,10 @@ def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec:
     """Gradients (dx, dA, dB, dbias) of one projection of an input of dtype ``x_dtype``, whose casts ``x`` holds
     (shared by the projections of one input); dx is added into ``dx`` when that is given."""
     need_x, need_a, need_b, need_bias = needs
+    if not spec.adapted:
+        if need_x:
+            dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, out=dx)
+        return dx, None, None, grad.sum(0) if need_bias else None
     A_l = A.to(spec.lora_dtype)
     gb, grad_b = _adapter_output_grads(grad, spec, B, xa, need_x or need_a, need_b)
     if need_x:
@@ -185,7 +192,9 @@ def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec:
 def _input_for_backward(x: torch.Tensor, casts: _Casts, specs: tuple[_Spec, ...]) -> torch.Tensor:
     """What backward keeps of the input: its one cast to the adapter dtype where that is narrower (QLoRA under
     autocast: x is fp32, the adapters bf16; backward reads x only through that cast, for dA), else x itself."""
-    lora_dtypes = {spec.lora_dtype for spec in specs}
+    lora_dtypes = {spec.lora_dtype for spec in specs if spec.adapted}
+    if not lora_dtypes:  # bare 4-bit projections only: backward needs x's shape and dtype, kept on ctx
+        return x.new_empty(0)
     if len(lora_dtypes) == 1 and (dtype := lora_dtypes.pop()).itemsize < x.dtype.itemsize:
         return casts.to(dtype)
     return x
@@ -484,26 +493,47 @@ class _QKVGroup:
         return first
 
 
+def _bare_spec(base: nn.Module, x: torch.Tensor) -> tuple[_Spec, tuple[None, None, torch.Tensor | None]] | None:
+    """A bitsandbytes ``Linear4bit`` without an adapter as the fused MLP runs it: bitsandbytes' own dtypes (its
+    compute dtype, x's dtype out; autocast does not reach into its matmul), no LoRA term."""
+    try:
+        weight = Packed4bit.from_bnb(base.weight, base.weight.quant_state)
+    except Unsupported4bit:
+        return None
+    compute = _bnb_compute_dtype(base, x)
+    return (_Spec(weight, 0.0, 0.0, compute, compute, resolve_backend(x.device), requested_nf4_matmul(), adapted=False),
+            (None, None, base.bias))
+
+
+def _projection_spec(module: nn.Module, x: torch.Tensor) -> tuple[_Spec, tuple[Any, ...]] | None:
+    return _layer_spec(module, x) if isinstance(module, _FusedPeftLoRA4bit) else _bare_spec(module, x)
+
+
 class _FusedSwiGLUMLP(SwiGLUMLP):
-    """Mixed in front of a Llama-style MLP whose three projections are patched PEFT 4-bit layers: one op for the
-    whole MLP, or, when a projection cannot run fused at this call, the projections around the fused SwiGLU."""
+    """Mixed in front of a Llama-style MLP whose three projections are 4-bit, patched PEFT LoRA layers or bare
+    bitsandbytes ones (--lora-target-modules left them out): one op for the whole MLP (g and u in the compute dtype,
+    not the fp32 that bitsandbytes hands back), or, when a projection cannot run fused at this call, the
+    projections around the fused SwiGLU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = [_layer_spec(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
+        fused = [_projection_spec(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
         if not is_silu(self.act_fn) or any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
             return super().forward(x)
         return _LoRA4bitSwiGLU.apply(x, tuple(f[0] for f in fused), *(t for f in fused for t in f[1]))
 
 
-def _static_problem(layer: nn.Module) -> str | None:
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out weights"
-    base = layer.get_base_layer()
+def _static_problem_4bit(base: nn.Module) -> str | None:
     try:
         Packed4bit.from_bnb(base.weight, base.weight.quant_state)
     except Unsupported4bit as error:
         return str(error)
-    return _adapter_problem(layer)
+    return None
+
+
+def _static_problem(layer: nn.Module) -> str | None:
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out weights"
+    return _static_problem_4bit(layer.get_base_layer()) or _adapter_problem(layer)
 
 
 def patch_peft_lora4bit(model: nn.Module) -> int:
@@ -514,8 +544,9 @@ def patch_peft_lora4bit(model: nn.Module) -> int:
     layer checks at every call that it can run fused (one active plain-LoRA adapter, not merged, adapters enabled,
     no per-call options) and otherwise runs PEFT's forward. Layers that cannot run fused now (DoRA, several active
     adapters, a layout or dtype we do not read) are left alone and logged with the reason. Llama-style MLPs
-    (Llama, Mistral, Qwen2/3) whose three projections are patched run as one fused SwiGLU op, and the q/k/v
-    projections of one attention module as one op over their shared input.
+    (Llama, Mistral, Qwen2/3) whose three projections are 4-bit (patched, or bare where the targets left them out)
+    run as one fused SwiGLU op, and the q/k/v projections of one attention module as one op over their shared
+    input. A model without PEFT LoRA layers is left as it is.
 
     Idempotent. Returns the number of layers that now run fused (including ones patched before).
     """
@@ -536,10 +567,14 @@ def patch_peft_lora4bit(model: nn.Module) -> int:
             module.get_base_layer().support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
             module.__class__ = mixed_in_class(_FusedPeftLoRA4bit, type(module), "Fused")
         fused += 1
-    for module in model.modules():
+    for module in model.modules() if fused else ():  # (a model without PEFT layers is not ours to change)
         projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        bare = [p for p in projections if type(p) is bnb.nn.Linear4bit]
         if (is_swiglu_mlp(module) and not isinstance(module, _FusedSwiGLUMLP)
-                and all(isinstance(p, _FusedPeftLoRA4bit) for p in projections)):
+                and all(isinstance(p, _FusedPeftLoRA4bit) or p in bare for p in projections)
+                and all(_static_problem_4bit(p) is None for p in bare)):
+            for projection in bare:
+                projection.support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
             module.__class__ = mixed_in_class(_FusedSwiGLUMLP, type(module), "Fused")
         qkv = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
         if all(isinstance(p, _FusedPeftLoRA4bit) for p in qkv) and qkv[0]._lamelm_qkv is None:
