@@ -158,6 +158,7 @@ def _read_text(path: Path) -> list[Record]:
 def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
     import datasets
 
+    datasets.disable_progress_bars()  # the banner reports what was loaded; its bars would only clutter the console
     try:
         if kind == "hub":
             table = datasets.load_dataset(path, split=split)
