@@ -94,3 +94,15 @@ def test_a_completion_stops_at_the_models_own_end_token(embedded_tokenizer) -> N
     stopped = generate_samples(model, [example], embedded_tokenizer, None)[0]["completion"]
     assert stopped == embedded_tokenizer.decode([end_of_turn], skip_special_tokens=True)
     assert babble == embedded_tokenizer.decode([end_of_turn] * NEW_TOKENS, skip_special_tokens=True)
+
+
+def test_under_train_on_prompt_samples_still_complete_the_prompt(embedded_tokenizer) -> None:
+    from conftest import embedded_records
+    from lamelm_fast.train.data import Record, encode_record
+
+    record = Record(embedded_records(1)[0], "x")
+    alone = encode_record(record, "alpaca", embedded_tokenizer, train_on_prompt=False)
+    everything = encode_record(record, "alpaca", embedded_tokenizer, train_on_prompt=True)
+    assert list(everything.input_ids) == list(alone.input_ids) and all(everything.target_mask[1:])
+    assert prompt_and_reference(everything) == prompt_and_reference(alone)
+    assert len(prompt_and_reference(alone)[0]) > TEXT_PROMPT_TOKENS  # not the text fallback's first tokens

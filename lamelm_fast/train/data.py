@@ -49,6 +49,9 @@ class Example:
 
     input_ids: array  # array("i")
     target_mask: array  # array("B"): 1 where token i is predicted by the loss
+    # Tokens before the first response token, where --train-on-prompt makes the prompt a target too (0: the mask
+    # tells, or there is no prompt); eval samples complete the prompt, not its first tokens.
+    prompt_length: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.input_ids, array) and self.input_ids.typecode == "i"):
@@ -326,10 +329,13 @@ ENCODERS = {"alpaca": _encode_alpaca, "chat": _encode_chat, "text": _encode_text
 def encode_record(record: Record, fmt: str, tokenizer: Any, train_on_prompt: bool) -> Example:
     ids: list[int] = []
     mask: list[bool] = []
+    prompt_length = None
     for piece, is_target in ENCODERS[fmt](record, tokenizer):
+        if is_target and prompt_length is None:
+            prompt_length = len(ids)
         ids.extend(piece)
         mask.extend([is_target or train_on_prompt] * len(piece))
-    return Example(ids, mask)
+    return Example(ids, mask, (prompt_length or 0) if train_on_prompt else 0)
 
 
 # Below this many records one process tokenizes (a fork costs more than it saves); above, one worker per
@@ -347,7 +353,8 @@ def _encode_records(records: list[Record], fmt: str, tokenizer: Any, train_on_pr
         example = encode_record(record, fmt, tokenizer, train_on_prompt)
         if len(example.input_ids) > max_seq_length:
             truncated += 1
-            example = Example(example.input_ids[:max_seq_length], example.target_mask[:max_seq_length])
+            example = Example(example.input_ids[:max_seq_length], example.target_mask[:max_seq_length],
+                              min(example.prompt_length, max_seq_length))
         examples.append(example if example.num_targets > 0 else None)
     return examples, truncated
 

@@ -19,10 +19,12 @@ TEXT_PROMPT_TOKENS = 32  # a plain-text example (every token a target) is contin
 
 
 def prompt_and_reference(example: Example) -> tuple[list[int], list[int]]:
-    """The tokens before the first target (the prompt) and the first NEW_TOKENS targets after them; a plain-text
-    example is split after its first TEXT_PROMPT_TOKENS tokens (at most half of it)."""
+    """The tokens before the first response token (the prompt; under --train-on-prompt the example records where that
+    is) and the first NEW_TOKENS tokens after them; a plain-text example is split after its first TEXT_PROMPT_TOKENS
+    tokens (at most half of it)."""
     ids = example.input_ids.tolist()
-    first_target = next((i for i, flag in enumerate(example.target_mask) if flag and i > 0), len(ids))
+    first_target = example.prompt_length or next((i for i, flag in enumerate(example.target_mask) if flag and i > 0),
+                                                 len(ids))
     if first_target <= 1:  # no prompt part
         first_target = max(1, min(TEXT_PROMPT_TOKENS, len(ids) // 2))
     return ids[:first_target], ids[first_target:first_target + NEW_TOKENS]
