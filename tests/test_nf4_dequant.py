@@ -124,6 +124,25 @@ def test_dequantize_equals_bitsandbytes_cuda(quant_type: str, dtype: torch.dtype
                 assert torch.equal(_bits(ours), _bits(expected)), (shape, blocksize, nested, backend)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("nested", [False, True])
+def test_cpu_and_cuda_quantization_store_the_same_bits(nested: bool) -> None:
+    """`export --base quantized` quantizes the base on the CPU; training quantized it on the GPU. The exported model
+    computes what was trained only if bitsandbytes stores the same 4-bit codes and scales on both."""
+    torch.manual_seed(3)
+    weight = torch.randn(512, 2048, dtype=torch.bfloat16) * 0.05
+    stored = []
+    for device in ("cpu", "cuda"):
+        q, state = bnb_functional.quantize_4bit(weight.to(device), blocksize=64, compress_statistics=nested,
+                                                quant_type="nf4")
+        stored.append(dequantize(Packed4bit.from_bnb(q, state), torch.float32).cpu())
+        stored.append(q.cpu())
+    cpu_values, cpu_codes, cuda_values, cuda_codes = stored
+    mismatched = (cpu_codes != cuda_codes).float().mean().item()
+    assert torch.equal(cpu_values, cuda_values), f"{mismatched:.4%} of the code bytes differ"
+
+
 def test_layouts_we_cannot_read_are_refused_with_the_reason() -> None:
     q, state = _quantized((8, 64), "nf4", False, 64)
     state.packing_format_for_cpu = True
