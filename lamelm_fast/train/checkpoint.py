@@ -119,8 +119,10 @@ def _write(final: Path, model: nn.Module, tokenizer: Any, training_state: dict[s
         previous = list_checkpoints(run_dir)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         free = shutil.disk_usage(run_dir).free / 1e9
+        # torch.save reports a full disk in its own words ("enforce fail ... unexpected pos"): say it plainly.
+        full = "the disk is full: " if free < 0.1 else ""
         raise TrainingStopped(
-            f"could not save {final} ({first_line(error)}; {free:.2f} GB free on that disk): nothing was left "
+            f"could not save {final} ({full}{first_line(error)}; {free:.2f} GB free on that disk): nothing was left "
             f"half-written and {kept}; free space (or fix the directory), then resume with "
             "--resume-from-checkpoint latest", exit_code=1) from None
     # Replacing a checkpoint of the same step: move the old one aside first, so one is always complete on disk.
