@@ -88,6 +88,10 @@ def test_csv_cells_are_text_and_errors_name_the_row(tmp_path: Path, embedded_tok
     assert [r.data for r in records][:2] == [{"instruction": "What is 6 x 7?", "input": "", "output": "42"},
                                              {"instruction": "Name a prime", "input": "", "output": ""}]
     assert records[2].where == f"{path} row 3"
+    for empty in ("", "instruction,output\n"):
+        (tmp_path / "empty.csv").write_text(empty)
+        with pytest.raises(ConfigError, match="empty.csv has no data rows"):
+            load_records(str(tmp_path / "empty.csv"))
     path.write_text("prompt,output\nx,1\n")
     with pytest.raises(ConfigError, match=r"numbers.csv row 1: "):
         prepare_datasets(str(path), "train", "alpaca", embedded_tokenizer, 48, False, 0.0, 3)

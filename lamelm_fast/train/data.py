@@ -173,6 +173,11 @@ def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
                                       "--dataset-split")
                 table = table[split]
         else:
+            if kind == "csv":
+                with open(path, encoding="utf-8", errors="replace") as file:
+                    if len(list(itertools.islice((line for line in file if line.strip()), 2))) < 2:
+                        raise ConfigError(f"{path} has no data rows (a header line at most): give a CSV with a header "
+                                          "and one example per row")
             table = datasets.load_dataset(kind, data_files=path, split="train")
     except ConfigError:
         raise
