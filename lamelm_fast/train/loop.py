@@ -130,6 +130,28 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _restore(state: dict[str, Any], path: Path, optimizer: FusedAdamW, scheduler: Any, learning_rate: float,
+             total_steps: int, dist: Distributed) -> tuple[Position, list[str | None]]:
+    """Optimizer, schedule, data position and RNG from a checkpoint's training state; the banner's notes."""
+    optimizer.load_state_dict(dist.shard_optimizer_state(state["optimizer"], optimizer))
+    scheduler.load_state_dict(state["scheduler"])
+    position = Position(**state["position"])
+    notes = [checkpoint.restore_rng(state["rng"], dist.rank, dist.world_size)]
+    if position.step >= total_steps:
+        raise ConfigError(f"{path} is at step {position.step} and this run ends at step {total_steps}: nothing to "
+                          "train; raise --max-steps (or --num-train-epochs) to continue it")
+    if scheduler.base_lrs[0] != learning_rate:  # the restored schedule's peak wins, as in HF
+        notes.append(f"the learning-rate schedule continues from {path} (peak {scheduler.base_lrs[0]:g}); "
+                     f"--learning-rate {learning_rate:g} applies to new runs only")
+    # The next step's LR from this run's schedule (its length may differ from the checkpoint's: a raised
+    # --max-steps), not the one the checkpoint's schedule left in the optimizer. Equal when nothing changed.
+    scheduler._last_lr = [base * fn(scheduler.last_epoch)
+                          for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr, strict=True):
+        group["lr"] = lr
+    return position, notes
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written."""
     config = checked(config)
@@ -180,22 +202,9 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     position = Position()
     torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks; rank 0 those of one process
     if state is not None:
-        optimizer.load_state_dict(dist.shard_optimizer_state(state["optimizer"], optimizer))
-        scheduler.load_state_dict(state["scheduler"])
-        position = Position(**state["position"])
-        notes.append(checkpoint.restore_rng(state["rng"], dist.rank, dist.world_size))
-        if position.step >= total_steps:
-            raise ConfigError(f"{resume.path} is at step {position.step} and this run ends at step {total_steps}: "
-                              "nothing to train; raise --max-steps (or --num-train-epochs) to continue it")
-        if scheduler.base_lrs[0] != config.learning_rate:  # the restored schedule wins, as in HF
-            notes.append(f"the learning-rate schedule continues from {resume.path} (peak {scheduler.base_lrs[0]:g});"
-                         f" --learning-rate {config.learning_rate:g} applies to new runs only")
-        # The next step's LR from this run's schedule (its length may differ from the checkpoint's: a raised
-        # --max-steps), not the one the checkpoint's schedule left in the optimizer. Equal when nothing changed.
-        scheduler._last_lr = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs,
-                                                                                   scheduler.lr_lambdas, strict=True)]
-        for group, lr in zip(optimizer.param_groups, scheduler._last_lr, strict=True):
-            group["lr"] = lr
+        position, restored = _restore(state, resume.path, optimizer, scheduler, config.learning_rate, total_steps,
+                                      dist)
+        notes += restored
     if dist.is_main and earlier_checkpoints:
         for path in earlier_checkpoints:
             shutil.rmtree(path)
