@@ -139,6 +139,9 @@ def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: this machine has no CUDA GPU torch can use; merge with --device cpu")
     config = training_config(checkpoint)
+    if base != "quantized" and config.finetune != "qlora":
+        raise ConfigError(f"--base {base} chooses the weights a QLoRA adapter is merged into; {checkpoint} is a "
+                          f"{config.finetune} checkpoint (its base is not quantized): drop --base")
     if model is not None:
         config = dataclasses.replace(config, model=model)
     model = merged_model(checkpoint, config, base, device).to(dtype)

@@ -115,6 +115,8 @@ def test_what_cannot_be_exported_is_refused_clearly(tmp_path: Path, tiny_model_d
     assert f"is a run directory: give one of its checkpoints (the newest is {checkpoint})" in capsys.readouterr().err
     assert main([str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "nope not found: give a checkpoint-N directory" in capsys.readouterr().err
+    assert main([str(checkpoint), str(tmp_path / "x"), "--base", "original"]) == 2
+    assert "a lora checkpoint (its base is not quantized): drop --base" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("mine")
     assert main([str(checkpoint), str(tmp_path / "a-file")]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
