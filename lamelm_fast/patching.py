@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lamelm_fast.ops import fused_linear_cross_entropy
+from lamelm_fast.ops.dispatch import active_autocast_dtype
 from lamelm_fast.ops.rms_norm import patch_rms_norm
 from lamelm_fast.ops.rope import patch_rope
 from lamelm_fast.ops.swiglu import patch_swiglu
@@ -89,13 +90,9 @@ def lm_head_loss(
     Sum over target tokens divided by ``num_items`` when given, else the mean. Under autocast the matmuls run in
     the autocast dtype as ``head(hidden)`` would; otherwise in the head weight's dtype.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = head.weight.dtype
+    dtype = active_autocast_dtype(hidden.device) or head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False):
         return fused_linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]).to(dtype), head.weight.to(dtype), labels.reshape(-1),
             bias=bias, reduction="sum" if num_items is not None else "mean", num_items=num_items, softcap=softcap,

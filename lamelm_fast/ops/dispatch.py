@@ -102,6 +102,12 @@ def use_nf4_matmul(name: str) -> AbstractContextManager[None]:
     return _nf4_matmul.use(name)
 
 
+def active_autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs its lower-precision ops in on this device, None where autocast is off: the fused ops
+    follow it as the eager ops they replace would."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

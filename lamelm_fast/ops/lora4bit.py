@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamelm_fast.ops._patch import mixed_in_class
-from lamelm_fast.ops.dispatch import requested_nf4_matmul, resolve_backend
+from lamelm_fast.ops.dispatch import active_autocast_dtype, requested_nf4_matmul, resolve_backend
 from lamelm_fast.ops.quant4bit import Packed4bit, Unsupported4bit, dequantize_reference
 from lamelm_fast.ops.swiglu import SwiGLUMLP, is_silu, is_swiglu_mlp, swiglu_gradients, swiglu_values
 
@@ -80,11 +80,10 @@ def _base_matmul(a: torch.Tensor, spec: _Spec, *, weight_transposed: bool, out_d
             accumulate = False
         else:
             accumulate = True
-        # a goes in uncast too: the dequant strategy writes the cast into its GEMM operand.
-        a_cast = None if casts is None else casts.to(spec.compute_dtype)
+        # a goes in uncast, its casts on request: the dequant strategy writes the cast into its GEMM operand.
         return nf4_matmul.matmul_4bit_lora(a, spec.weight, strategy=spec.matmul, dtype=spec.compute_dtype,
                                            weight_transposed=weight_transposed, lora=lora, scale=spec.scale,
-                                           bias=bias, out=out, accumulate=accumulate, a_cast=a_cast)
+                                           bias=bias, out=out, accumulate=accumulate, a_casts=casts)
     a = a.to(spec.compute_dtype)
     weight = dequantize_reference(spec.weight, spec.compute_dtype)
     if weight_transposed:
@@ -298,9 +297,9 @@ def _spec(weight: Packed4bit, x: torch.Tensor, lora_weight: torch.Tensor, scale:
           compute_dtype: torch.dtype | None) -> _Spec:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute = lora = torch.get_autocast_dtype(device_type)
+    autocast = active_autocast_dtype(x.device)
+    if autocast is not None:
+        compute = lora = autocast
     else:
         compute, lora = compute_dtype or x.dtype, lora_weight.dtype
     # Both settings are read (and checked) per call and kept in the spec, so the backward runs as the forward did.

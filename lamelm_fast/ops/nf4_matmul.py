@@ -111,10 +111,10 @@ CACHE = StrategyCache()
 
 
 def _launch(name: str, a: torch.Tensor, w: Any, dtype: torch.dtype, args: dict[str, Any],
-            out: torch.Tensor | None, accumulate: bool, a_cast: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None, accumulate: bool, a_casts: Any = None) -> torch.Tensor:
     # The launch functions are looked up at call time, so a module attribute replaced in tests is what runs.
     if name == "fused":
-        return nf4_lora.matmul_4bit_lora(a.to(dtype) if a_cast is None else a_cast, w, **args, out=out,
+        return nf4_lora.matmul_4bit_lora((a if a_casts is None else a_casts).to(dtype), w, **args, out=out,
                                          accumulate=accumulate)
     return nf4_lora.dequant_matmul_4bit_lora(a, w, dtype=dtype, **args, out=out, accumulate=accumulate)
 
@@ -154,11 +154,12 @@ def _can_time(a: torch.Tensor) -> bool:
 def matmul_4bit_lora(a: torch.Tensor, w: Any, *, strategy: str, dtype: torch.dtype | None = None,
                      weight_transposed: bool = True, lora: tuple[torch.Tensor, torch.Tensor] | None = None,
                      scale: float = 1.0, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     accumulate: bool = False, a_cast: torch.Tensor | None = None) -> torch.Tensor:
+                     accumulate: bool = False, a_casts: Any = None) -> torch.Tensor:
     """``out (+)= a @ op(W) + scale * left @ right + bias`` (see :func:`lamelm_fast.kernels.nf4_lora.
     matmul_4bit_lora`) in the compute ``dtype`` (default a's; a is cast to it), with ``strategy`` ``fused``,
-    ``dequant`` or ``auto``. ``a_cast``: a already cast to ``dtype`` where the caller has it (projections sharing an
-    input share its cast); the fused strategy reads it, the dequant one writes its own cast into its GEMM operand."""
+    ``dequant`` or ``auto``. ``a_casts``: the caller's cache of a's casts (``.to(dtype)`` makes one once, so
+    projections sharing an input share it); the fused strategy asks it for its operand, the dequant one writes its
+    own cast into its GEMM operand and asks for none."""
     dtype = a.dtype if dtype is None else dtype
     args = {"weight_transposed": weight_transposed, "lora": lora, "scale": scale, "bias": bias}
     if strategy == "auto":
@@ -171,9 +172,9 @@ def matmul_4bit_lora(a: torch.Tensor, w: Any, *, strategy: str, dtype: torch.dty
                 scratch = None if out is None else torch.zeros_like(out)
                 with torch.cuda.device(a.device):
                     return time_strategies(lambda name: _launch(name, a, w, dtype, args, scratch, accumulate,
-                                                                a_cast))
+                                                                a_casts))
 
             strategy = CACHE.choose(key, measure)
         else:
             strategy = CACHE.get(key) or "fused"
-    return _launch(strategy, a, w, dtype, args, out, accumulate, a_cast)
+    return _launch(strategy, a, w, dtype, args, out, accumulate, a_casts)

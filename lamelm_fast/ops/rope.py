@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lamelm_fast.ops._patch import mixed_in_class
-from lamelm_fast.ops.dispatch import resolve_backend
+from lamelm_fast.ops.dispatch import active_autocast_dtype, resolve_backend
 
 # Transformers attention classes whose forward calls its modeling module's ``apply_rotary_pos_emb(q, k, cos, sin)``
 # with q [B, heads, S, d], k [B, kv_heads, S, d] and cos, sin [B, S, d], that function being HF Llama's (checked
@@ -80,12 +80,8 @@ def _output_dtype(x: torch.Tensor, table: torch.Tensor) -> torch.dtype:
     lower-precision list; our varlen path does the same), and the kernel rounds its fp32 result once, as that cast
     would. QLoRA's fp32 q/k and a bf16 full fine-tune's promoted ones then cost half the bytes written and no cast."""
     promoted = torch.promote_types(x.dtype, table.dtype)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        narrow = torch.get_autocast_dtype(device_type)
-        if narrow.itemsize < promoted.itemsize:
-            return narrow
-    return promoted
+    narrow = active_autocast_dtype(x.device)
+    return narrow if narrow is not None and narrow.itemsize < promoted.itemsize else promoted
 
 
 class _RotaryEmbeddingFunction(torch.autograd.Function):

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamelm_fast.ops.dispatch import active_autocast_dtype
+
 PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -63,9 +65,9 @@ def flash_runs(device: torch.device, dtype: torch.dtype | None) -> bool:
 def attention_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
     """The dtype sdpa computes this call in: autocast's where autocast is on for the device, else the inputs' common
     dtype (None when they differ: sdpa refuses that)."""
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    autocast = active_autocast_dtype(query.device)
+    if autocast is not None:
+        return autocast
     return query.dtype if query.dtype == key.dtype == value.dtype else None
 
 

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import logging
 import sys
 import warnings
 from typing import Any
 
 from lamelm_fast.cli_parser import OneLineParser
-from lamelm_fast.train.config import (
-    ALIASES,
-    ConfigError,
-    TrainConfig,
-    field_choices,
-    field_names,
-    from_mapping,
-    load_yaml,
-)
+from lamelm_fast.train.config import ConfigError, TrainConfig, close_settings, field_choices, from_mapping, load_yaml
 from lamelm_fast.train.distributed import launched_rank
 
 
@@ -54,9 +45,8 @@ def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> 
     flag = next((arg for arg in unknown if arg.startswith("-")), None)
     if flag is None:
         parser.error(f"unexpected argument {unknown[0]!r}: every setting is a --flag")
-    name = flag.lstrip("-").split("=")[0].replace("-", "_")
-    close = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(name, field_names(), n=1, cutoff=0.8)
-    hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+    close = close_settings(flag.lstrip("-").split("=")[0].replace("-", "_"))
+    hint = f" (did you mean {', '.join('--' + name.replace('_', '-') for name in close)}?)" if close else ""
     parser.error(f"unknown flag {flag.split('=')[0]}{hint}")
 
 

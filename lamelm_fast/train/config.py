@@ -8,6 +8,7 @@ for this model"; :func:`resolve` is the one place that decides them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 from dataclasses import dataclass, field
@@ -148,6 +149,16 @@ ALIASES = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size", "
            "lora_rank": "lora_r", "target_modules": "lora_target_modules", "scheduler": "lr_scheduler_type"}
 
 
+def close_settings(name: str) -> list[str]:
+    """The settings an unknown name most likely meant: ours for another tool's name (ALIASES), else a near spelling,
+    else those sharing its first word."""
+    if name in ALIASES:
+        return [ALIASES[name]]
+    known = field_names()
+    return (difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            or sorted(k for k in known if k.split("_")[0] == name.split("_")[0]))
+
+
 def _field_types() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
 
@@ -217,8 +228,8 @@ def from_mapping(values: dict[str, Any], source: str, base: TrainConfig | None =
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in known:
-            close = [ALIASES[key]] if key in ALIASES else [k for k in known if k.split("_")[0] == key.split("_")[0]]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            close = close_settings(key)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{source}: unknown setting '{raw_key}'{hint}")
         try:
             updates[key] = coerce_value(key, value)
