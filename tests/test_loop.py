@@ -36,8 +36,8 @@ def test_packed_batch_gives_each_sequence_its_own_loss(attn: str, embedded_token
     examples = [encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False) for r in embedded_records(4)]
 
     def per_token_losses(batch) -> torch.Tensor:
-        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                             use_cache=False).last_hidden_state
         return F.cross_entropy(model.lm_head(hidden).flatten(0, 1), batch.labels.flatten(), reduction="none")
 
     packed = per_token_losses(collate(examples, packing=True, pad_token_id=0))
@@ -112,10 +112,13 @@ def hf_mean_loss(model, examples, tokenizer) -> float:
     """Mean target-token loss computed by the HF model's own forward (padding, unshifted labels)."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in iterate_batches(examples, 4, packing=False, pad_token_id=tokenizer.pad_token_id):
+        batches = iterate_batches(examples, 4, packing=False, pad_token_id=tokenizer.pad_token_id)
+        for start, batch in zip(range(0, len(examples), 4), batches, strict=True):
             labels = torch.full_like(batch.input_ids, -100)
             labels[:, 1:] = batch.labels[:, :-1]  # HF shifts inside its loss
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+            lengths = torch.tensor([len(e.input_ids) for e in examples[start:start + 4]])
+            padding_mask = (torch.arange(batch.input_ids.shape[1]) < lengths[:, None]).long()
+            out = model(input_ids=batch.input_ids, attention_mask=padding_mask, labels=labels,
                         num_items_in_batch=torch.tensor(1))
             total += out.loss.item()
             count += batch.num_targets
@@ -221,24 +224,26 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_step_adds_no_host_sync(tiny_model_dir: Path, embedded_tokenizer) -> None:
+@pytest.mark.parametrize("packing", [True, False])
+def test_training_step_reads_nothing_on_the_host(packing: bool, tiny_model_dir: Path, embedded_tokenizer) -> None:
+    """No device-to-host read in a training step, transformers' mask code included: packed rows are known packed
+    (no check of the positions), padded rows need no padding mask (no check of the mask)."""
     from transformers import AutoModelForCausalLM
 
+    from lamelm_fast import apply_kernels
     from lamelm_fast.optim import get_lr_scheduler
     from lamelm_fast.train.loop import WindowMetrics, make_optimizer
     from lamelm_fast.train.model import causal_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    apply_kernels(model)
     examples = [encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False) for r in embedded_records(4)]
-    batch = collate(examples, packing=True, pad_token_id=0)
+    batch = collate(examples, packing=packing, pad_token_id=0)
+    assert len({len(e.input_ids) for e in examples}) > 1  # padded rows do have padding
     config = TrainConfig(learning_rate=1e-3, weight_decay=0.1, max_grad_norm=1.0)
     optimizer = make_optimizer(model, config)
     scheduler = get_lr_scheduler("cosine", optimizer, 2, 10)
     window = WindowMetrics(torch.device("cpu"))
-    with SyncCounter() as transformers_only:  # what the HF decoder itself reads (its packed-mask check)
-        model.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
-                    ).last_hidden_state.sum().backward()
-    model.zero_grad()
     with SyncCounter() as step:
         loss, correct = causal_lm_loss(model, batch, batch.num_targets, None)
         loss.backward()
@@ -246,7 +251,10 @@ def test_training_step_adds_no_host_sync(tiny_model_dir: Path, embedded_tokenize
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    assert step.count == transformers_only.count
+    assert step.count == 0
+    with SyncCounter() as unsaid:  # given positions but no padding-free arguments, transformers checks them
+        model.model(input_ids=batch.input_ids, position_ids=torch.arange(batch.input_ids.shape[1])[None])
+    assert unsaid.count == 1
 
 
 def test_lora_target_modules_all_linear_and_a_wrong_name(tiny_model_dir: Path, small_alpaca: Path,

@@ -328,3 +328,32 @@ def test_generation_masks_are_not_deferred(monkeypatch: pytest.MonkeyPatch) -> N
         expected = reference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                                       do_sample=False, cache_implementation=cache)
         assert torch.equal(out, expected) and not deferred, cache
+
+
+def test_packed_rows_are_known_by_the_callers_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers reads on the host whether positions restart; a patched model takes its caller's word instead,
+    with the same masks: packed where the padding-free arguments say so (a row of one sequence included), plain where
+    the model makes the positions itself, transformers' own check where positions come alone."""
+    from transformers import masking_utils
+
+    from lamelm_fast import apply_kernels
+
+    checked = []
+    model = tiny_model("llama").train()
+    reference = copy.deepcopy(model)
+    apply_kernels(model, cross_entropy=False, lora=False, swiglu=False, rms_norm=False, rope=False)
+    original = masking_utils.find_packed_sequence_indices.lamelm_packed_by_word  # transformers' own
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", varlen_attention._packed_by_word(
+        lambda position_ids: checked.append(position_ids) or original(position_ids)))
+    for lengths in ([5, 8, 3], [9]):
+        batch = packed_batch(lengths, seed=len(lengths))
+        expected, expected_grads = loss_and_grads(reference, batch, padding_free=False)
+        checked.clear()
+        loss, grads = loss_and_grads(model, batch, padding_free=True)
+        assert not checked and rel_err(loss, expected) < 1e-6
+        assert all(rel_err(grads[name], grad) < 1e-5 for name, grad in expected_grads.items())
+    plain = dataclasses.replace(batch, position_ids=None)
+    loss, _ = loss_and_grads(model, plain, padding_free=False)
+    assert not checked and torch.equal(loss, expected)  # one sequence: the positions the model makes are the same
+    loss, _ = loss_and_grads(model, batch, padding_free=False)
+    assert len(checked) == 1 and torch.equal(loss, expected)

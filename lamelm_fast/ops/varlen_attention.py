@@ -17,14 +17,15 @@ sequence). Every other call is transformers' sdpa, unchanged.
 (256 MB at 16k tokens, 1 GB at 32k) and only the sdpa fallback reads it, so it is built the first time a layer falls
 back, once per forward, and never when every layer runs varlen.
 
-The dtype is the one sdpa would compute in: under autocast, autocast's (sdpa is on its lower-precision list). That
-matters because the query and key often arrive in fp32 under bf16 autocast: RoPE multiplies them by cos/sin tables in
-the hidden states' dtype, which is fp32 for fp32 weights (a full fine-tune's masters) and for QLoRA (whose embedding
-output is fp32), while the value, straight from its projection, is bf16.
+:func:`mark_padding_free_forwards` spares transformers a host read per forward: to tell a packed row from a plain
+one, it reads on the host whether the positions ever restart (a device sync on GPU). The caller's arguments already
+say: a forward given the padding-free arguments is packed, and one given no positions has the plain positions the
+model makes itself. Only a forward given positions and no padding-free arguments is checked as before.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import weakref
@@ -140,6 +141,51 @@ def _deferred(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
     return mask
 
 
+# Whether the rows of the decoder forward running now are packed, by its caller's arguments (None: they do not say).
+_PACKED_ROWS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lamelm_packed_rows", default=None)
+
+
+def _packed_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None:
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return True
+    if len(args) <= 1 and kwargs.get("position_ids") is None:  # input_ids alone may be positional
+        return False
+    return None
+
+
+def mark_padding_free_forwards(decoder: nn.Module) -> None:
+    """Let the decoder's forwards say whether their rows are packed (see the module docstring); idempotent."""
+    if getattr(decoder, "lamelm_marks_padding_free", False):
+        return
+    tokens: list[contextvars.Token[bool | None]] = []
+
+    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        tokens.append(_PACKED_ROWS.set(_packed_rows(args, kwargs)))
+
+    def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        _PACKED_ROWS.reset(tokens.pop())
+
+    decoder.register_forward_pre_hook(before, with_kwargs=True)
+    decoder.register_forward_hook(after, with_kwargs=True, always_call=True)
+    decoder.lamelm_marks_padding_free = True
+
+
+def _packed_by_word(find: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
+    def find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
+        packed = _PACKED_ROWS.get()
+        if packed is None:
+            return find(position_ids)
+        if not packed:
+            return None
+        # transformers' sequence index (a new sequence wherever the position does not follow the last one), without
+        # its host check for "one sequence per row": a row that is one sequence gets the plain causal mask from it.
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+    find_packed_sequence_indices.lamelm_packed_by_word = find  # type: ignore[attr-defined]
+    return find_packed_sequence_indices
+
+
 def _varlen_or_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -166,9 +212,10 @@ def _varlen_or_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def patch_varlen_attention() -> bool:
-    """Wrap transformers' ``"sdpa"`` attention and mask functions (see the module docstring); idempotent. Returns
-    whether torch has varlen flash attention at all (the wrappers are installed either way: they are sdpa's where
-    varlen cannot run)."""
+    """Wrap transformers' ``"sdpa"`` attention and mask functions and its packed-row check (see the module
+    docstring); idempotent. Returns whether torch has varlen flash attention at all (the wrappers are installed
+    either way: they are sdpa's where varlen cannot run)."""
+    from transformers import masking_utils
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -178,4 +225,6 @@ def patch_varlen_attention() -> bool:
     current_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
     if not hasattr(current_mask, "lamelm_deferred"):
         ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] = _deferred(current_mask)
+    if not hasattr(masking_utils.find_packed_sequence_indices, "lamelm_packed_by_word"):
+        masking_utils.find_packed_sequence_indices = _packed_by_word(masking_utils.find_packed_sequence_indices)
     return _flash_kernel() is not None

@@ -432,7 +432,10 @@ def prepare_datasets(source: str | None, split: str, fmt: str, tokenizer: Any, m
 class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor  # already shifted: labels[t] is the token predicted at position t
-    attention_mask: torch.Tensor | None  # None when packed
+    # Packed: each sequence's positions, restarting at 0. Padded rows need neither positions nor a padding mask:
+    # the padding is on the right, and under the causal mask no real token attends to a later one, so every real
+    # token's output is what it would be alone. Without a mask sdpa runs is_causal (flash) and transformers reads
+    # nothing on the host to decide whether a mask is needed.
     position_ids: torch.Tensor | None
     num_tokens: int  # real (non-padding) tokens, counted on the host: no device sync
     num_targets: int
@@ -446,7 +449,7 @@ class Batch:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device, non_blocking=True)
 
-        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids),
                      self.num_tokens, self.num_targets, self.num_sequences, move(self.cu_seq_lens), self.max_length)
 
     def attention_kwargs(self) -> dict[str, Any]:
@@ -479,8 +482,7 @@ def collate(examples: list[Example], packing: bool, pad_token_id: int) -> Batch:
     if not examples:
         # A rank whose share of a short last batch is empty still runs a forward and backward (DDP and FSDP need
         # every rank there): one padding token, no target, counted as nothing.
-        return Batch(torch.full((1, 1), pad_token_id), torch.full((1, 1), IGNORE_INDEX), None,
-                     torch.zeros((1, 1), dtype=torch.long), 0, 0, 0)
+        return Batch(torch.full((1, 1), pad_token_id), torch.full((1, 1), IGNORE_INDEX), None, 0, 0, 0)
     lengths = [len(e.input_ids) for e in examples]
     labels = [shifted_labels(e) for e in examples]
     num_targets = sum(e.num_targets for e in examples)
@@ -490,18 +492,16 @@ def collate(examples: list[Example], packing: bool, pad_token_id: int) -> Batch:
         flat_labels = torch.cat(labels)[None]
         positions = torch.cat([torch.arange(n) for n in lengths])[None] if lengths else torch.zeros(1, 0)
         cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        return Batch(input_ids, flat_labels, None, positions.long(), sum(lengths), num_targets, len(examples),
+        return Batch(input_ids, flat_labels, positions.long(), sum(lengths), num_targets, len(examples),
                      cu_seq_lens, max(lengths))
     width = max(lengths, default=0)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     label_ids = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
     for row, (example, row_labels) in enumerate(zip(examples, labels, strict=True)):
         n = len(example.input_ids)
         input_ids[row, :n] = token_ids(example)
         label_ids[row, :n] = row_labels
-        attention[row, :n] = 1
-    return Batch(input_ids, label_ids, attention, None, sum(lengths), num_targets, len(examples))
+    return Batch(input_ids, label_ids, None, sum(lengths), num_targets, len(examples))
 
 
 class DataOrder:

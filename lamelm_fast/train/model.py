@@ -288,8 +288,7 @@ def causal_lm_loss(model: nn.Module, batch: Batch, num_items: int | None, autoca
     head = lm_head(model)
     with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
-        hidden = causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                         position_ids=batch.position_ids, use_cache=False,
+        hidden = causal_lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                                          **batch.attention_kwargs()).last_hidden_state
         loss, accuracy = patching.lm_head_loss(
             head, hidden, batch.labels, num_items=num_items if num_items is not None else 1,
