@@ -102,9 +102,11 @@ def merged_model(checkpoint: Path, config: TrainConfig, base: str, device: torch
                           "full (its checkpoints are whole models)")
     from peft import PeftModel
 
+    from lamelm_fast.train.hub import cache_only_if_offline
     from lamelm_fast.train.model import keep_bnb_storage_layout, pretrained_source, quantized_load_kwargs
 
     source = pretrained_source(config)
+    cache_only_if_offline(source)
     quantized = config.finetune == "qlora" and base == "quantized"
     try:
         if quantized:

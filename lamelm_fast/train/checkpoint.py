@@ -109,7 +109,10 @@ def _write(final: Path, model: nn.Module, tokenizer: Any, training_state: dict[s
     try:
         temporary.mkdir()
         # PEFT: adapter only; full: a safetensors model. model_state: the whole tensors gathered from FSDP shards.
-        model.save_pretrained(temporary, safe_serialization=True, state_dict=model_state)
+        # The vocabulary is never resized here, so PEFT need not save the embeddings, nor ask the hub at each save
+        # whether the base's vocabulary differs (a request per save; retried for ~30 s with the hub out of reach).
+        peft_only = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(temporary, safe_serialization=True, state_dict=model_state, **peft_only)
         tokenizer.save_pretrained(temporary)
         torch.save(training_state, temporary / STATE_FILE)
         _write_manifest(temporary)

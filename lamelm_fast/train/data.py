@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lamelm_fast.train.config import ConfigError, first_line
+from lamelm_fast.train.hub import cache_only_if_offline, load_error
 
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -164,6 +165,7 @@ def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
     datasets.disable_progress_bars()  # the banner reports what was loaded; its bars would only clutter the console
     try:
         if kind == "hub":
+            cache_only_if_offline(path)
             table = datasets.load_dataset(path, split=split)
         elif kind == "disk":  # written by save_to_disk: one Dataset, or a DatasetDict of splits
             table = datasets.load_from_disk(path)
@@ -183,8 +185,8 @@ def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
         raise
     except Exception as error:  # datasets raises many types; all mean "could not read it"
         if kind == "hub":
-            raise ConfigError(f"could not load dataset '{path}' (split '{split}') from the Hugging Face hub: "
-                              f"{first_line(error)}; for a local file give its path") from None
+            raise load_error("dataset", path, error, f"check the hub id and split ('{split}'); for a local file "
+                             "give its path", dataset=True) from None
         raise ConfigError(f"{path}: could not read as {kind}: {first_line(error)}") from None
     if kind == "csv":  # a CSV has no types: a number is text, an empty cell empty text; rows counted from 1
         return [Record({key: "" if value is None else str(value) for key, value in row.items()},

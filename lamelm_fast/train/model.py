@@ -23,6 +23,9 @@ from lamelm_fast.ops.varlen_attention import flash_device
 from lamelm_fast.train.activation_checkpointing import enable_activation_checkpointing
 from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
+from lamelm_fast.train.hub import cache_only_if_offline, load_error
+
+CHECK_SOURCE = "give a local model directory or check the hub id and the network"
 
 
 def embedded_asset(name: str) -> str:
@@ -53,10 +56,10 @@ def load_tokenizer(config: TrainConfig) -> Any:
 
     source = embedded_asset("tokenizer") if config.model is None else pretrained_source(config)
     try:
+        cache_only_if_offline(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"could not load a tokenizer for '{source}': {first_line(error)}; give a local "
-                          "model directory or check the hub id and the network") from None
+        raise load_error("a tokenizer for", source, error, CHECK_SOURCE) from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of '{source}' has no eos token: set eos_token in tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -69,10 +72,10 @@ def load_model_config(config: TrainConfig) -> Any:
 
     source = embedded_asset("model") if config.model is None else pretrained_source(config)
     try:
+        cache_only_if_offline(source)
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"could not load model '{source}': {first_line(error)}; give a local model "
-                          "directory or check the hub id and the network") from None
+        raise load_error("model", source, error, CHECK_SOURCE) from None
 
 
 def model_context(model_config: Any) -> int | None:
@@ -167,10 +170,13 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         notes.append("embedded default: a tiny Llama with random weights, so it is trained in full "
                      "(from scratch) unless --finetune says otherwise")
     else:
+        source = pretrained_source(config)
+        if offline := cache_only_if_offline(source):
+            notes.append(f"{source} loaded from the local Hugging Face cache: {offline}")
         try:
-            model = AutoModelForCausalLM.from_pretrained(pretrained_source(config), **load_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"could not load model '{config.model}': {first_line(error)}") from None
+            raise load_error("model", source, error, CHECK_SOURCE) from None
     if "device_map" not in load_kwargs:
         model.to(device)
     keep_bnb_storage_layout(model)
