@@ -100,18 +100,29 @@ def test_patched_tiny_llama_equals_peft(quantized_dir: Path, backend: str, dropo
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_an_mlp_without_adapters_runs_fused_too(quantized_dir: Path, backend: str) -> None:
-    """--lora-target-modules q_proj,v_proj: the MLP's projections are bare bitsandbytes layers. The MLP still runs as
-    one op (on a GPU: g and u in bf16, not the fp32 bitsandbytes hands back), and the loss and the adapters'
-    gradients, which flow back through it, equal PEFT's."""
+def test_projections_without_adapters_run_fused_too(quantized_dir: Path, backend: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--lora-target-modules q_proj,v_proj (PEFT's default for Llama): k_proj and the MLP's projections are bare
+    bitsandbytes layers. The MLP still runs as one op (on a GPU: g and u in bf16, not the fp32 bitsandbytes hands
+    back), k_proj runs in the q/k/v op over the shared input, and the loss and the adapters' gradients, which flow
+    back through both, equal PEFT's."""
+    from lamelm_fast.ops import lora4bit
+
     ref_model = qlora_model(quantized_dir, dropout=0.1, checkpointing=False, targets=["q_proj", "v_proj"])
     model = copy.deepcopy(ref_model)
     assert patch_peft_lora4bit(model) == 2 * 2
-    assert type(model.base_model.model.model.layers[0].mlp).__name__ == "FusedLlamaMLP"
+    layer = model.base_model.model.model.layers[0]
+    assert type(layer.mlp).__name__ == "FusedLlamaMLP" and type(layer.self_attn.k_proj).__name__ == "GroupedLinear4bit"
+    assert type(layer.self_attn.o_proj).__name__ == "Linear4bit"  # alone: bitsandbytes' own, as before
+    groups = []
+    apply = lora4bit._SharedInputLoRA4bit.apply
+    monkeypatch.setattr(lora4bit._SharedInputLoRA4bit, "apply",
+                        lambda x, specs, *params: groups.append([s.adapted for s in specs]) or apply(x, specs, *params))
     ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(6))
     with use_backend(backend):
         loss, grads, nodes = loss_and_grads(model, ids)
     ref_loss, ref_grads, _ = loss_and_grads(ref_model, ids)
+    assert groups == [[True, False, True]] * 2  # one q/k/v op per layer, k bare inside it
     assert "_LoRA4bitSwiGLUBackward" in nodes
     assert rel_err(loss, ref_loss) < 1e-5
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * 2

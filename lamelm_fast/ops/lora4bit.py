@@ -482,7 +482,7 @@ class _QKVGroup:
             if not self.pending:
                 self.pending_input = None
             return out
-        fused = [_layer_spec(member, x) for member in self.members]
+        fused = [_projection_spec(member, x) for member in self.members]
         self.pending, self.pending_input = {}, None
         if any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
             return None
@@ -506,6 +506,18 @@ def _bare_spec(base: nn.Module, x: torch.Tensor) -> tuple[_Spec, tuple[None, Non
 
 def _projection_spec(module: nn.Module, x: torch.Tensor) -> tuple[_Spec, tuple[Any, ...]] | None:
     return _layer_spec(module, x) if isinstance(module, _FusedPeftLoRA4bit) else _bare_spec(module, x)
+
+
+class _GroupedBare4bit:
+    """Mixed in front of a bare bitsandbytes ``Linear4bit`` among q/k/v projections whose others have adapters
+    (``--lora-target-modules q_proj,v_proj``, PEFT's default for Llama): it takes its output from the group's one op
+    over the shared input, or runs bitsandbytes' forward."""
+
+    _lamelm_qkv: _QKVGroup | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._lamelm_qkv.forward(self, x) if self._lamelm_qkv is not None else None
+        return super().forward(x) if out is None else out
 
 
 class _FusedSwiGLUMLP(SwiGLUMLP):
@@ -545,7 +557,7 @@ def patch_peft_lora4bit(model: nn.Module) -> int:
     adapters, a layout or dtype we do not read) are left alone and logged with the reason. Llama-style MLPs
     (Llama, Mistral, Qwen2/3) whose three projections are 4-bit (patched, or bare where the targets left them out)
     run as one fused SwiGLU op, and the q/k/v projections of one attention module as one op over their shared
-    input. A model without PEFT LoRA layers is left as it is.
+    input (bare 4-bit ones among them too). A model without PEFT LoRA layers is left as it is.
 
     Idempotent. Returns the number of layers that now run fused (including ones patched before).
     """
@@ -576,8 +588,14 @@ def patch_peft_lora4bit(model: nn.Module) -> int:
                 projection.support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
             module.__class__ = mixed_in_class(_FusedSwiGLUMLP, type(module), "Fused")
         qkv = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        if all(isinstance(p, _FusedPeftLoRA4bit) for p in qkv) and qkv[0]._lamelm_qkv is None:
+        bare = [p for p in qkv if type(p) is bnb.nn.Linear4bit]
+        if (any(isinstance(p, _FusedPeftLoRA4bit) for p in qkv) and getattr(qkv[0], "_lamelm_qkv", None) is None
+                and all(isinstance(p, _FusedPeftLoRA4bit) or p in bare for p in qkv)
+                and all(_static_problem_4bit(p) is None for p in bare)):
             group = _QKVGroup(qkv)
+            for projection in bare:
+                projection.support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
+                projection.__class__ = mixed_in_class(_GroupedBare4bit, type(projection), "Grouped")
             for projection in qkv:
                 projection._lamelm_qkv = group
     if skipped:
