@@ -373,18 +373,20 @@ def mean_vs_final(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str,
     if not train:
         return {"text": "No train losses were logged."}
     losses = [p.loss for p in train]
-    # Prefer the run's own mean: HF's train_loss averages every step, not only the logged ones.
+    # Prefer the run's own mean: HF's train_loss averages every step, not only the logged ones; and ours covers the
+    # whole of a resumed run, whose earlier segments' rows may be in another directory (so does its first loss).
     mean = _number(summary.get("mean_train_loss"))
     mean = mean if mean is not None else float(np.mean(losses))
-    first, final = losses[0], losses[-1]
+    first = _number(summary.get("first_loss"))
+    first, final = first if first is not None else losses[0], losses[-1]
     result = {"first_loss": first, "final_loss": final, "mean_train_loss": mean, "difference": mean - final}
     if final < mean:
         result["text"] = (f"The mean train loss ({mean:.4f}) is {mean - final:.4f} above the final loss ({final:.4f}) "
-                          f"because it averages in the early high-loss steps (first logged loss {first:.4f}). For a "
+                          f"because it averages in the early high-loss steps (first loss {first:.4f}). For a "
                           "falling curve the final loss is the better measure of where the model ended.")
     else:
         result["text"] = (f"The final loss ({final:.4f}) is not below the mean ({mean:.4f}): the loss did not fall "
-                          f"over the run overall (first logged loss {first:.4f}), so neither number shows learning.")
+                          f"over the run overall (first loss {first:.4f}), so neither number shows learning.")
     return result
 
 
@@ -501,6 +503,34 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min {secs} s" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
+def segments(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run (trained in segments, one per process): what its summary and this directory's logs cover."""
+    count, first = _number(summary.get("segments")), _number(summary.get("segment_first_step"))
+    if count is None or count <= 1 or first is None:
+        return {"segments": None if count is None else int(count), "logs_from_step": None, "text": ""}
+    steps = int(summary.get("steps") or (train[-1].step if train else 0))
+    counted = _number(summary.get("tokens")) is not None
+    text = f"The run was trained in {int(count)} segments (resumed last at step {int(first) - 1}); " + (
+        f"its summary covers steps 1-{steps}, the runtime adding up each segment's own time." if counted else
+        "the checkpoint it resumed from predates run totals, so its summary counts tokens, samples and time from "
+        f"step {int(first)} on and takes earlier losses, evaluations and warnings from the logs kept here.")
+    logs_from = train[0].step if train else None
+    if logs_from is not None and logs_from >= first:  # the earlier segments' rows are not in this directory
+        text += (f" This directory's logs start at step {logs_from}: the earlier segments were logged in the run "
+                 "directory the checkpoint was copied from, so the sections below that read the logs (milestones, "
+                 f"phases, end of the run, overfitting, checkpoint, warnings) cover steps {logs_from}-{steps} only.")
+        if counted:
+            whole = [f"{name} {summary[key]:.4f}" for name, key in (("first loss", "first_loss"),
+                                                                    ("mean train loss", "mean_train_loss"),
+                                                                    ("best val loss", "best_val_loss"))
+                     if _number(summary.get(key)) is not None]
+            if _number(summary.get("best_val_loss")) is not None:
+                whole[-1] += f" at step {summary.get('best_val_step')}"
+            whole.append(f"{summary.get('warnings')} warning(s)")
+            text += f" The whole run, from its summary: {', '.join(whole)}."
+    return {"segments": int(count), "logs_from_step": logs_from, "text": text}
+
+
 def throughput(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, Any]:
     def mean_of(values: list[float | None]) -> float | None:
         present = [v for v in values if v is not None]
@@ -513,9 +543,11 @@ def throughput(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, An
               "samples_per_second": _number(summary.get("samples_per_second")),
               "mfu": mfu if mfu is not None else mean_of([p.mfu for p in train]),
               "peak_memory_gb": _number(summary.get("peak_memory_gb"))}
+    resumed = (_number(summary.get("segments")) or 1) > 1
     lines = []
     if result["tokens_per_second"] is not None:
-        lines.append(f"{result['tokens_per_second']:,.0f} tokens/s over the whole run (evaluation included)")
+        lines.append(f"{result['tokens_per_second']:,.0f} tokens/s over the whole run (evaluation included"
+                     + ("; the segments' own time summed, not the time between them)" if resumed else ")"))
     if result["logged_tokens_per_second"] is not None:
         lines.append(f"{result['logged_tokens_per_second']:,.0f} tokens/s on average over the logged training "
                      "windows")
@@ -527,6 +559,11 @@ def throughput(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, An
         lines.append(f"MFU {result['mfu']:.1%}")
     if result["peak_memory_gb"] is not None:
         lines.append(f"peak memory {result['peak_memory_gb']:.2f} GB")
+    segment_rate = _number(summary.get("segment_tokens_per_second"))
+    if resumed and segment_rate is not None:
+        # MFU, peak memory and the segment's own rate were measured by the last process, maybe on another device.
+        lines.append(f"the last segment alone (steps {summary['segment_first_step']}-{summary.get('steps')}, whose "
+                     f"device the MFU and peak memory describe): {segment_rate:,.0f} tokens/s")
     result["text"] = ("; ".join(lines) + ".") if lines else "No throughput or runtime numbers were recorded."
     return result
 
@@ -578,6 +615,7 @@ def analyse(run: RunData) -> dict[str, Any]:
         "eval_points": len(run.evals),
         "first_step": run.train[0].step if run.train else None,
         "last_step": run.train[-1].step if run.train else None,
+        "segments": segments(run.train, run.summary),
         "checkpoints": sorted(run.checkpoints),
         "milestones": milestones(run.train),
         "phases": find_phases(steps, losses),
@@ -605,6 +643,7 @@ def to_markdown(analysis: dict[str, Any]) -> str:
              f"{analysis['kind']} run: {analysis['train_points']} logged train points"
              + (f" (steps {analysis['first_step']}-{analysis['last_step']})" if analysis["train_points"] else "")
              + f", {analysis['eval_points']} evaluations, checkpoints at steps: {checkpoints}.", "",
+             *([analysis["segments"]["text"], ""] if analysis["segments"]["text"] else []),
              "## Milestones", ""]
     if analysis["milestones"]:
         lines += ["| point | step | epoch | loss | token accuracy | learning rate |", "|---|---:|---:|---:|---:|---:|"]

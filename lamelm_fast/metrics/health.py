@@ -5,6 +5,7 @@ Pure Python over the rows the trainer already logs (no torch, no I/O), so it cos
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import statistics
@@ -21,6 +22,8 @@ _GRAD_NORM_HISTORY = 5
 _NOISE_HISTORY = 20
 # Below this fraction of the largest LR seen, a decayed schedule is in its tail and a flat loss is expected.
 _SCHEDULE_TAIL_FRACTION = 0.1
+# The monitor's settings, not its state: a resumed run keeps its own.
+_SETTINGS = frozenset({"thresholds", "has_eval", "early_stopping_patience"})
 
 
 @dataclass
@@ -94,6 +97,16 @@ class HealthMonitor:
         self._previous_val_loss: float | None = None
         self._overfit_streak = 0
         self._evals_without_improvement = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the checks have seen, for a checkpoint: a resumed run warns (once) and stops early as the
+        uninterrupted run would."""
+        return copy.deepcopy({key: value for key, value in vars(self).items() if key not in _SETTINGS})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in vars(self).keys() - _SETTINGS:
+            if key in state:  # one the checkpoint lacks (saved by an older version) keeps its fresh value
+                setattr(self, key, copy.deepcopy(state[key]))
 
     def _report(self, check: str, step: int, message: str | None, fatal: bool = False) -> list[HealthWarning]:
         """`message` is None when the check's condition does not hold now; warn only when it starts holding."""

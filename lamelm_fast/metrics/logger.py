@@ -55,6 +55,19 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _segments_line(summary: dict[str, Any]) -> list[str]:
+    """For a resumed run, which figures cover the whole run and which only this process."""
+    if (summary.get("segments") or 1) <= 1:
+        return []
+    steps, first = summary["steps"], summary["segment_first_step"]
+    whole = (f"the figures cover steps 1-{steps}, the runtime adding up each segment's own time"
+             if summary.get("tokens") is not None else  # resumed from a checkpoint that did not count them
+             f"tokens, samples and time before step {first} were not counted, earlier losses, evaluations and "
+             "warnings are those metrics.jsonl kept")
+    return [f"  (resumed at step {first - 1}, {summary['segments']} segments: {whole}; the segment figures, mfu and "
+            f"peak memory are this process's, steps {first}-{steps})"]
+
+
 def training_metrics(history: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Aligned arrays over every logged step; null where a step has no train or no eval value."""
     by_step: dict[int, dict[str, Any]] = {}
@@ -221,7 +234,7 @@ class RunLogger:
             return
         lines = [f"  {key.replace('_', ' ')}: {value:.4g}" if isinstance(value, float) else
                  f"  {key.replace('_', ' ')}: {value}" for key, value in summary.items()]
-        self._print("\n".join(["Run summary", *lines]))
+        self._print("\n".join(["Run summary", *lines, *_segments_line(summary)]))
 
     def close(self) -> None:
         if self._bar is not None:

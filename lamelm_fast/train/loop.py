@@ -213,17 +213,20 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     logger = RunLogger(run_dir, total_steps, quiet=config.quiet, log_format=config.log_format,
                        resume_step=position.step if resume else None, report_to=config.report_to,
                        config=dataclasses.asdict(config)) if dist.is_main else SilentLogger()
-    logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, dist.world_size,
-                       [note for note in [*notes, wrap_note] if note], resume))
     mean_length = stats.train_tokens / max(stats.train_examples, 1)
     report = TrainingReport(logger, loaded.model, model_config, device, mean_length, bool(eval_set),
                             config.peak_tflops, config.early_stopping_patience, config.max_consecutive_skipped_steps,
                             dist.sum)
+    best_checkpoint, stopped_early = None, False
+    if state is not None:  # the summary and the health checks continue the whole run, not only this segment
+        notes.append(report.resume(state.get("report"), position.step))
+        best_checkpoint = _kept_best_checkpoint(report, run_dir, config)
+    logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, dist.world_size,
+                       [note for note in [*notes, wrap_note] if note], resume))
     result = TrainResult(run_dir, position.step, checkpoint=resume.path if resume else None)
     window = WindowMetrics(device, dist.sum)
     skips = SkipStreak(optimizer.skipped_steps)
     windows = training_windows(order, config.gradient_accumulation_steps, position)
-    best_checkpoint, stopped_early = None, False
     epoch_progress = order.progress(position.epoch, position.example)
 
     def save(step: int, new_best: bool = False) -> Path:
@@ -232,7 +235,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
             return result.checkpoint
         state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                  "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
-                 "data_fingerprint": data_fingerprint}
+                 "data_fingerprint": data_fingerprint, "report": report.state_dict()}
         result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
                                                        config.save_total_limit,
                                                        keep=None if new_best else best_checkpoint)
@@ -286,8 +289,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                 skips.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                report.end_step(window, sum(b.num_tokens for b in micro_batches),
-                                sum(b.num_sequences for b in micro_batches), step)
+                report.end_step(window, micro_batches, step)
                 position = _next_position(step, epoch, next_example, order)
                 epoch_progress = order.progress(epoch, next_example)
                 result.global_step = step
@@ -321,6 +323,14 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     finally:
         report.close()
     return result
+
+
+def _kept_best_checkpoint(report: TrainingReport, run_dir: Path, config: TrainConfig) -> Path | None:
+    """A resumed run's best checkpoint so far (early stopping saves one at each new best evaluation), so that
+    pruning spares it and the summary names it; None when it is not in this run directory."""
+    best = report.health.best_eval
+    path = run_dir / f"checkpoint-{best['step']}" if best is not None and config.early_stopping_patience else None
+    return path if path is not None and path.is_dir() else None
 
 
 def _next_position(step: int, epoch: int, next_example: int, order: DataOrder) -> Position:

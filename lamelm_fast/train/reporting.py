@@ -3,11 +3,13 @@ checks and early stopping, all handed to the RunLogger. The loop calls this; it 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,56 @@ def peak_memory_gb(device: torch.device) -> float:
     return kilobytes / (1e9 if sys.platform == "darwin" else 1e6)  # macOS reports bytes, Linux kilobytes
 
 
+def _plus(total: int | float | None, value: int | float) -> int | float | None:
+    return None if total is None else total + value  # None: not counted by the checkpoint this run resumed from
+
+
+@dataclass
+class RunTotals:
+    """What the summary adds up over the whole run. Each checkpoint saves the totals up to its step, so that the
+    summary of a resumed run covers every segment (a segment: the steps one process trained), not only its own."""
+
+    segments: int = 0
+    tokens: int | None = 0  # None: a checkpoint of an older version did not count it
+    target_tokens: int | None = 0
+    samples: int | None = 0
+    runtime_seconds: float | None = 0.0  # each segment's own time up to its last checkpoint, summed
+    train_rows: int = 0
+    loss_sum: float = 0.0
+    first_loss: float | None = None
+    final_loss: float | None = None
+    best_val_loss: float | None = None
+    best_val_step: int | None = None
+    final_val_perplexity: float | None = None
+    warnings: int = 0
+
+    def add_rows(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Fold in logged rows, oldest first."""
+        for row in rows:
+            if row["type"] == "train":
+                self.train_rows += 1
+                self.loss_sum += row["loss"]
+                self.first_loss = row["loss"] if self.first_loss is None else self.first_loss
+                self.final_loss = row["loss"]
+            elif row["type"] == "eval":
+                if self.best_val_loss is None or row["val_loss"] < self.best_val_loss:
+                    self.best_val_loss, self.best_val_step = row["val_loss"], row["step"]
+                self.final_val_perplexity = row["val_perplexity"]
+            elif row["type"] == "warning":
+                self.warnings += 1
+
+    def add_segment(self, tokens: int, target_tokens: int, samples: int, runtime_seconds: float) -> None:
+        self.segments += 1
+        self.tokens = _plus(self.tokens, tokens)
+        self.target_tokens = _plus(self.target_tokens, target_tokens)
+        self.samples = _plus(self.samples, samples)
+        self.runtime_seconds = _plus(self.runtime_seconds, runtime_seconds)
+
+
+def _rate(count: float | None, seconds: float | None) -> float | None:
+    return None if count is None or seconds is None else count / max(seconds, 1e-9)
+
+
 class TrainingReport:
     def __init__(self, logger: RunLogger | SilentLogger, model: nn.Module, model_config: Any, device: torch.device,
                  mean_sequence_length: float, has_eval: bool, peak_tflops: float | None,
@@ -122,12 +174,33 @@ class TrainingReport:
         self.flops_per_token = flops_per_token(model_config, trainable, frozen, embedding, mean_sequence_length)
         self.health = HealthMonitor(has_eval=has_eval, early_stopping_patience=early_stopping_patience)
         self.run_started = time.perf_counter()
-        self.run_tokens = self.run_samples = 0
+        # This process's segment of the run: its first step, what it trained (this rank's share), and the totals of
+        # the segments before it (from the checkpoint it resumed from).
+        self.first_step = 1
+        self.tokens = self.target_tokens = self.samples = 0
+        self.earlier = RunTotals()
 
-    def end_step(self, window: WindowMetrics, tokens: int, samples: int, step: int) -> None:
+    def resume(self, saved: dict[str, Any] | None, step: int) -> str | None:
+        """Continue the whole run's totals and health checks from a checkpoint at ``step`` (its ``report`` entry);
+        a note for the banner when the checkpoint has none."""
+        self.first_step = step + 1
+        if saved is not None:
+            self.earlier = RunTotals(**saved["totals"])
+            self.health.load_state_dict(saved["health"])
+            return None
+        # An older checkpoint: the rows of earlier segments that metrics.jsonl kept (in place) stand in for totals.
+        earlier_rows = [row for row in self.logger.history if row["step"] <= step]
+        self.earlier = RunTotals(segments=1, tokens=None, target_tokens=None, samples=None, runtime_seconds=None)
+        self.earlier.add_rows(earlier_rows)
+        return (f"the checkpoint holds no run totals (saved by an older version): the summary's token counts and "
+                f"runtime count from step {step + 1} on, its losses, evaluations and warnings before step {step + 1} "
+                f"come from the {len(earlier_rows)} rows metrics.jsonl kept, and the health checks start afresh")
+
+    def end_step(self, window: WindowMetrics, batches: list[Batch], step: int) -> None:
         window.steps += 1
-        self.run_tokens += tokens
-        self.run_samples += samples
+        self.tokens += sum(batch.num_tokens for batch in batches)
+        self.target_tokens += sum(batch.num_targets for batch in batches)
+        self.samples += sum(batch.num_sequences for batch in batches)
         self.logger.progress(step)
 
     def _warn(self, warnings: list[HealthWarning]) -> HealthWarning | None:
@@ -169,31 +242,53 @@ class TrainingReport:
         self._warn(self.health.on_eval_row(row))
         return self.health.best_eval is not previous_best and self.health.best_eval is not None
 
+    def _segment(self) -> tuple[int, int, int, float]:
+        """This segment's tokens, target tokens and samples over all ranks, and its runtime so far."""
+        counts = torch.tensor([self.tokens, self.target_tokens, self.samples], dtype=torch.float64, device=self.device)
+        tokens, target_tokens, samples = (int(value) for value in self.reduce(counts).tolist())
+        return tokens, target_tokens, samples, time.perf_counter() - self.run_started
+
+    def _totals(self, segment: tuple[int, int, int, float]) -> RunTotals:
+        """The earlier segments' totals plus this one's rows (a resumed run's history may hold earlier rows too)."""
+        totals = dataclasses.replace(self.earlier)
+        totals.add_rows(row for row in self.logger.history if row["step"] >= self.first_step)
+        totals.add_segment(*segment)
+        return totals
+
+    def state_dict(self) -> dict[str, Any]:
+        """For a checkpoint: the run's totals so far and the health checks' state (every rank calls it: a reduce)."""
+        return {"totals": dataclasses.asdict(self._totals(self._segment())), "health": self.health.state_dict()}
+
     def summary(self, global_step: int, checkpoint: Path | None, best_checkpoint: Path | None,
                 stopped_early: bool) -> dict[str, Any]:
-        history = self.logger.history
-        losses = [row["loss"] for row in history if row["type"] == "train"]
-        evals = [row for row in history if row["type"] == "eval"]
-        best = min(evals, key=lambda row: row["val_loss"], default=None)
-        runtime = time.perf_counter() - self.run_started
-        run_tokens, run_samples = self.reduce(torch.tensor([self.run_tokens, self.run_samples], dtype=torch.float64,
-                                                           device=self.device)).tolist()
-        tokens_per_second = run_tokens / max(runtime, 1e-9)
+        """The whole run (every segment); the segment_* figures, MFU and peak memory are this process's own."""
+        segment = self._segment()
+        tokens, _, _, runtime = segment
+        totals = self._totals(segment)
+        segment_tokens_per_second = tokens / max(runtime, 1e-9)
         return {
             "steps": global_step,
             "stopped_early": stopped_early,
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "mean_train_loss": sum(losses) / len(losses) if losses else None,
-            "best_val_loss": best["val_loss"] if best else None,
-            "best_val_step": best["step"] if best else None,
-            "final_val_perplexity": evals[-1]["val_perplexity"] if evals else None,
-            "runtime_seconds": runtime,
-            "samples_per_second": run_samples / max(runtime, 1e-9),
-            "tokens_per_second": tokens_per_second,
-            "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops),
+            "first_loss": totals.first_loss,
+            "final_loss": totals.final_loss,
+            "mean_train_loss": totals.loss_sum / totals.train_rows if totals.train_rows else None,
+            "best_val_loss": totals.best_val_loss,
+            "best_val_step": totals.best_val_step,
+            "final_val_perplexity": totals.final_val_perplexity,
+            "tokens": totals.tokens,
+            "target_tokens": totals.target_tokens,
+            "samples": totals.samples,
+            "runtime_seconds": totals.runtime_seconds,
+            "samples_per_second": _rate(totals.samples, totals.runtime_seconds),
+            "tokens_per_second": _rate(totals.tokens, totals.runtime_seconds),
+            "segments": totals.segments,
+            "segment_first_step": self.first_step,
+            "segment_runtime_seconds": runtime,
+            "segment_tokens_per_second": segment_tokens_per_second,
+            # Measured on this process's device: earlier segments may have run on another one.
+            "mfu": mfu(segment_tokens_per_second, self.flops_per_token, self.peak_flops),
             "peak_memory_gb": peak_memory_gb(self.device),
-            "warnings": len([row for row in history if row["type"] == "warning"]),
+            "warnings": totals.warnings,
             "checkpoint": str(checkpoint) if checkpoint else None,
             "best_checkpoint": str(best_checkpoint) if best_checkpoint else None,
         }

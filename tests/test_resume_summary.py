@@ -1,0 +1,160 @@
+"""A resumed run's summary and explain report cover the whole run (every segment), not only the resumed steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import embedded_records, write_jsonl
+from lamelm_fast.explain import analyse, load_run
+from lamelm_fast.metrics.health import HealthMonitor
+from lamelm_fast.train import TrainConfig, train
+from lamelm_fast.train import checkpoint as checkpoint_module
+
+# Counted and looked-up fields that the interrupted run must reproduce exactly; losses to float rounding.
+SAME = ("steps", "best_val_step", "tokens", "target_tokens", "samples", "warnings", "stopped_early")
+CLOSE = ("first_loss", "final_loss", "mean_train_loss", "best_val_loss", "final_val_perplexity")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "alpaca.jsonl", embedded_records(48))
+
+
+def config(dataset: Path, model_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
+    values = dict(model=str(model_dir), dataset=str(dataset), finetune="full", learning_rate=1e-3,
+                  max_seq_length=128, per_device_train_batch_size=4, eval_split_ratio=0.25, eval_steps=2,
+                  logging_steps=1, max_steps=8, save_steps=4, output_dir=str(output_dir), quiet=True, seed=5)
+    return TrainConfig(**{**values, **overrides})
+
+
+def interrupted(full_run: Path, run_dir: Path, at: int, in_place: bool) -> None:
+    """``run_dir`` as a run killed after its checkpoint at step ``at`` would leave it. In place: with the later rows
+    of its metrics.jsonl, which the resume must not count twice. Else only that checkpoint, copied elsewhere."""
+    if in_place:
+        shutil.copytree(full_run, run_dir, ignore=lambda _, names: [
+            name for name in names if name == "summary.json" or name.startswith("checkpoint-")
+            and int(name.removeprefix("checkpoint-")) > at])
+    else:
+        shutil.copytree(full_run / f"checkpoint-{at}", run_dir / f"checkpoint-{at}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dataset: Path):
+    return train(config(dataset, tiny_model_dir, tmp_path_factory.mktemp("full") / "run"))
+
+
+def assert_same_run(summary: dict, expected: dict) -> None:
+    for key in SAME:
+        assert summary[key] == expected[key], key
+    for key in CLOSE:
+        assert summary[key] == pytest.approx(expected[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "checkpoint copied to a new directory"])
+def test_resumed_summary_and_explain_cover_the_whole_run(tmp_path: Path, tiny_model_dir: Path, dataset: Path,
+                                                         uninterrupted, in_place: bool) -> None:
+    run_dir = tmp_path / "run"
+    interrupted(uninterrupted.run_dir, run_dir, 4, in_place)
+    resumed = train(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"))
+    expected = uninterrupted.summary
+    assert expected["segments"] == 1 and expected["segment_first_step"] == 1 and expected["best_val_step"] == 8
+    assert expected["tokens"] > expected["target_tokens"] > 0 and expected["samples"] == 32  # 8 steps x 4
+    summary = resumed.summary
+    assert_same_run(summary, expected)
+    assert summary["segments"] == 2 and summary["segment_first_step"] == 5
+    # The runtime adds up the segments' own time; the rates divide the whole run's counts by it.
+    assert summary["runtime_seconds"] > summary["segment_runtime_seconds"] > 0
+    assert summary["tokens_per_second"] == pytest.approx(summary["tokens"] / summary["runtime_seconds"])
+
+    analysis = analyse(load_run(run_dir))
+    assert analysis["mean_vs_final"]["first_loss"] == pytest.approx(expected["first_loss"], rel=1e-6)
+    assert "trained in 2 segments (resumed last at step 4)" in analysis["segments"]["text"]
+    assert "the last segment alone (steps 5-8" in analysis["throughput"]["text"]
+    if in_place:  # every row once: the interrupted segment's rows after the checkpoint were replaced
+        assert (analysis["first_step"], analysis["last_step"], analysis["train_points"]) == (1, 8, 8)
+        assert analysis["eval_points"] == 4 and "logs start" not in analysis["segments"]["text"]
+    else:  # the earlier rows are in the other directory: said, and the whole run's figures come from the summary
+        assert analysis["first_step"] == 5 and "logs start at step 5" in analysis["segments"]["text"]
+        assert f"first loss {expected['first_loss']:.4f}" in analysis["segments"]["text"]
+        assert f"best val loss {expected['best_val_loss']:.4f} at step 8" in analysis["segments"]["text"]
+
+
+def test_an_uninterrupted_run_says_nothing_of_segments(uninterrupted) -> None:
+    analysis = analyse(load_run(uninterrupted.run_dir))
+    assert analysis["segments"]["text"] == "" and "last segment" not in analysis["throughput"]["text"]
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "checkpoint copied to a new directory"])
+def test_a_warning_of_the_first_segment_is_counted_once(tmp_path: Path, tiny_model_dir: Path, dataset: Path,
+                                                        in_place: bool) -> None:
+    # LR 0: "not learning" from the 5th window on; the resumed health checks know it was said already.
+    settings = dict(learning_rate=0.0, eval_split_ratio=0.0, max_steps=12, save_steps=6)
+    full = train(config(dataset, tiny_model_dir, tmp_path / "full", **settings))
+    assert [(row["step"], row["check"]) for row in full.history if row["type"] == "warning"] == [(5, "not_learning")]
+    interrupted(full.run_dir, tmp_path / "resumed", 6, in_place)
+    resumed = train(config(dataset, tiny_model_dir, tmp_path / "resumed", resume_from_checkpoint="latest",
+                           **settings))
+    assert [row for row in resumed.history if row["type"] == "warning" and row["step"] > 6] == []
+    assert resumed.summary["warnings"] == full.summary["warnings"] == 1
+
+
+def test_the_best_checkpoint_of_the_first_segment_stays_the_best_and_is_not_pruned(
+        tmp_path: Path, tiny_model_dir: Path, dataset: Path) -> None:
+    # LR 0: every evaluation equals the first, which stays the best; early stopping saved checkpoint-2 for it.
+    settings = dict(learning_rate=0.0, early_stopping_patience=100)
+    full = train(config(dataset, tiny_model_dir, tmp_path / "full", **settings))
+    assert full.summary["best_checkpoint"] == str(full.run_dir / "checkpoint-2")
+    interrupted(full.run_dir, tmp_path / "resumed", 4, in_place=True)
+    resumed = train(config(dataset, tiny_model_dir, tmp_path / "resumed", resume_from_checkpoint="latest",
+                           save_total_limit=1, **settings))
+    assert resumed.summary["best_checkpoint"] == str(resumed.run_dir / "checkpoint-2")
+    assert resumed.summary["best_val_step"] == 2
+    # Pruning to one checkpoint spares the best: as an uninterrupted run with this limit would leave it.
+    assert sorted(p.name for p in resumed.run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
+
+
+def test_a_checkpoint_without_run_totals_still_resumes_and_says_what_is_missing(
+        tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    interrupted(uninterrupted.run_dir, run_dir, 4, in_place=True)
+    older = run_dir / "checkpoint-4"  # as an older version saved it: no "report" entry
+    state = torch.load(older / checkpoint_module.STATE_FILE, weights_only=False)
+    del state["report"]
+    torch.save(state, older / checkpoint_module.STATE_FILE)
+    (older / checkpoint_module.MANIFEST_FILE).unlink()  # re-listed without itself, as a save writes it
+    checkpoint_module._write_manifest(older)
+    capsys.readouterr()
+    resumed = train(dataclasses.replace(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"),
+                                        quiet=False))
+    out = capsys.readouterr().out
+    assert "holds no run totals" in out and "count from step 5 on" in out and "the 6 rows metrics.jsonl kept" in out
+    summary, expected = resumed.summary, uninterrupted.summary
+    # The rows metrics.jsonl kept stand in for the losses and evaluations; what was not counted is None, not a part.
+    for key in CLOSE:
+        assert summary[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert summary["tokens"] is summary["runtime_seconds"] is summary["tokens_per_second"] is None
+    assert summary["segments"] == 2 and summary["segment_tokens_per_second"] > 0
+    assert "tokens, samples and time before step 5 were not counted" in out
+    assert "predates run totals" in analyse(load_run(run_dir))["segments"]["text"]
+
+
+def test_health_state_round_trips_best_evaluation_and_early_stopping() -> None:
+    evals = [{"step": 2, "val_loss": 2.0}, {"step": 4, "val_loss": 1.5}, {"step": 6, "val_loss": 1.7}]
+    whole, first = HealthMonitor(early_stopping_patience=2), HealthMonitor(early_stopping_patience=2)
+    for row in evals:
+        whole.on_eval_row(row)
+    for row in evals[:2]:
+        first.on_eval_row(row)
+    resumed = HealthMonitor(early_stopping_patience=2)
+    resumed.load_state_dict(first.state_dict())
+    resumed.on_eval_row(evals[2])
+    assert resumed.best_eval == whole.best_eval == {"step": 4, "val_loss": 1.5}
+    assert not resumed.should_stop
+    whole.on_eval_row({"step": 8, "val_loss": 1.8})
+    resumed.on_eval_row({"step": 8, "val_loss": 1.8})
+    assert resumed.should_stop and whole.should_stop  # the second evaluation without improvement, in both
