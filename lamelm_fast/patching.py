@@ -18,7 +18,8 @@
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lamelm_fast.ops import fused_linear_cross_entropy
+from lamelm_fast.ops._patch import mixed_in_class
 from lamelm_fast.ops.dispatch import active_autocast_dtype
 from lamelm_fast.ops.rms_norm import patch_rms_norm
 from lamelm_fast.ops.rope import patch_rope
@@ -36,7 +38,6 @@ from lamelm_fast.ops.swiglu import patch_swiglu
 # the decoder's last hidden state with nothing lost. Others (logit scaling, MoE auxiliary losses...) are refused.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 IGNORE_INDEX = -100
-_ORIGINAL_FORWARD = "_lamelm_original_forward"
 
 
 @dataclass
@@ -69,10 +70,11 @@ def lm_head(model: nn.Module) -> nn.Linear:
     """The output projection as a plain ``nn.Linear``; refuses adapted or quantized heads by name."""
     head = causal_lm(model).get_output_embeddings()
     if not isinstance(head, nn.Linear) or not head.weight.is_floating_point():
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
         raise ValueError(
-            f"the LM head is a {type(head).__name__}, not a plain nn.Linear (a LoRA adapter, modules_to_save or "
-            "quantization on lm_head), which the fused cross-entropy cannot read without dropping it: keep "
-            "lm_head out of LoRA target_modules and quantization, or call apply_kernels(model, cross_entropy=False)")
+            f"the LM head is a {kind}, not a plain torch.nn.Linear (a LoRA adapter, modules_to_save or quantization "
+            "on lm_head), which the fused cross-entropy cannot read without dropping it: keep lm_head out of LoRA "
+            "target_modules and quantization, or call apply_kernels(model, cross_entropy=False)")
     return head
 
 
@@ -99,30 +101,59 @@ def lm_head_loss(
             return_accuracy=return_accuracy)
 
 
-def _fused_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None,
-                        logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:
-    original = getattr(self, _ORIGINAL_FORWARD)
-    if labels is None or not (self.training and torch.is_grad_enabled()):
-        return original(*args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
-    captured: list[torch.Tensor] = []
-    hook = self.get_decoder().register_forward_hook(lambda module, inputs, output: captured.append(
-        output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]))
-    try:
-        # The head runs on one position only (its logits are dropped); the loss reads the full hidden states.
-        outputs = original(*args, labels=None, logits_to_keep=1, **kwargs)
-    finally:
-        hook.remove()
-    shift_labels = kwargs.get("shift_labels")
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    loss = lm_head_loss(lm_head(self), captured[-1], shift_labels.to(captured[-1].device),
-                        num_items=kwargs.get("num_items_in_batch"),
-                        softcap=getattr(text_config(self), "final_logit_softcapping", None))
-    if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) becomes (loss, ...)
-        return (loss, *outputs[1:])
-    # Rebuilt rather than assigned: a ModelOutput only exposes as items the fields set when it was built.
-    values = {f.name: getattr(outputs, f.name) for f in dataclasses.fields(outputs)}
-    return type(outputs)(**{**values, "loss": loss, "logits": None})
+def _as_keywords(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``forward``'s positional arguments named by its signature (labels may be among them)."""
+    bound = inspect.signature(forward).bind(*args, **kwargs)
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        is_var_keyword = bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+        named.update(value if is_var_keyword else {name: value})
+    return named
+
+
+class _FusedLossCausalLM:
+    """Mixed in front of a ``*ForCausalLM`` class: the training loss from the decoder's hidden states, fused (see the
+    module docstring); every other call is the model's own forward."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        original = super().forward
+        if args:
+            kwargs = _as_keywords(original, args, kwargs)
+        labels = kwargs.pop("labels", None)
+        if labels is None or not (self.training and torch.is_grad_enabled()):
+            return original(labels=labels, **kwargs)
+        captured: list[torch.Tensor] = []
+        hook = self.get_decoder().register_forward_hook(lambda module, inputs, output: captured.append(
+            output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]))
+        try:
+            # The head runs on one position only (its logits are dropped); the loss reads the full hidden states.
+            outputs = original(**{**kwargs, "labels": None, "logits_to_keep": 1})
+        finally:
+            hook.remove()
+        shift_labels = kwargs.get("shift_labels")
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        loss = lm_head_loss(lm_head(self), captured[-1], shift_labels.to(captured[-1].device),
+                            num_items=kwargs.get("num_items_in_batch"),
+                            softcap=getattr(text_config(self), "final_logit_softcapping", None))
+        if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) becomes (loss, ...)
+            return (loss, *outputs[1:])
+        # Rebuilt rather than assigned: a ModelOutput only exposes as items the fields set when it was built.
+        values = {f.name: getattr(outputs, f.name) for f in dataclasses.fields(outputs)}
+        return type(outputs)(**{**values, "loss": loss, "logits": None})
+
+
+def _fused_loss_class(base: type) -> type:
+    """``base`` with the fused loss in front, under ``base``'s own name (``save_pretrained`` writes the class name
+    into config.json's ``architectures``, which vLLM and others read), its forward showing ``base.forward``'s
+    signature (HF's Trainer reads it to keep the dataset columns the model takes: ``remove_unused_columns``)."""
+    cls = mixed_in_class(_FusedLossCausalLM, base, "")
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _FusedLossCausalLM.forward(self, *args, **kwargs)
+
+    cls.forward = functools.wraps(base.forward)(forward)
+    return cls
 
 
 def patch_cross_entropy(model: nn.Module) -> None:
@@ -134,10 +165,8 @@ def patch_cross_entropy(model: nn.Module) -> None:
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); call apply_kernels(model, "
                          "cross_entropy=False) to keep the model's own loss")
     lm_head(model)  # refuse an adapted head now, not at the first training step
-    if hasattr(target, _ORIGINAL_FORWARD):
-        return
-    setattr(target, _ORIGINAL_FORWARD, target.forward)
-    target.forward = types.MethodType(_fused_loss_forward, target)
+    if not isinstance(target, _FusedLossCausalLM):
+        target.__class__ = _fused_loss_class(type(target))
 
 
 def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = True, swiglu: bool = True,

@@ -164,3 +164,47 @@ def test_patching_twice_is_harmless() -> None:
     expected, _ = loss_and_grads(reference, input_ids=input_ids, labels=labels)
     loss, _ = loss_and_grads(ours, input_ids=input_ids, labels=labels)
     assert rel(loss, expected) < 1e-5
+
+
+def test_the_patched_forward_shows_the_models_signature_to_hf_trainer(tmp_path) -> None:
+    """HF's Trainer keeps the dataset columns its model's forward names (remove_unused_columns, on by default)."""
+    import inspect
+
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    reference, ours = pair("llama")
+    apply_kernels(ours, lora=False)
+    assert inspect.signature(ours.forward) == inspect.signature(reference.forward)
+    input_ids, labels = batch(5)
+    data = Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist(), "text": ["x", "y"]})
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_steps=1, learning_rate=1e-3)
+    histories = []
+    for model in (reference, ours):
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        histories.append([row["loss"] for row in trainer.state.log_history if "loss" in row])
+    assert len(histories[1]) == 2 and all(abs(a - b) < 1e-4 * abs(a) for a, b in zip(*histories, strict=True))
+
+
+def test_positional_labels_pickling_and_saving(tmp_path) -> None:
+    import io
+    import json
+
+    reference, ours = pair("llama")
+    apply_kernels(ours, lora=False)  # varlen attention's hooks included
+    input_ids, labels = batch(6)
+    expected, _ = loss_and_grads(reference, input_ids=input_ids, labels=labels)
+    ours.zero_grad(set_to_none=True)
+    # (input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels): Llama's order
+    assert rel(ours(input_ids, None, None, None, None, labels).loss, expected) < 1e-5
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(ours)
+    loss, _ = loss_and_grads(loaded, input_ids=input_ids, labels=labels)
+    assert rel(loss, expected) < 1e-5
+    ours.save_pretrained(tmp_path)  # config.json names the model's own class, which other tools look up
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

@@ -153,20 +153,30 @@ def _packed_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None:
     return None
 
 
+class _PackedRowsHooks:
+    """The decoder's forward hooks that set and reset ``_PACKED_ROWS`` (methods of an object, not closures, so that a
+    patched model still pickles)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[contextvars.Token[bool | None]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tokens": []}  # a forward in flight is not the copy's
+
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.tokens.append(_PACKED_ROWS.set(_packed_rows(args, kwargs)))
+
+    def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        _PACKED_ROWS.reset(self.tokens.pop())
+
+
 def mark_padding_free_forwards(decoder: nn.Module) -> None:
     """Let the decoder's forwards say whether their rows are packed (see the module docstring); idempotent."""
     if getattr(decoder, "lamelm_marks_padding_free", False):
         return
-    tokens: list[contextvars.Token[bool | None]] = []
-
-    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        tokens.append(_PACKED_ROWS.set(_packed_rows(args, kwargs)))
-
-    def after(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        _PACKED_ROWS.reset(tokens.pop())
-
-    decoder.register_forward_pre_hook(before, with_kwargs=True)
-    decoder.register_forward_hook(after, with_kwargs=True, always_call=True)
+    hooks = _PackedRowsHooks()
+    decoder.register_forward_pre_hook(hooks.before, with_kwargs=True)
+    decoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
     decoder.lamelm_marks_padding_free = True
 
 
