@@ -40,6 +40,9 @@ def _cross_entropy_rows_kernel(
     row_ptr = logits_ptr + row * logits_row_stride  # int64: rows * V passes 2^31 for big vocabularies
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
+    # A label outside the vocabulary (a tokenizer bigger than the model) poisons its row with NaN: raising would need
+    # a host read, and reading the logit there would be reading past the row.
+    in_vocab = (label >= 0) & (label < V)
     offsets = tl.arange(0, BLOCK_V)
 
     # Pass 1: running max m and running sum s of exp(z - m), sum of z (label smoothing) and the argmax.
@@ -66,10 +69,10 @@ def _cross_entropy_rows_kernel(
             best = tl.where(take, block_max, best)
     lse = m + tl.log(s)
 
-    safe_label = tl.where(valid, label, 0)
+    safe_label = tl.where(valid & in_vocab, label, 0)
     z_label = _transform(tl.load(row_ptr + safe_label).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
     loss = lse - (1.0 - label_smoothing) * z_label - label_smoothing * z_sum / V + z_loss * lse * lse
-    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(loss_ptr + row, tl.where(valid, tl.where(in_vocab, loss, float("nan")), 0.0))
     if WANT_CORRECT:
         tl.store(correct_ptr + row, (valid & (best_index == label)).to(tl.int32))
 
@@ -80,7 +83,7 @@ def _cross_entropy_rows_kernel(
             scale = tl.load(scale_ptr + row).to(tl.float32)
         else:
             scale = tl.load(scale_ptr).to(tl.float32)
-        scale = tl.where(valid, scale * logit_scale, 0.0)
+        scale = tl.where(valid, tl.where(in_vocab, scale * logit_scale, float("nan")), 0.0)
         softmax_factor = 1.0 + 2.0 * z_loss * lse
         for start in range(0, V, BLOCK_V):
             cols = start + offsets

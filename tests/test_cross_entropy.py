@@ -522,6 +522,24 @@ def test_ignore_index_inside_vocab(reduction: str) -> None:
     assert accuracy.item() == 1.0
 
 
+@pytest.mark.parametrize("label", [V, -1, 10 * V])
+def test_a_label_outside_the_vocabulary_is_never_a_finite_loss(backend: str, label: int) -> None:
+    """A tokenizer bigger than the model: torch raises as F.cross_entropy does; the Triton kernel, which must not
+    read past the row nor sync to raise, makes that row's loss and gradients NaN (the optimizer then skips)."""
+    hidden, weight, bias, labels = _inputs(seed=21)
+    hidden.requires_grad_(True)
+    labels[(labels != IGNORE).nonzero()[0]] = label
+    if backend == "torch":
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            fused_linear_cross_entropy(hidden, weight, labels, bias=bias)
+        return
+    per_token = fused_linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="none")
+    bad = labels == label
+    assert per_token[bad].isnan().all() and per_token[~bad].isfinite().all()
+    per_token.nansum().backward()
+    assert hidden.grad[bad].isnan().all() and hidden.grad[~bad].isfinite().all()
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_scalar_grad_output(reduction: str) -> None:
     hidden, weight, bias, labels = _inputs(seed=12)

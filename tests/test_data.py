@@ -237,3 +237,26 @@ def test_worker_count_follows_size_cpus_and_ranks(monkeypatch: pytest.MonkeyPatc
     assert data._tokenizing_workers(1_000_000) == 16
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 ranks on this machine share its CPUs
     assert data._tokenizing_workers(1_000_000) == 2
+
+
+def test_a_tokenizer_bigger_than_the_model_is_refused_before_training(tmp_path: Path, embedded_tokenizer,
+                                                                     small_alpaca: Path) -> None:
+    """Token ids past the model's vocabulary would stop a GPU run with a device-side assert, or train on NaN."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from lamelm_fast.train import TrainConfig, train
+    from lamelm_fast.train.data import check_token_ids
+
+    model_dir = tmp_path / "small-vocab"
+    LlamaForCausalLM(tiny_llama_config(64)).save_pretrained(model_dir)
+    embedded_tokenizer.save_pretrained(model_dir)  # 4096 tokens for a 64-entry embedding
+    config = TrainConfig(model=str(model_dir), dataset=str(small_alpaca), finetune="full", max_steps=1,
+                         output_dir=str(tmp_path / "run"), quiet=True)
+    with pytest.raises(ConfigError, match=r"token id \d+ in the data, but the model's vocabulary has 64 entries"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+    examples = [Example([3, 63], [False, True])]
+    check_token_ids(examples, 64, pad_token_id=0)
+    with pytest.raises(ConfigError, match="pad token id 64"):
+        check_token_ids(examples, 64, pad_token_id=64)

@@ -418,6 +418,8 @@ def fused_linear_cross_entropy(
     "none" gives 0 at ignored positions. With `num_items` the loss is the per-token sum / num_items
     (0 if num_items is 0). The loss is fp32 (fp64 for fp64 inputs); gradients have the input dtypes.
     With `return_accuracy`, also returns the fraction of non-ignored tokens whose argmax is the label.
+    A label outside [0, V) other than `ignore_index` makes the torch path raise (as F.cross_entropy) and the Triton
+    path return NaN for the loss and its gradients (checking on the host would cost a device sync).
     """
     _validate_options(reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
     _validate_inputs(hidden, weight, labels, bias, reduction, num_items)

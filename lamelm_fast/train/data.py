@@ -427,6 +427,20 @@ def prepare_datasets(source: str | None, split: str, fmt: str, tokenizer: Any, m
     return train_set, eval_set, stats
 
 
+def check_token_ids(examples: list[Example], vocab_size: int | None, pad_token_id: int) -> None:
+    """Refuse token ids the model has no embedding row for (a tokenizer that does not match the model): on a GPU
+    they would stop the run with a device-side assert, or make the loss NaN."""
+    if vocab_size is None:
+        return
+    largest = max((max(e.input_ids) for e in examples if len(e.input_ids)), default=-1)
+    if max(largest, pad_token_id) < vocab_size:
+        return
+    which = f"token id {largest} in the data" if largest >= vocab_size else f"pad token id {pad_token_id}"
+    raise ConfigError(f"the tokenizer gives {which}, but the model's vocabulary has {vocab_size} entries "
+                      "(vocab_size in its config.json): the tokenizer does not match the model; use the model's own "
+                      "tokenizer, or resize the model's embeddings to the tokenizer before fine-tuning")
+
+
 # --------------------------------------------------------------------------- batching
 
 

@@ -22,10 +22,25 @@ from lamelm_fast.ops.dispatch import BackendUnavailable, resolve_backend, use_ba
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
 from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, unused_settings, validate
-from lamelm_fast.train.data import DataOrder, Example, collate, fingerprint, iterate_batches, prepare_datasets
+from lamelm_fast.train.data import (
+    DataOrder,
+    Example,
+    check_token_ids,
+    collate,
+    fingerprint,
+    iterate_batches,
+    prepare_datasets,
+)
 from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import SkipStreak, TrainingStopped
-from lamelm_fast.train.model import CausalLMLoss, load_model, load_model_config, load_tokenizer, model_context
+from lamelm_fast.train.model import (
+    CausalLMLoss,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    model_context,
+    model_vocab_size,
+)
 from lamelm_fast.train.reporting import SilentLogger, TrainingReport, WindowMetrics, peak_memory_gb
 from lamelm_fast.train.samples import generate_samples
 
@@ -172,6 +187,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     train_set, eval_set, stats = prepare_datasets(
         config.dataset, config.dataset_split, config.dataset_format, tokenizer, config.max_seq_length,
         config.train_on_prompt, config.eval_split_ratio, config.seed)
+    check_token_ids([*train_set, *eval_set], model_vocab_size(model_config), tokenizer.pad_token_id)
     data_fingerprint = fingerprint(train_set, eval_set)
     resume = (checkpoint.find_resume_checkpoint(config.resume_from_checkpoint, run_dir)
               if config.resume_from_checkpoint else None)

@@ -78,9 +78,16 @@ def load_model_config(config: TrainConfig) -> Any:
         raise load_error("model", source, error, CHECK_SOURCE) from None
 
 
+def _text_config(model_config: Any) -> Any:
+    return getattr(model_config, "get_text_config", lambda: model_config)()
+
+
 def model_context(model_config: Any) -> int | None:
-    text = getattr(model_config, "get_text_config", lambda: model_config)()
-    return getattr(text, "max_position_embeddings", None)
+    return getattr(_text_config(model_config), "max_position_embeddings", None)
+
+
+def model_vocab_size(model_config: Any) -> int | None:
+    return getattr(_text_config(model_config), "vocab_size", None)
 
 
 @dataclass
