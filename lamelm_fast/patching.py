@@ -66,6 +66,12 @@ def text_config(model: nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """The softcap the model's own forward applies to its logits (Gemma 2, Gemma 3 text): read from the causal LM's
+    own config, as its forward does; Gemma 3's multimodal class has none there and applies none."""
+    return getattr(causal_lm(model).config, "final_logit_softcapping", None)
+
+
 def lm_head(model: nn.Module) -> nn.Linear:
     """The output projection as a plain ``nn.Linear``; refuses adapted or quantized heads by name."""
     head = causal_lm(model).get_output_embeddings()
@@ -135,7 +141,7 @@ class _FusedLossCausalLM:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         loss = lm_head_loss(lm_head(self), captured[-1], shift_labels.to(captured[-1].device),
                             num_items=kwargs.get("num_items_in_batch"),
-                            softcap=getattr(text_config(self), "final_logit_softcapping", None))
+                            softcap=final_logit_softcap(self))
         if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) becomes (loss, ...)
             return (loss, *outputs[1:])
         # Rebuilt rather than assigned: a ModelOutput only exposes as items the fields set when it was built.

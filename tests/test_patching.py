@@ -208,3 +208,23 @@ def test_positional_labels_pickling_and_saving(tmp_path) -> None:
     assert rel(loss, expected) < 1e-5
     ours.save_pretrained(tmp_path)  # config.json names the model's own class, which other tools look up
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_the_softcap_is_the_one_the_models_own_forward_applies() -> None:
+    """Gemma 3's multimodal class applies no final softcap although its text config has one: neither do we."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = Gemma3TextConfig(**SIZES, final_logit_softcapping=1.0)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=100, boi_token_index=99, eoi_token_index=98)
+    torch.manual_seed(0)
+    reference = Gemma3ForConditionalGeneration(config).train()
+    ours = copy.deepcopy(reference)
+    apply_kernels(ours, lora=False)
+    input_ids, labels = batch(7)
+    input_ids, labels = input_ids.clamp(max=97), labels.clamp(max=97)  # no image tokens
+    expected, _ = loss_and_grads(reference, input_ids=input_ids, labels=labels)
+    loss, _ = loss_and_grads(ours, input_ids=input_ids, labels=labels)
+    assert rel(loss, expected) < 1e-5

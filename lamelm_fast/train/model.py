@@ -305,7 +305,7 @@ def causal_lm_loss(model: nn.Module, batch: Batch, num_items: int | None, autoca
                                          **batch.attention_kwargs()).last_hidden_state
         loss, accuracy = patching.lm_head_loss(
             head, hidden, batch.labels, num_items=num_items if num_items is not None else 1,
-            softcap=getattr(patching.text_config(model), "final_logit_softcapping", None), return_accuracy=True)
+            softcap=patching.final_logit_softcap(model), return_accuracy=True)
     return loss, accuracy * batch.num_targets
 
 
