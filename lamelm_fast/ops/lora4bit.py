@@ -307,6 +307,41 @@ def _spec(weight: Packed4bit, x: torch.Tensor, lora_weight: torch.Tensor, scale:
                  requested_nf4_matmul())
 
 
+def _check_inputs(x: torch.Tensor, weight: Packed4bit, A: torch.Tensor, B: torch.Tensor,
+                  bias: torch.Tensor | None) -> None:
+    """Shapes, dtypes and devices of :func:`lora_nf4_linear`'s tensors, with errors that name the argument.
+
+    Needed because the Triton kernels take sizes from the 4-bit weight and trust the other tensors to match (a wrong
+    B or bias is read out of bounds), and the torch path's raw matmul errors do not say which argument is wrong.
+    Attribute reads only: no device sync, nothing next to the kernels' cost.
+    """
+    out_features, in_features = weight.shape
+    if not x.is_floating_point():
+        raise TypeError(f"lora_nf4_linear: x has dtype {x.dtype}; it must be floating point (e.g. x.float() or "
+                        "x.to(torch.bfloat16)): token ids go through an embedding first")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"lora_nf4_linear: x has shape {list(x.shape)}; its last dimension must be in_features = "
+                         f"{in_features} (the 4-bit weight is [{out_features}, {in_features}])")
+    if A.dim() != 2 or A.shape[1] != in_features:
+        raise ValueError(f"lora_nf4_linear: A has shape {list(A.shape)}, expected [r, {in_features}] "
+                         "([r, in_features]: PEFT's lora_A.weight)")
+    rank = A.shape[0]
+    if B.shape != (out_features, rank):
+        raise ValueError(f"lora_nf4_linear: B has shape {list(B.shape)}, expected [{out_features}, {rank}] "
+                         f"([out_features, r] with out_features from the 4-bit weight and r from A {list(A.shape)}: "
+                         "PEFT's lora_B.weight of the same adapter as A)")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"lora_nf4_linear: bias has shape {list(bias.shape)}, expected [{out_features}] "
+                         "([out_features]) or None")
+    for name, tensor in (("A", A), ("B", B), ("bias", bias)):
+        if tensor is not None and not tensor.is_floating_point():
+            raise TypeError(f"lora_nf4_linear: {name} has dtype {tensor.dtype}; it must be floating point")
+    for name, tensor in (("quant_weight", weight.data), ("A", A), ("B", B), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"lora_nf4_linear: {name} is on {tensor.device} but x is on {x.device}: move the layer "
+                             "(or x) so that all of them are on one device")
+
+
 def lora_nf4_linear(x: torch.Tensor, quant_weight: torch.Tensor, quant_state: Any, A: torch.Tensor,
                     B: torch.Tensor, scale: float, *, bias: torch.Tensor | None = None, dropout: float = 0.0,
                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -317,7 +352,9 @@ def lora_nf4_linear(x: torch.Tensor, quant_weight: torch.Tensor, quant_state: An
     ``dropout``: probability on the adapter's input (pass 0 outside training). ``compute_dtype``: the base
     matmul's dtype (bitsandbytes' ``compute_dtype``; default x's dtype). Returns x's dtype.
     """
-    spec = _spec(Packed4bit.from_bnb(quant_weight, quant_state), x, A, scale, dropout, compute_dtype)
+    weight = Packed4bit.from_bnb(quant_weight, quant_state)
+    _check_inputs(x, weight, A, B, bias)
+    spec = _spec(weight, x, A, scale, dropout, compute_dtype)
     (y,) = _SharedInputLoRA4bit.apply(x, (spec,), A, B, bias)
     return y
 
@@ -327,6 +364,23 @@ def _bnb_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     if not getattr(base, "compute_type_is_set", True) and x.dtype in (torch.float32, torch.bfloat16):
         return x.dtype
     return getattr(base, "compute_dtype", None) or x.dtype
+
+
+def _check_base_layer(base_layer: nn.Module) -> None:
+    """A quantized bitsandbytes ``Linear4bit``, or an error that says what to pass instead (a dense layer otherwise
+    fails later on a missing ``quant_state`` attribute)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        Linear4bit = None
+    if Linear4bit is None or not isinstance(base_layer, Linear4bit):
+        raise TypeError(f"LoRALinear4bit needs a bitsandbytes Linear4bit base layer, got "
+                        f"{type(base_layer).__module__}.{type(base_layer).__qualname__}: "
+                        "for a dense nn.Linear use LoRALinear4bit.from_linear(linear, r), which quantizes it")
+    if getattr(base_layer.weight, "quant_state", None) is None:
+        raise ValueError("LoRALinear4bit: the base Linear4bit's weight is not quantized yet; bitsandbytes quantizes "
+                         "it when the layer is moved to its device (base_layer.to(device)): move it first, or build "
+                         "from the dense layer with LoRALinear4bit.from_linear(linear, r)")
 
 
 class LoRALinear4bit(nn.Module):
@@ -343,6 +397,7 @@ class LoRALinear4bit(nn.Module):
             raise ValueError(f"LoRA rank must be positive, got {r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {lora_dropout}")
+        _check_base_layer(base_layer)
         self.base_layer = base_layer
         base_layer.weight.requires_grad_(False)
         # bitsandbytes would otherwise repack the weight into its CPU inference layout on an eval forward.

@@ -34,6 +34,34 @@ except ImportError:  # torch < 2.5 or a build without distributed support
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _MASTER = "master_param"
 _OUR_GROUP_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding")
+# torch.optim.AdamW's other group options, at its defaults: our param groups (and so our state dicts) carry the same
+# keys as its, and its constructor's keyword arguments are accepted. foreach, fused and capturable only choose torch's
+# implementation (FusedAdamW has its own fused, sync-free step): any value is accepted, kept in the groups (a state
+# dict loaded into torch.optim.AdamW gets them back) and otherwise ignored. decoupled_weight_decay is not an argument
+# of torch.optim.AdamW either: its groups always say True.
+_TORCH_GROUP_DEFAULTS: dict[str, Any] = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                                         "differentiable": False, "fused": None, "decoupled_weight_decay": True}
+# The options of torch.optim.AdamW that change the math, which FusedAdamW does not implement: (the option as the
+# error names it, whether a group asks for it, what to do instead).
+_UNSUPPORTED: tuple[tuple[str, Callable[[dict[str, Any]], bool], str], ...] = (
+    ("amsgrad=True", lambda group: bool(group.get("amsgrad")),
+     "use torch.optim.AdamW(amsgrad=True), after torch.nn.utils.clip_grad_norm_ for clipping"),
+    ("maximize=True", lambda group: bool(group.get("maximize")),
+     "minimize the negated objective instead (or use torch.optim.AdamW(maximize=True))"),
+    ("differentiable=True", lambda group: bool(group.get("differentiable")),
+     "its step runs under no_grad; use torch.optim.AdamW(differentiable=True)"),
+    # (torch.optim.Adam's L2 penalty; without weight decay the two are the same, and load as torch.optim.AdamW does)
+    ("decoupled_weight_decay=False with weight_decay != 0",
+     lambda group: group.get("decoupled_weight_decay") is False and group.get("weight_decay", 0) != 0,
+     "its weight decay is AdamW's (decoupled); use torch.optim.Adam for L2 weight decay"),
+)
+
+
+def _refuse_unsupported(group: dict[str, Any], action: str) -> None:
+    """ValueError naming the first option of ``group`` that FusedAdamW does not implement, and the way out."""
+    for option, asks, instead in _UNSUPPORTED:
+        if asks(group):
+            raise ValueError(f"FusedAdamW cannot {action} {option}: {instead}")
 
 
 def _rounds_to(master: Tensor, param: Tensor) -> bool:
@@ -181,6 +209,11 @@ class FusedAdamW(torch.optim.Optimizer):
       on it and written back to the param, rounded, in the same pass.
     * ``stochastic_rounding``: round the written bf16 param stochastically (unbiased); ``seed`` fixes the bits.
 
+    torch.optim.AdamW's keyword arguments are accepted (keyword-only here: the 6th positional is ``max_grad_norm``)
+    and kept in the param groups, whose keys are torch's plus ours. ``foreach``, ``fused`` and ``capturable`` only
+    choose torch's implementation and are ignored: the step is always fused and never syncs with the host.
+    ``amsgrad=True``, ``maximize=True`` and ``differentiable=True`` are not implemented and raise ValueError.
+
     The per-step host work is small because a step re-uses the last one's bookkeeping (state lookups, buckets,
     device tables) while only the gradients changed: it checks every param's data pointer and every gradient's
     pointer, dtype, numel and contiguity, and rebuilds on any change (``.data`` replaced, gradients appearing or
@@ -200,7 +233,17 @@ class FusedAdamW(torch.optim.Optimizer):
         master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: int | None = None,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
+        # The 6th positional argument of torch.optim.AdamW is amsgrad: a ported positional True must not clip at 1.0.
+        if isinstance(max_grad_norm, bool):
+            raise TypeError(f"max_grad_norm must be a float or None, got {max_grad_norm} (torch.optim.AdamW's 6th "
+                            "positional argument is amsgrad; FusedAdamW's is max_grad_norm: pass amsgrad by keyword)")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if eps < 0.0 or weight_decay < 0.0:
@@ -215,6 +258,13 @@ class FusedAdamW(torch.optim.Optimizer):
             "max_grad_norm": max_grad_norm,
             "master_weights": master_weights,
             "stochastic_rounding": stochastic_rounding,
+            **_TORCH_GROUP_DEFAULTS,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
         }
         self._plan: _StepPlan | None = None
         super().__init__(params, defaults)
@@ -228,13 +278,18 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Groups loaded from a torch.optim.AdamW state dict have none of our keys.
+        # Groups loaded from a torch.optim.AdamW state dict have none of our keys, and ours from before the torch keys
+        # were added have none of those; decoupled weight decay always, as torch.optim.AdamW.__setstate__ has it.
+        fallback = {**_TORCH_GROUP_DEFAULTS, **self.defaults}  # (defaults unpickled from before the torch keys)
         for group in self.param_groups:
-            for key in _OUR_GROUP_KEYS:
-                group.setdefault(key, self.defaults[key])
+            for key in (*_OUR_GROUP_KEYS, *_TORCH_GROUP_DEFAULTS):
+                group.setdefault(key, fallback[key])
+            group["decoupled_weight_decay"] = True
         self._plan = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Before the group is added (torch fills in the defaults as it adds it); the constructor's options too.
+        _refuse_unsupported({**self.defaults, **param_group}, "run with")
         super().add_param_group(param_group)
         self._plan = None
 
@@ -361,10 +416,10 @@ class FusedAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a FusedAdamW or torch.optim.AdamW state dict (amsgrad/maximize are not supported)."""
+        """Load a FusedAdamW or torch.optim.AdamW state dict (not one saved with amsgrad, maximize, differentiable or
+        torch.optim.Adam's L2 weight decay: see ``_UNSUPPORTED``)."""
         for group in state_dict["param_groups"]:
-            if group.get("amsgrad") or group.get("maximize"):
-                raise ValueError("FusedAdamW cannot load state saved with amsgrad=True or maximize=True")
+            _refuse_unsupported(group, "load state saved with")
         super().load_state_dict(state_dict)
         # torch casts the moments to the param dtype (lossy for bf16 params) and keeps `step` on the CPU.
         # Re-take them from the saved dict as fresh fp32 tensors on the param's device instead.
