@@ -202,8 +202,9 @@ def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = Tru
     if lora:
         from lamelm_fast.ops.lora4bit import patch_peft_lora4bit
 
-        report.lora_layers = patch_peft_lora4bit(model)
-        if report.lora_layers == 0:
+        noted = len(report.notes)
+        report.lora_layers = patch_peft_lora4bit(model, report.notes)
+        if report.lora_layers == 0 and len(report.notes) == noted:
             report.notes.append("no PEFT LoRA layer over a bitsandbytes 4-bit base: nothing to swap")
     layers = ((swiglu, "swiglu_mlps", patch_swiglu, "no Llama-style MLP with a SiLU activation: SwiGLU left as it is"),
               (rms_norm, "rms_norms", patch_rms_norm, "no RMSNorm of a supported family: norms left as they are"),

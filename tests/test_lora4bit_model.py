@@ -390,3 +390,14 @@ def test_backward_keeps_the_inputs_adapter_cast_not_the_fp32_input(quantized_dir
     assert kept_fp32.get(torch.float32, 0) - kept.get(torch.float32, 0) == 2 * layers
     assert kept.get(torch.bfloat16, 0) - kept_fp32.get(torch.bfloat16, 0) == 2 * layers
     assert grads.keys() == grads_fp32.keys() and all(torch.equal(grads[n], grads_fp32[n]) for n in grads)
+
+
+def test_the_report_says_which_layers_were_left_to_peft_and_why(quantized_dir: Path) -> None:
+    from lamelm_fast import apply_kernels
+
+    model = peft.get_peft_model(load_4bit(quantized_dir), peft.LoraConfig(r=4, use_dora=True,
+                                                                          target_modules=["q_proj"]))
+    report = apply_kernels(model, cross_entropy=False)
+    assert report.lora_layers == 0
+    assert any(note.startswith("2 4-bit LoRA layer(s) left to PEFT: ") and "DoRA" in note for note in report.notes)
+    assert not any("nothing to swap" in note for note in report.notes)

@@ -602,7 +602,7 @@ def _static_problem(layer: nn.Module) -> str | None:
     return _static_problem_4bit(layer.get_base_layer()) or _adapter_problem(layer)
 
 
-def patch_peft_lora4bit(model: nn.Module) -> int:
+def patch_peft_lora4bit(model: nn.Module, notes: list[str] | None = None) -> int:
     """Make every PEFT LoRA linear layer over a bitsandbytes ``Linear4bit`` in ``model`` run our fused op.
 
     In place: the PEFT modules, their parameters and state dict stay as they are (their class gains a forward), so
@@ -614,7 +614,8 @@ def patch_peft_lora4bit(model: nn.Module) -> int:
     run as one fused SwiGLU op, and the q/k/v projections of one attention module as one op over their shared
     input (bare 4-bit ones among them too). A model without PEFT LoRA layers is left as it is.
 
-    Idempotent. Returns the number of layers that now run fused (including ones patched before).
+    Idempotent. Returns the number of layers that now run fused (including ones patched before); the layers left
+    to PEFT, and why, are logged and appended to ``notes``.
     """
     peft_classes = _peft_lora_classes()
     if not peft_classes or importlib.util.find_spec("bitsandbytes") is None:
@@ -655,5 +656,8 @@ def patch_peft_lora4bit(model: nn.Module) -> int:
                 projection._lamelm_qkv = group
     if skipped:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
-        logger.warning("%d 4-bit LoRA layer(s) left to PEFT: %s", len(skipped), reasons)
+        message = f"{len(skipped)} 4-bit LoRA layer(s) left to PEFT: {reasons}"
+        logger.warning(message)
+        if notes is not None:
+            notes.append(message)
     return fused
