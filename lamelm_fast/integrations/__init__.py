@@ -1,1 +1,1 @@
-"""Use lamelm-fast's reporting inside other trainers."""
+"""Use lamelm-fast inside other trainers: ``hf`` has the transformers.Trainer callback and optimizer factory."""

@@ -1,0 +1,147 @@
+"""LamelmCallback in a transformers.Trainer run: training time without evaluation and saving, attended length of
+padded and packed batches, tokens counted without HF's per-micro-batch host read."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+from conftest import tiny_model
+from lamelm_fast.integrations.hf import LamelmCallback, sequence_length_sums
+from lamelm_fast.metrics.throughput import count_parameters, flops_per_token, mfu
+
+LENGTHS = [3, 11, 7, 16, 5, 9, 14, 2, 12, 6, 8, 15]
+
+
+def examples(lengths: list[int] = LENGTHS) -> list[dict[str, list[int]]]:
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 97, (length,), generator=generator).tolist() for length in lengths]
+    return [{"input_ids": ids, "labels": ids} for ids in rows]
+
+
+def pad(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Right padding with an attention mask, as DataCollatorForLanguageModeling gives."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, feature in enumerate(features):
+        ids[row, :len(feature["input_ids"])] = torch.tensor(feature["input_ids"])
+        mask[row, :len(feature["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_sequence_length_sums_of_padded_packed_and_varlen_batches() -> None:
+    features = examples([3, 5, 2])
+    expected = [10, 9 + 25 + 4]
+    assert sequence_length_sums(pad(features)).tolist() == expected
+    left = pad(features)
+    left["attention_mask"] = left["attention_mask"].flip(-1)  # left padding: the real tokens are at the end
+    assert sequence_length_sums(left).tolist() == expected
+    packed = DataCollatorWithFlattening()(features)  # [1, 10], position_ids restart at each sequence
+    assert packed["input_ids"].shape == (1, 10) and "attention_mask" not in packed
+    assert sequence_length_sums(packed).tolist() == expected
+    offset = DataCollatorWithFlattening(position_ids_start=2)(features)
+    assert sequence_length_sums(offset).tolist() == expected
+    varlen = DataCollatorWithFlattening(return_position_ids=False, return_flash_attn_kwargs=True)(features)
+    assert "position_ids" not in varlen and sequence_length_sums(varlen).tolist() == expected
+    by_index = DataCollatorWithFlattening(return_position_ids=False, return_seq_idx=True)(features)
+    assert sequence_length_sums(by_index).tolist() == expected
+    assert sequence_length_sums({"input_ids": torch.zeros(2, 6, dtype=torch.long)}).tolist() == [12, 72]
+    assert sequence_length_sums({"inputs_embeds": torch.zeros(2, 6, 8)}).tolist() == [12, 72]
+    assert sequence_length_sums({"labels": torch.zeros(2, 6)}) is None
+
+
+class Recorded:
+    """A collator that notes each training batch's real sequence lengths."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+        self.batches: list[list[int]] = []
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        self.batches.append([len(f["input_ids"]) for f in features])
+        return self.collate(features)
+
+
+def args_for(tmp_path: Path, **overrides: Any) -> TrainingArguments:
+    values: dict[str, Any] = dict(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=3, max_steps=4,
+                                  logging_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no",
+                                  use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+@pytest.mark.parametrize("collate", [pad, DataCollatorWithFlattening()], ids=["padded", "packed"])
+def test_mfu_uses_each_window_attended_length(tmp_path: Path, collate: Any) -> None:
+    model = tiny_model("llama")
+    recorded = Recorded(collate)
+    args = args_for(tmp_path, gradient_accumulation_steps=2, max_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=examples(), data_collator=recorded,
+                      callbacks=[LamelmCallback(peak_tflops=1.0)])
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(rows) == 2 and len(recorded.batches) == 4  # each window: two micro-batches of 3 sequences
+    for row, window in zip(rows, (recorded.batches[:2], recorded.batches[2:]), strict=True):
+        lengths = [length for batch in window for length in batch]
+        attended = sum(n * n for n in lengths) / sum(lengths)
+        expected = mfu(row["tokens_per_second"], flops_per_token(model.config, *count_parameters(model), attended),
+                       1e12)
+        assert row["mfu"] == pytest.approx(expected, rel=1e-9)
+    # Tokens are counted on the device by the callback: HF's own count (a host read per micro-batch) stays off.
+    assert args.include_num_input_tokens_seen in ("no", False)
+
+
+class SlowEvaluationAndSaving(Trainer):
+    """Stands in for a large validation set and a large checkpoint: 1.5 s each."""
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        time.sleep(1.5)
+        return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        time.sleep(1.5)
+        super()._save_checkpoint(*args, **kwargs)
+
+
+def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path: Path) -> None:
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 97, (24, 17)).tolist()]
+    # Windows (0, 2], (2, 4], (4, 6]: an evaluation at step 3 (not a logging step), a save at step 5.
+    args = args_for(tmp_path, per_device_train_batch_size=2, max_steps=6, logging_steps=2, eval_strategy="steps",
+                    eval_steps=3, save_strategy="steps", save_steps=5)
+    trainer = SlowEvaluationAndSaving(model=tiny_model("llama"), args=args, train_dataset=data,
+                                      eval_dataset=data[:2], callbacks=[LamelmCallback()])
+    started = time.perf_counter()
+    trainer.train()
+    assert time.perf_counter() - started > 4.5  # two evaluations and a save did run
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    for row in rows:
+        window_seconds = 2 * 2 * 17 / row["tokens_per_second"]  # 2 steps of 2 sequences of 17 tokens
+        assert window_seconds < 1.2, (row["step"], window_seconds)  # training alone: well under one pause
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_counting_on_cuda_reads_nothing_back() -> None:
+    features = examples([3, 5, 2])
+    left = pad(features)
+    left["attention_mask"] = left["attention_mask"].flip(-1)
+    batches = [pad(features), left, DataCollatorWithFlattening()(features),
+               DataCollatorWithFlattening(return_position_ids=False, return_flash_attn_kwargs=True)(features)]
+    batches = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+    callback = LamelmCallback()
+    callback._sums = torch.zeros(2, dtype=torch.int64, device="cuda")
+    module = torch.nn.Linear(1, 1).train()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches:
+            callback._count(module, (), batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert callback._sums.tolist() == [4 * 10, 4 * 38]
