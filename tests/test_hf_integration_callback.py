@@ -3,7 +3,6 @@ padded and packed batches, tokens counted without HF's per-micro-batch host read
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -96,33 +95,49 @@ def test_mfu_uses_each_window_attended_length(tmp_path: Path, collate: Any) -> N
     assert args.include_num_input_tokens_seen in ("no", False)
 
 
+class Clock:
+    """The callback's clock, advanced by hand: a training forward takes 1 s, an evaluation or a save 100 s, so the
+    windows' times are exact whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 class SlowEvaluationAndSaving(Trainer):
-    """Stands in for a large validation set and a large checkpoint: 1.5 s each."""
+    clock: Clock
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        time.sleep(1.5)
+        self.clock.now += 100.0
         return super().evaluate(*args, **kwargs)
 
     def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        time.sleep(1.5)
+        self.clock.now += 100.0
         super()._save_checkpoint(*args, **kwargs)
 
 
-def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path: Path) -> None:
+def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lamelm_fast.integrations import hf
+
+    clock = Clock()
+    monkeypatch.setattr(hf, "time", clock)
+    model = tiny_model("llama")
+    model.register_forward_pre_hook(lambda module, args: setattr(clock, "now", clock.now + module.training))
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 97, (24, 17)).tolist()]
     # Windows (0, 2], (2, 4], (4, 6]: an evaluation at step 3 (not a logging step), a save at step 5.
     args = args_for(tmp_path, per_device_train_batch_size=2, max_steps=6, logging_steps=2, eval_strategy="steps",
                     eval_steps=3, save_strategy="steps", save_steps=5)
-    trainer = SlowEvaluationAndSaving(model=tiny_model("llama"), args=args, train_dataset=data,
-                                      eval_dataset=data[:2], callbacks=[LamelmCallback()])
-    started = time.perf_counter()
+    trainer = SlowEvaluationAndSaving(model=model, args=args, train_dataset=data, eval_dataset=data[:2],
+                                      callbacks=[LamelmCallback()])
+    trainer.clock = clock
     trainer.train()
-    assert time.perf_counter() - started > 4.5  # two evaluations and a save did run
+    assert clock.now > 200  # the evaluations and the save did run
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert [row["step"] for row in rows] == [2, 4, 6]
-    for row in rows:
-        window_seconds = 2 * 2 * 17 / row["tokens_per_second"]  # 2 steps of 2 sequences of 17 tokens
-        assert window_seconds < 1.2, (row["step"], window_seconds)  # training alone: well under one pause
+    for row in rows:  # each window: 2 steps of one 1 s forward, 2 sequences of 17 tokens each
+        assert row["tokens_per_second"] == pytest.approx(2 * 2 * 17 / 2.0), row["step"]
 
 
 @pytest.mark.gpu
