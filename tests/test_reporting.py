@@ -146,3 +146,26 @@ def test_hf_callback_adds_throughput_and_health(tmp_path: Path, tiny_model_dir: 
     assert all(row["tokens_per_second"] > 0 for row in logged)  # 4 x 33 real tokens per step, timed
     assert callback.warnings and callback.warnings[0].check == "exploding_gradients"
     assert any("health_warnings" in row for row in logged)
+
+
+def test_mfu_counts_the_attended_length_and_every_rank_device() -> None:
+    """The attention term uses sum(L**2) / sum(L) (not the mean length), and the rates, which count every rank's
+    tokens, are set against every rank's peak."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lamelm_fast.metrics.throughput import count_parameters, flops_per_token
+    from lamelm_fast.train.data import Example, attended_length
+    from lamelm_fast.train.reporting import SilentLogger, TrainingReport
+
+    examples = [Example([1] * n, [True] * n) for n in (2, 4)]
+    assert attended_length(examples) == (2 * 2 + 4 * 4) / (2 + 4)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    report = TrainingReport(SilentLogger(), model, config, torch.device("cpu"), attended_length(examples), False,
+                            peak_tflops=2.0, early_stopping_patience=None, world_size=3)
+    try:
+        assert report.peak_flops == 3 * 2.0e12
+        assert report.flops_per_token == flops_per_token(config, *count_parameters(model), 20 / 6)
+    finally:
+        report.close()

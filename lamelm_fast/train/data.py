@@ -427,6 +427,13 @@ def prepare_datasets(source: str | None, split: str, fmt: str, tokenizer: Any, m
     return train_set, eval_set, stats
 
 
+def attended_length(examples: list[Example]) -> float:
+    """sum(L**2) / sum(L): the length a token attends over, averaged over tokens (``flops_per_token``'s seq_len;
+    each sequence attends within itself, packed or not)."""
+    lengths = [len(e.input_ids) for e in examples]
+    return sum(n * n for n in lengths) / max(sum(lengths), 1)
+
+
 def check_token_ids(examples: list[Example], vocab_size: int | None, pad_token_id: int) -> None:
     """Refuse token ids the model has no embedding row for (a tokenizer that does not match the model): on a GPU
     they would stop the run with a device-side assert, or make the loss NaN."""

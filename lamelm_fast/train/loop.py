@@ -25,6 +25,7 @@ from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve,
 from lamelm_fast.train.data import (
     DataOrder,
     Example,
+    attended_length,
     check_token_ids,
     collate,
     fingerprint,
@@ -229,10 +230,9 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     logger = RunLogger(run_dir, total_steps, quiet=config.quiet, log_format=config.log_format,
                        resume_step=position.step if resume else None, report_to=config.report_to,
                        config=dataclasses.asdict(config)) if dist.is_main else SilentLogger()
-    mean_length = stats.train_tokens / max(stats.train_examples, 1)
-    report = TrainingReport(logger, loaded.model, model_config, device, mean_length, bool(eval_set),
+    report = TrainingReport(logger, loaded.model, model_config, device, attended_length(train_set), bool(eval_set),
                             config.peak_tflops, config.early_stopping_patience, config.max_consecutive_skipped_steps,
-                            dist.sum)
+                            dist.sum, dist.world_size)
     best_checkpoint, stopped_early = None, False
     if state is not None:  # the summary and the health checks continue the whole run, not only this segment
         notes.append(report.resume(state.get("report"), position.step))

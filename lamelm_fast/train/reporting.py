@@ -157,9 +157,9 @@ def _rate(count: float | None, seconds: float | None) -> float | None:
 
 class TrainingReport:
     def __init__(self, logger: RunLogger | SilentLogger, model: nn.Module, model_config: Any, device: torch.device,
-                 mean_sequence_length: float, has_eval: bool, peak_tflops: float | None,
+                 attended_length: float, has_eval: bool, peak_tflops: float | None,
                  early_stopping_patience: int | None, max_consecutive_skipped_steps: int = 0,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction, world_size: int = 1) -> None:
         self.logger = logger
         self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
         self.reduce = reduce
@@ -169,9 +169,10 @@ class TrainingReport:
             self.gpu.start()
         device_name = self.gpu.name if self.gpu is not None and self.gpu.available else (
             torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-        self.peak_flops = peak_flops(device_name, peak_tflops)
+        peak = peak_flops(device_name, peak_tflops)
+        self.peak_flops = None if peak is None else peak * world_size  # the rates count every rank's tokens
         trainable, frozen, embedding = count_parameters(model)
-        self.flops_per_token = flops_per_token(model_config, trainable, frozen, embedding, mean_sequence_length)
+        self.flops_per_token = flops_per_token(model_config, trainable, frozen, embedding, attended_length)
         self.health = HealthMonitor(has_eval=has_eval, early_stopping_patience=early_stopping_patience)
         self.run_started = time.perf_counter()
         # This process's segment of the run: its first step, what it trained (this rank's share), and the totals of
