@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,19 +148,6 @@ class _FusedLossCausalLM:
         return type(outputs)(**{**values, "loss": loss, "logits": None})
 
 
-def _fused_loss_class(base: type) -> type:
-    """``base`` with the fused loss in front, under ``base``'s own name (``save_pretrained`` writes the class name
-    into config.json's ``architectures``, which vLLM and others read), its forward showing ``base.forward``'s
-    signature (HF's Trainer reads it to keep the dataset columns the model takes: ``remove_unused_columns``)."""
-    cls = mixed_in_class(_FusedLossCausalLM, base, "")
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _FusedLossCausalLM.forward(self, *args, **kwargs)
-
-    cls.forward = functools.wraps(base.forward)(forward)
-    return cls
-
-
 def patch_cross_entropy(model: nn.Module) -> None:
     """Make the causal-LM forward compute its training loss with the fused linear cross-entropy (idempotent)."""
     target = causal_lm(model)
@@ -172,7 +158,9 @@ def patch_cross_entropy(model: nn.Module) -> None:
                          "cross_entropy=False) to keep the model's own loss")
     lm_head(model)  # refuse an adapted head now, not at the first training step
     if not isinstance(target, _FusedLossCausalLM):
-        target.__class__ = _fused_loss_class(type(target))
+        # As the model's own class to the outside: save_pretrained writes its name into config.json's architectures
+        # (vLLM and others read it), PEFT records its module, HF's Trainer keeps the dataset columns its forward names.
+        target.__class__ = mixed_in_class(_FusedLossCausalLM, type(target), "", as_base=True)
 
 
 def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = True, swiglu: bool = True,

@@ -401,3 +401,32 @@ def test_the_report_says_which_layers_were_left_to_peft_and_why(quantized_dir: P
     assert report.lora_layers == 0
     assert any(note.startswith("2 4-bit LoRA layer(s) left to PEFT: ") and "DoRA" in note for note in report.notes)
     assert not any("nothing to swap" in note for note in report.notes)
+
+
+def test_the_qkv_group_under_inference_mode_and_across_threads(quantized_dir: Path) -> None:
+    """Inference tensors have no version counter: the group runs its projections apart. What a thread leaves pending
+    is its own: another thread's q call in between does not hand it the other's k and v."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False, targets=["q_proj", "v_proj"]).eval()
+    patch_peft_lora4bit(model)
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+    attention = model.base_model.model.model.layers[0].self_attn
+    xs = [torch.randn(1, 5, attention.q_proj.in_features, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    with torch.no_grad():
+        alone = [[proj(x) for proj in (attention.q_proj, attention.k_proj, attention.v_proj)] for x in xs]
+        outs: list[list[torch.Tensor]] = [[], []]
+        steps = [(0, attention.q_proj), (1, attention.q_proj), (0, attention.k_proj), (0, attention.v_proj),
+                 (1, attention.k_proj), (1, attention.v_proj)]  # interleaved: each thread its own pending outputs
+        threads = [ThreadPoolExecutor(max_workers=1) for _ in xs]  # one worker thread each, for all its calls
+        for who, proj in steps:
+            outs[who].append(threads[who].submit(proj, xs[who]).result())
+        for pool in threads:
+            pool.shutdown()
+    for mine, theirs in zip(outs, alone, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))

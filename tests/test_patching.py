@@ -228,3 +228,27 @@ def test_the_softcap_is_the_one_the_models_own_forward_applies() -> None:
     expected, _ = loss_and_grads(reference, input_ids=input_ids, labels=labels)
     loss, _ = loss_and_grads(ours, input_ids=input_ids, labels=labels)
     assert rel(loss, expected) < 1e-5
+
+
+def test_a_patched_model_loads_in_another_process(tmp_path) -> None:
+    """Patched classes exist only in the process that patched: their instances pickle as mixin over base, rebuilt on
+    load (torch.save(model), spawned workers)."""
+    import subprocess
+    import sys
+
+    reference, ours = pair("llama")
+    apply_kernels(ours, lora=False)  # every patch: the loss, the decoder's packed-row marks, norms, RoPE, SwiGLU
+    input_ids, labels = batch(8)
+    expected, _ = loss_and_grads(ours, input_ids=input_ids, labels=labels)
+    torch.save({"model": ours, "input_ids": input_ids, "labels": labels}, tmp_path / "patched.pt")
+    script = (
+        "import inspect, sys, torch\n"
+        f"saved = torch.load({str(tmp_path / 'patched.pt')!r}, weights_only=False)\n"
+        "model = saved['model']\n"
+        "assert type(model).__name__ == 'LlamaForCausalLM'\n"
+        "assert 'input_ids' in inspect.signature(model.forward).parameters\n"
+        "assert type(model.model.layers[0].mlp).__name__.startswith('SwiGLU')\n"
+        "print(model(input_ids=saved['input_ids'], labels=saved['labels']).loss.item())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert abs(float(result.stdout.split()[-1]) - expected.item()) <= 1e-5 * abs(expected.item())

@@ -357,3 +357,50 @@ def test_packed_rows_are_known_by_the_callers_arguments(monkeypatch: pytest.Monk
     assert not checked and torch.equal(loss, expected)  # one sequence: the positions the model makes are the same
     loss, _ = loss_and_grads(model, batch, padding_free=False)
     assert len(checked) == 1 and torch.equal(loss, expected)
+
+
+def test_packed_row_marks_are_per_thread_and_undone_by_any_exception() -> None:
+    """Two threads in one patched model (a threaded server, DataParallel's replicas) each keep their own mark, and a
+    KeyboardInterrupt inside the forward leaves none behind for later masks of other models."""
+    import threading
+    import time
+
+    from lamelm_fast import apply_kernels
+
+    model = tiny_model("llama").eval()
+    apply_kernels(model, cross_entropy=False, lora=False)
+    ids = torch.randint(1, 90, (1, 8), generator=torch.Generator().manual_seed(0))
+    barrier, errors = threading.Barrier(2), []
+
+    def hold(module, args):
+        barrier.wait()  # both threads inside the decoder's forward
+        if threading.current_thread().name == "late":
+            time.sleep(0.2)  # the thread that entered last leaves last
+
+    hook = model.model.layers[0].register_forward_pre_hook(hold)
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        except Exception as error:  # noqa: BLE001 (the test reports any)
+            errors.append(error)
+
+    early = threading.Thread(target=run, name="early")
+    early.start()
+    time.sleep(0.1)
+    late = threading.Thread(target=run, name="late")
+    late.start()
+    early.join()
+    late.join()
+    hook.remove()
+    assert not errors
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    hook = model.model.layers[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(input_ids=ids)
+    hook.remove()
+    assert varlen_attention._PACKED_ROWS.get() is None

@@ -3,13 +3,43 @@
 from __future__ import annotations
 
 import functools
-import sys
+from typing import Any
+
+
+def mixed_in_class(mixin: type, base: type, prefix: str, as_base: bool = False,
+                   attributes: tuple[tuple[str, Any], ...] = ()) -> type:
+    """``base`` with ``mixin`` in front, named ``prefix + base.__name__``, with class ``attributes`` (name, value);
+    one class per arguments. ``as_base``: in ``base``'s own name, module and qualified name (prefix unused), its
+    forward showing ``base.forward``'s signature, for a class that code outside looks at (HF reads a model's class
+    name and forward signature).
+
+    The class exists only in the process that patched, so pickle could not find it by name in another: its instances
+    pickle as "this mixin over that base" (both importable by name), and unpickling builds the class again.
+    """
+    return _mixed_in_class(mixin, base, prefix, as_base, attributes)  # one cache key however it is called
 
 
 @functools.cache
-def mixed_in_class(mixin: type, base: type, prefix: str) -> type:
-    """``base`` with ``mixin`` in front, named ``prefix + base.__name__``; one class per pair, set as an attribute of
-    the mixin's module so that a patched model still pickles (pickle finds classes by module and name)."""
-    cls = type(f"{prefix}{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
-    setattr(sys.modules[mixin.__module__], cls.__name__, cls)
+def _mixed_in_class(mixin: type, base: type, prefix: str, as_base: bool, attributes: tuple[tuple[str, Any], ...],
+                    ) -> type:
+
+    def __reduce_ex__(self: Any, protocol: int) -> Any:
+        if type(self) is not cls:  # a further subclass (FSDP's): pickled the default way
+            return super(cls, self).__reduce_ex__(protocol)
+        return _new_instance, (mixin, base, prefix, as_base, attributes), self.__getstate__()
+
+    namespace: dict[str, Any] = {"__module__": mixin.__module__, "__reduce_ex__": __reduce_ex__, **dict(attributes)}
+    if as_base:
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return mixin.forward(self, *args, **kwargs)
+
+        namespace.update(__module__=base.__module__, __qualname__=base.__qualname__,
+                         forward=functools.wraps(base.forward)(forward))
+    cls = type(base.__name__ if as_base else f"{prefix}{base.__name__}", (mixin, base), namespace)
     return cls
+
+
+def _new_instance(mixin: type, base: type, prefix: str, as_base: bool, attributes: tuple[tuple[str, Any], ...],
+                  ) -> Any:
+    cls = _mixed_in_class(mixin, base, prefix, as_base, attributes)
+    return cls.__new__(cls)

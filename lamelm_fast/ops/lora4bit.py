@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -520,30 +521,41 @@ class _FusedPeftLoRA4bit:
 
 class _QKVGroup:
     """The q, k and v projections of one attention module. The call on the first one computes all three in one
-    op over the shared input; the next calls with the same input tensor take their output from it."""
+    op over the shared input; the next calls with the same input tensor take their output from it. What is pending
+    is each thread's own (threads running one model, DataParallel's replicas); a call that does not find its input's
+    outputs pending computes alone."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
         self.members = list(members)
-        self.pending: dict[int, torch.Tensor] = {}
-        self.pending_input: tuple[torch.Tensor, int] | None = None  # the input and its version counter
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"members": self.members}  # (nothing pending survives a copy)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["members"])
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        index = self.members.index(layer)
+        local = self._local
+        index = next((i for i, member in enumerate(self.members) if member is layer), None)
+        if index is None:  # a replica of a member (DataParallel): not this group's module
+            return None
         if index:
-            held, version = self.pending_input or (None, -1)
-            if held is not x or version != x._version or index not in self.pending:
+            held, version, pending = getattr(local, "pending", None) or (None, -1, {})
+            if held is not x or version != x._version or index not in pending:
                 return None
-            out = self.pending.pop(index)
-            if not self.pending:
-                self.pending_input = None
+            out = pending.pop(index)
+            if not pending:
+                local.pending = None
             return out
+        local.pending = None
+        if x.is_inference():  # no version counter to tell a reused input from one changed in place: run them apart
+            return None
         fused = [_projection_spec(member, x) for member in self.members]
-        self.pending, self.pending_input = {}, None
         if any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
             return None
         first, *rest = _SharedInputLoRA4bit.apply(x, tuple(f[0] for f in fused), *(t for f in fused for t in f[1]))
-        self.pending = dict(enumerate(rest, start=1))
-        self.pending_input = (x, x._version)
+        local.pending = (x, x._version, dict(enumerate(rest, start=1)))  # the input, its version, its outputs
         return first
 
 

@@ -172,9 +172,8 @@ class _FusedRMSNorm(nn.Module):
 
 
 def _fused_class(norm_class: type, formula: _Formula) -> type:
-    cls = mixed_in_class(_FusedRMSNorm, norm_class, "Fused")
-    cls._lamelm_formula = formula  # the same for every call: the formula is a function of the class
-    return cls
+    # (the formula is a function of the class: one per class, rebuilt with it when a patched model is unpickled)
+    return mixed_in_class(_FusedRMSNorm, norm_class, "Fused", attributes=(("_lamelm_formula", formula),))
 
 
 @functools.cache

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lamelm_fast.ops._patch import mixed_in_class
 from lamelm_fast.ops.dispatch import active_autocast_dtype
 
 PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -153,31 +154,23 @@ def _packed_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None:
     return None
 
 
-class _PackedRowsHooks:
-    """The decoder's forward hooks that set and reset ``_PACKED_ROWS`` (methods of an object, not closures, so that a
-    patched model still pickles)."""
+class _PackedRowsDecoder:
+    """Mixed in front of the decoder's class: its forward tells the mask code it calls whether its rows are packed.
+    Set and reset in the forward's own frame, so each thread has its own, and any exception (KeyboardInterrupt
+    included, which forward hooks do not see) resets it."""
 
-    def __init__(self) -> None:
-        self.tokens: list[contextvars.Token[bool | None]] = []
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tokens": []}  # a forward in flight is not the copy's
-
-    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.tokens.append(_PACKED_ROWS.set(_packed_rows(args, kwargs)))
-
-    def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        _PACKED_ROWS.reset(self.tokens.pop())
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        token = _PACKED_ROWS.set(_packed_rows(args, kwargs))
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _PACKED_ROWS.reset(token)
 
 
 def mark_padding_free_forwards(decoder: nn.Module) -> None:
     """Let the decoder's forwards say whether their rows are packed (see the module docstring); idempotent."""
-    if getattr(decoder, "lamelm_marks_padding_free", False):
-        return
-    hooks = _PackedRowsHooks()
-    decoder.register_forward_pre_hook(hooks.before, with_kwargs=True)
-    decoder.register_forward_hook(hooks.after, with_kwargs=True, always_call=True)
-    decoder.lamelm_marks_padding_free = True
+    if not isinstance(decoder, _PackedRowsDecoder):
+        decoder.__class__ = mixed_in_class(_PackedRowsDecoder, type(decoder), "PackedRows")
 
 
 def _packed_by_word(find: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
