@@ -104,3 +104,22 @@ def test_saving_an_adapter_asks_the_hub_nothing(tmp_path: Path, tiny_model_dir: 
     path = save_checkpoint(tmp_path, 1, model, embedded_tokenizer, {}, Distributed(torch.device("cpu")))
     assert not asked
     assert all("lora_" in name for name in load_file(str(path / "adapter_model.safetensors")))
+
+
+def test_offline_a_cached_model_that_fails_says_why(tmp_path: Path, tiny_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, only missing files mean "download it": a cached model that fails for another reason (an
+    architecture this transformers does not know) gets the loader's own words."""
+    from huggingface_hub import constants
+
+    from lamelm_fast.train import hub
+
+    cache_model(tiny_model_dir, tmp_path / "cache", "some-org/tiny-llama")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "offline_reason", lambda: "HF_HUB_OFFLINE is set")
+    cached = hub.load_error("model", "some-org/tiny-llama", ValueError("unrecognized model type 'llama9'"), "fix it")
+    assert str(cached) == "could not load model 'some-org/tiny-llama': unrecognized model type 'llama9'; fix it"
+    missing = hub.load_error("model", "some-org/elsewhere", OSError("couldn't find them in the cached files"), "x")
+    assert "it is not in the local Hugging Face cache" in str(missing)
+    wrong_split = hub.load_error("dataset", "some-org/set", ValueError('Unknown split "tran"'), "y", dataset=True)
+    assert "Unknown split" in str(wrong_split)

@@ -51,11 +51,24 @@ def cache_only_if_offline(source: str) -> str | None:
     return reason
 
 
+def _files_missing(source: str, error: Exception, dataset: bool) -> bool:
+    """Whether a load failed for want of cached files, not for what they hold (an architecture this transformers
+    does not know, a wrong split...)."""
+    if dataset:
+        return isinstance(error, (ConnectionError, FileNotFoundError))  # datasets' "not reachable" and "not cached"
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return not isinstance(try_to_load_from_cache(source, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        return True
+
+
 def load_error(what: str, source: str, error: Exception, fix: str, dataset: bool = False) -> ConfigError:
-    """The error for a failed load of ``what`` from ``source``: not in the cache, when the hub cannot be used; else
-    the loader's own reason and ``fix``."""
+    """The error for a failed load of ``what`` from ``source``: not in the cache, when the hub cannot be used and the
+    files are missing; else the loader's own reason and ``fix``."""
     reason = _offline_for(source)
-    if reason is None:
+    if reason is None or not _files_missing(source, error, dataset):
         return ConfigError(f"could not load {what} '{source}': {first_line(error)}; {fix}")
     from huggingface_hub import constants
 
