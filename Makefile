@@ -15,8 +15,9 @@ RUN := PYTHONSAFEPATH=1 $(PY)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet "$(TORCH)" "setuptools>=69" wheel
+	# No build isolation: setup.py imports the torch installed above to build the CUDA extension where CUDA exists.
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

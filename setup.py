@@ -4,6 +4,7 @@ torch are present. Without them (CPU machines, CI) the package installs as pure 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -17,6 +18,9 @@ def cuda_extensions() -> tuple[list, dict]:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:  # torch not importable in the build environment: pure-Python install
+        print("lamelm-fast: torch is not importable in this build environment (pip's build isolation), so the CUDA "
+              "extension is not built; install with `pip install --no-build-isolation -e .` to build it",
+              file=sys.stderr)
         return [], {}
     if CUDA_HOME is None or torch.version.cuda is None:
         return [], {}
