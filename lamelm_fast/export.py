@@ -105,7 +105,12 @@ def merged_model(checkpoint: Path, config: TrainConfig, base: str, device: torch
     from lamelm_fast.train.hub import cache_only_if_offline
     from lamelm_fast.train.model import keep_bnb_storage_layout, pretrained_source, quantized_load_kwargs
 
-    source = pretrained_source(config)
+    try:
+        source = pretrained_source(config)
+    except ConfigError:  # (its words are for the trainer's --model)
+        what = "has no config.json" if Path(str(config.model)).expanduser().exists() else "is no longer there"
+        raise ConfigError(f"{checkpoint} was trained on the base model {config.model}, which {what}: give the base "
+                          "model's location now with --model") from None
     cache_only_if_offline(source)
     quantized = config.finetune == "qlora" and base == "quantized"
     try:

@@ -175,6 +175,10 @@ def test_kernels_flag_refuses_a_backend_that_cannot_run_here(tmp_path, monkeypat
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU machine without the interpreter cannot run Triton
     with pytest.raises(ConfigError, match="--kernels triton: .*TRITON_INTERPRET"):
         train(TrainConfig(kernels="triton", max_steps=1, output_dir=str(tmp_path / "run")))
+    monkeypatch.setenv("LAMELM_KERNELS", "triton")  # --kernels auto follows it: the error names the variable
+    with pytest.raises(ConfigError, match=r"LAMELM_KERNELS=triton \(which --kernels auto follows\): .*; or unset "
+                                          "LAMELM_KERNELS"):
+        train(TrainConfig(max_steps=1, output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 
 

@@ -147,7 +147,8 @@ def test_an_interrupted_export_leaves_nothing_behind(tmp_path: Path, tiny_model_
 
 
 def test_a_relative_model_path_is_recorded_absolute_and_a_moved_base_is_given_with_model(
-        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     import json
     import shutil
 
@@ -162,7 +163,10 @@ def test_a_relative_model_path_is_recorded_absolute_and_a_moved_base_is_given_wi
     monkeypatch.chdir(elsewhere)  # the run's working directory no longer matters
     assert main([str(checkpoint), str(tmp_path / "out1"), "--dtype", "float32"]) == 0
     shutil.move(str(base), str(tmp_path / "moved"))
+    capsys.readouterr()
     assert main([str(checkpoint), str(tmp_path / "out2"), "--dtype", "float32"]) == 2
+    assert (f"was trained on the base model {base.resolve()}, which is no longer there: give the base model's "
+            "location now with --model") in capsys.readouterr().err
     assert main([str(checkpoint), str(tmp_path / "out2"), "--dtype", "float32", "--model",
                  str(tmp_path / "moved")]) == 0
     assert torch.equal(logits(exported(tmp_path / "out1")), logits(exported(tmp_path / "out2")))

@@ -100,6 +100,22 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(
     assert not list(run.glob(".checkpoint-*"))  # the temporary directory is gone
 
 
+def test_disk_full_at_the_first_save_says_to_run_again(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        if ".checkpoint-2.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(config(tiny_model_dir, small_alpaca, tmp_path / "run", save_steps=2))
+    message = str(stopped.value)
+    assert "no earlier checkpoint exists" in message and message.endswith("then run the same command again")
+
+
 class _NonFiniteGradient(torch.autograd.Function):
     """Identity forward (a finite loss), NaN backward: the gradient is poisoned, the loss is not."""
 

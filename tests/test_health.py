@@ -195,10 +195,18 @@ def test_overfitting_and_early_stopping() -> None:
     warnings = _train_then_eval(monitor, [2.5, 2.2, 2.3, 2.45])
     assert fired(monitor.warnings) == [("overfitting", 200)]
     message = monitor.warnings[0].message
-    assert "2.45" in message and "2.2 at step 100" in message and "--early-stopping-patience" in message
+    assert "2.45" in message and "2.2 at step 100" in message
+    assert "--early-stopping-patience" not in message  # it is on: this run stops by itself
     assert monitor.should_stop
     assert monitor.best_eval == {"step": 100, "val_loss": 2.2, "val_perplexity": math.exp(2.2),
                                  "val_token_accuracy": 0.3}
+
+
+def test_overfitting_without_early_stopping_suggests_it() -> None:
+    monitor = HealthMonitor()
+    _train_then_eval(monitor, [2.5, 2.2, 2.3, 2.45])
+    assert fired(monitor.warnings) == [("overfitting", 200)]
+    assert "or use --early-stopping-patience" in monitor.warnings[0].message and not monitor.should_stop
 
 
 def test_val_loss_rising_with_train_loss_rising_is_not_overfitting() -> None:

@@ -272,8 +272,9 @@ class HealthMonitor:
                 f"Validation loss rose for {self._overfit_streak} evaluations in a row (to {val_loss:.4g} at step "
                 f"{step}) while the training loss kept falling (from {previous_interval_loss:.4g} to "
                 f"{interval_loss:.4g}): the model is overfitting. The best validation loss was {best_loss:.4g} at "
-                f"step {best_step}; train for fewer epochs, add data, or use --early-stopping-patience, and pick "
-                f"the best checkpoint (step {best_step}).")
+                f"step {best_step}; train for fewer epochs, add data"
+                + ("" if self.early_stopping_patience else ", or use --early-stopping-patience")
+                + f", and pick the best checkpoint (step {best_step}).")
         issued = self._report("overfitting", step, message)
 
         if best_before is None or val_loss < float(best_before["val_loss"]):

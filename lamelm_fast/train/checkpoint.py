@@ -126,8 +126,9 @@ def _write(final: Path, model: nn.Module, tokenizer: Any, training_state: dict[s
         full = "the disk is full: " if free < 0.1 else ""
         raise TrainingStopped(
             f"could not save {final} ({full}{first_line(error)}; {free:.2f} GB free on that disk): nothing was left "
-            f"half-written and {kept}; free space (or fix the directory), then resume with "
-            "--resume-from-checkpoint latest", exit_code=1) from None
+            f"half-written and {kept}; free space (or fix the directory), then "
+            + ("resume with --resume-from-checkpoint latest" if previous else "run the same command again"),
+            exit_code=1) from None
     # Replacing a checkpoint of the same step: move the old one aside first, so one is always complete on disk.
     aside = run_dir / f".{final.name}.old"
     if final.exists():

@@ -87,7 +87,7 @@ class TrainConfig:
         "record format: alpaca (instruction/input/output), chat (messages), text; auto detects"))
     dataset_split: str = field(default="train", metadata=_help("split to load from a HF datasets id"))
     max_seq_length: int | None = field(default=None, metadata=_help(
-        "truncate examples to this many tokens; default: min(model context, 2048)"))
+        "truncate examples to this many tokens; default: min(model context, 2048), 256 for the embedded model"))
     packing: bool = field(default=True, metadata=_help(
         "padding-free batches: sequences concatenated, positions restart, no attention across sequences"))
     train_on_prompt: bool = field(default=False, metadata=_help("also compute the loss on prompt tokens"))

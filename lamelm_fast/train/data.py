@@ -248,7 +248,8 @@ def _string_field(record: Record, name: str, required: bool = True) -> str:
     if value is None and not required:
         return ""
     if name not in record.data:
-        raise ConfigError(f"{record.where}: missing field '{name}'")
+        raise ConfigError(f"{record.where}: missing field '{name}': add it to every record (or, if the data is in "
+                          "another format, set --dataset-format)")
     if not isinstance(value, str):
         raise ConfigError(f"{record.where}: field '{name}' must be a string, got {type(value).__name__}")
     return _encodable(record, name, value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import sys
@@ -18,7 +19,7 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from lamelm_fast.metrics import RunLogger
-from lamelm_fast.ops.dispatch import BackendUnavailable, resolve_backend, use_backend
+from lamelm_fast.ops.dispatch import ENV_VAR, BackendUnavailable, resolve_backend, use_backend
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
 from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, unused_settings, validate
@@ -196,7 +197,10 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     try:
         resolve_backend(device, has_cuda=True)
     except BackendUnavailable as error:
-        raise ConfigError(f"--kernels {config.kernels}: {error}") from None
+        from_env = config.kernels == "auto" and os.environ.get(ENV_VAR)
+        setting = f"{ENV_VAR}={os.environ[ENV_VAR]} (which --kernels auto follows)" if from_env else (
+            f"--kernels {config.kernels}")
+        raise ConfigError(f"{setting}: {error}" + (f"; or unset {ENV_VAR}" if from_env else "")) from None
     loaded = load_model(config, model_config, device)
     notes: list[str | None] = [*loaded.notes, *unused_settings(config)]
     if config.eval_samples and dist.world_size > 1:
