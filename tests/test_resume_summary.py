@@ -158,3 +158,24 @@ def test_health_state_round_trips_best_evaluation_and_early_stopping() -> None:
     whole.on_eval_row({"step": 8, "val_loss": 1.8})
     resumed.on_eval_row({"step": 8, "val_loss": 1.8})
     assert resumed.should_stop and whole.should_stop  # the second evaluation without improvement, in both
+
+
+def test_a_checkpoint_between_logging_steps_keeps_its_window(tmp_path: Path, tiny_model_dir: Path,
+                                                             dataset: Path) -> None:
+    """Saved at step 6 inside the logging window 5-8: the resumed run's row at step 8 is the uninterrupted run's,
+    not the mean of steps 7-8 alone, and so is the run's mean train loss."""
+    settings = dict(max_steps=12, logging_steps=4, save_steps=6, eval_split_ratio=0.0)
+    whole = train(config(dataset, tiny_model_dir, tmp_path / "whole" / "run", **settings))
+    interrupted(whole.run_dir, tmp_path / "part" / "run", at=6, in_place=False)
+    resumed = train(config(dataset, tiny_model_dir, tmp_path / "part" / "run", resume_from_checkpoint="latest",
+                           **settings))
+
+    def rows(result) -> dict[int, dict]:
+        return {row["step"]: row for row in result.history if row["type"] == "train"}
+
+    expected, got = rows(whole), rows(resumed)
+    assert sorted(got) == [8, 12]
+    for step in got:
+        for key in ("loss", "token_accuracy"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-6), (step, key)
+    assert resumed.summary["mean_train_loss"] == pytest.approx(whole.summary["mean_train_loss"], rel=1e-6)

@@ -245,6 +245,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                        [note for note in [*notes, wrap_note] if note], resume))
     result = TrainResult(run_dir, position.step, checkpoint=resume.path if resume else None)
     window = WindowMetrics(device, dist.sum)
+    if state is not None:  # a checkpoint between logging steps: its window's first steps are in the checkpoint
+        window.load_state_dict(state.get("window"), holds_sums=dist.is_main)
     skips = SkipStreak(optimizer.skipped_steps)
     windows = training_windows(order, config.gradient_accumulation_steps, position)
     epoch_progress = order.progress(position.epoch, position.example)
@@ -255,7 +257,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
             return result.checkpoint
         state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                  "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
-                 "data_fingerprint": data_fingerprint, "report": report.state_dict()}
+                 "data_fingerprint": data_fingerprint, "report": report.state_dict(), "window": window.state_dict()}
         result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
                                                        config.save_total_limit,
                                                        keep=None if new_best else best_checkpoint)

@@ -53,6 +53,27 @@ class WindowMetrics:
         self.targets += batch.num_targets
         self.sequences += batch.num_sequences
 
+    def state_dict(self) -> dict[str, float]:
+        """The window so far, over all ranks (a checkpoint at a step that is not a logging step falls inside one; every
+        rank calls it: a reduce and one read)."""
+        counts = torch.tensor([self.tokens, self.targets, self.sequences], dtype=torch.float64, device=self.device)
+        sums = self.reduce(torch.cat([torch.stack([self.loss, self.correct]).double(), counts])).tolist()
+        return {**dict(zip(("loss", "correct", "tokens", "targets", "sequences"), sums, strict=True)),
+                "steps": self.steps, "seconds": time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, float] | None, holds_sums: bool) -> None:
+        """Continue the window a checkpoint was saved in (None: from an older version, start afresh). The sums are
+        global: ``holds_sums`` on one rank only, so that the logging step's reduce counts them once."""
+        if state is None:
+            return
+        share = 1.0 if holds_sums else 0.0
+        self.loss.fill_(state["loss"] * share)
+        self.correct.fill_(state["correct"] * share)
+        self.tokens, self.targets, self.sequences = (int(state[key] * share) for key in ("tokens", "targets",
+                                                                                         "sequences"))
+        self.steps = int(state["steps"])
+        self.started = time.perf_counter() - state["seconds"]
+
     def read(self, grad_norm: torch.Tensor | None, skips: SkipStreak) -> dict[str, float]:
         """The window over all ranks, and the last step's grad norm and skip counts (already global)."""
         counts = torch.tensor([self.tokens, self.targets, self.sequences], dtype=torch.float64, device=self.device)
