@@ -19,8 +19,8 @@ def cuda_extensions() -> tuple[list, dict]:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:  # torch not importable in the build environment: pure-Python install
         print("lamelm-fast: torch is not importable in this build environment (pip's build isolation), so the CUDA "
-              "extension is not built; install with `pip install --no-build-isolation -e .` to build it",
-              file=sys.stderr)
+              "extension is not built; to build it: `pip install setuptools wheel && pip install "
+              "--no-build-isolation -e .`", file=sys.stderr)
         return [], {}
     if CUDA_HOME is None or torch.version.cuda is None:
         return [], {}

@@ -140,6 +140,43 @@ def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path: Path, monk
         assert row["tokens_per_second"] == pytest.approx(2 * 2 * 17 / 2.0), row["step"]
 
 
+def test_only_forwards_with_gradients_count_and_sharded_counts_are_not_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward in train mode without gradients (TRL's reference pass, GRPO's generation) trains nothing; a model
+    whose parameters FSDP1 sharded keeps the counts taken at init; a plain nn.Module (no config) gets no MFU."""
+    from lamelm_fast.integrations import hf
+
+    model = tiny_model("llama")
+    callback = LamelmCallback(peak_tflops=1.0)
+    trainer = Trainer(model=model, args=args_for(tmp_path, max_steps=1), train_dataset=examples()[:3],
+                      data_collator=pad, callbacks=[callback])
+    whole = count_parameters(model)
+    assert callback._params == whole  # taken at init
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=model)
+    batch = pad(examples()[:2])
+    model.train()
+    with torch.no_grad():
+        model(**batch)
+    assert callback._sums.tolist() == [0, 0]
+    model(**batch)
+    assert callback._sums.tolist()[0] == sum(len(f["input_ids"]) for f in examples()[:2])
+    callback.on_train_end(trainer.args, trainer.state, trainer.control)
+
+    class Shard(torch.nn.Module):  # stands in for FSDP1's wrapper, whose parameters are this rank's shards
+        pass
+
+    monkeypatch.setattr(hf, "FullyShardedDataParallel", Shard)
+    wrapped = torch.nn.Sequential(Shard(), torch.nn.Linear(3, 3))
+    wrapped.config = model.config
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=wrapped)
+    assert callback._params == whole
+    callback.on_train_end(trainer.args, trainer.state, trainer.control)
+    plain = torch.nn.Linear(3, 3)
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=plain)
+    assert callback._params is None
+    callback.on_train_end(trainer.args, trainer.state, trainer.control)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_counting_on_cuda_reads_nothing_back() -> None:

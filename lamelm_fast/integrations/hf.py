@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
@@ -109,7 +110,8 @@ def _unwrapped(optimizer: Any) -> Any:
 
 class LamelmCallback(TrainerCallback):
     """Add to a Trainer with ``LamelmCallback().install(trainer)`` (runs before the reporting integrations, so
-    TensorBoard/W&B see our numbers) or ``Trainer(callbacks=[LamelmCallback()])``.
+    TensorBoard/W&B see our numbers) or ``Trainer(callbacks=[LamelmCallback()])``, on every rank under torchrun (a
+    logging step sums the ranks' counts: a rank without it would leave the others waiting).
 
     Each logging row gains ``tokens_per_second`` (real, non-padding tokens over the window's training time: time
     spent evaluating and saving checkpoints is left out), ``mfu`` (with each window's attended length, so padded and
@@ -141,10 +143,25 @@ class LamelmCallback(TrainerCallback):
         callbacks = trainer.callback_handler.callbacks
         position = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
         callbacks.insert(position, self)
+        self._measure(trainer.model)
         return self
 
+    def _measure(self, model: nn.Module | None) -> None:
+        """Parameter counts and config for MFU, from a model whose parameters are whole: FSDP1 hands callbacks its
+        wrapped model at train begin, whose parameters are this rank's shards (the counts from init stand)."""
+        if model is None or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return
+        config = getattr(model, "config", None)  # (a plain nn.Module has none: no MFU)
+        self._params, self._model_config = (count_parameters(model), config) if config is not None else (None, None)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._measure(model)
+
     def _count(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not module.training:  # evaluation and generation do not count
+        # Evaluation, generation and other forwards without gradients (TRL's reference pass in DPO, GRPO's
+        # generation, in train mode) train nothing.
+        if not (module.training and torch.is_grad_enabled()):
             return
         inputs = kwargs if "input_ids" in kwargs or "inputs_embeds" in kwargs or not args else {
             **kwargs, "input_ids": args[0]}
@@ -159,8 +176,7 @@ class LamelmCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         if model is not None:
-            self._params = count_parameters(model)
-            self._model_config = model.config
+            self._measure(model)  # (a model_init model replaces the one counted at init)
             self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
         on_cuda = torch.cuda.is_available() and not args.use_cpu
         self.gpu = GpuMonitor() if on_cuda else None
