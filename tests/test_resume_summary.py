@@ -179,3 +179,32 @@ def test_a_checkpoint_between_logging_steps_keeps_its_window(tmp_path: Path, tin
         for key in ("loss", "token_accuracy"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-6), (step, key)
     assert resumed.summary["mean_train_loss"] == pytest.approx(whole.summary["mean_train_loss"], rel=1e-6)
+
+
+def test_a_step_cut_short_by_out_of_memory_leaves_the_saved_window_whole(tmp_path: Path, tiny_model_dir: Path,
+                                                                         dataset: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory in step 3's second micro-batch: the checkpoint of step 2 holds the window of steps 1-2 only, so
+    the resumed run's row at step 4 is the uninterrupted run's (step 3's first micro-batch is not counted twice)."""
+    from lamelm_fast.train import TrainingStopped
+    from lamelm_fast.train import model as model_module
+
+    settings = dict(max_steps=4, logging_steps=4, save_steps=100, eval_split_ratio=0.0, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2)
+    whole = train(config(dataset, tiny_model_dir, tmp_path / "whole" / "run", **settings))
+    real, calls = model_module.causal_lm_loss, {"count": 0}
+
+    def out_of_memory_in_step_3(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "causal_lm_loss", out_of_memory_in_step_3)
+    with pytest.raises(TrainingStopped):
+        train(config(dataset, tiny_model_dir, tmp_path / "part" / "run", **settings))
+    monkeypatch.setattr(model_module, "causal_lm_loss", real)
+    resumed = train(config(dataset, tiny_model_dir, tmp_path / "part" / "run", resume_from_checkpoint="latest",
+                           **settings))
+    expected = [row["loss"] for row in whole.history if row["type"] == "train"]
+    assert [row["loss"] for row in resumed.history if row["type"] == "train"] == pytest.approx(expected, rel=1e-6)

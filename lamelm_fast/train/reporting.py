@@ -32,33 +32,46 @@ class WindowMetrics:
     """Sums over a logging window. Device values stay on device until :meth:`read` (one sync).
 
     ``reduce`` sums a tensor across ranks (under torchrun): loss, correct tokens and counts are summed at logging
-    steps only, so each rank's sums are of its own share.
+    steps only, so each rank's sums are of its own share. A step's micro-batches join the window when the step is
+    done (:meth:`end_step`): a step cut short (out of memory) leaves the window as its last complete step left it.
     """
 
     def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction) -> None:
         self.device = device
         self.reduce = reduce
+        self._step_sums = torch.zeros(2, device=device)  # the running step's loss and correct tokens
+        self._step_counts = [0, 0, 0]  # its tokens, targets, sequences
         self.reset()
 
     def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.correct = torch.zeros((), device=self.device)
+        self.sums = torch.zeros(2, device=self.device)  # loss (summed over steps), correct tokens
         self.steps = self.tokens = self.targets = self.sequences = 0
         self.started = time.perf_counter()
 
     def add_micro_batch(self, loss: torch.Tensor, correct: torch.Tensor, batch: Batch) -> None:
-        self.loss += loss.detach().float()
-        self.correct += correct.detach().float()
-        self.tokens += batch.num_tokens
-        self.targets += batch.num_targets
-        self.sequences += batch.num_sequences
+        self._step_sums += torch.stack([loss.detach().float(), correct.detach().float()])
+        for index, count in enumerate((batch.num_tokens, batch.num_targets, batch.num_sequences)):
+            self._step_counts[index] += count
+
+    def end_step(self) -> None:
+        self.sums += self._step_sums
+        self._step_sums.zero_()
+        tokens, targets, sequences = self._step_counts
+        self.tokens, self.targets, self.sequences = (self.tokens + tokens, self.targets + targets,
+                                                     self.sequences + sequences)
+        self._step_counts = [0, 0, 0]
+        self.steps += 1
+
+    def _global_sums(self) -> torch.Tensor:
+        """[loss, correct, tokens, targets, sequences] of the window over all ranks (a reduce; not read yet)."""
+        counts = torch.tensor([self.tokens, self.targets, self.sequences], dtype=torch.float64, device=self.device)
+        return self.reduce(torch.cat([self.sums.double(), counts]))
 
     def state_dict(self) -> dict[str, float]:
         """The window so far, over all ranks (a checkpoint at a step that is not a logging step falls inside one; every
-        rank calls it: a reduce and one read)."""
-        counts = torch.tensor([self.tokens, self.targets, self.sequences], dtype=torch.float64, device=self.device)
-        sums = self.reduce(torch.cat([torch.stack([self.loss, self.correct]).double(), counts])).tolist()
-        return {**dict(zip(("loss", "correct", "tokens", "targets", "sequences"), sums, strict=True)),
+        rank calls it)."""
+        names = ("loss", "correct", "tokens", "targets", "sequences")
+        return {**dict(zip(names, self._global_sums().tolist(), strict=True)),
                 "steps": self.steps, "seconds": time.perf_counter() - self.started}
 
     def load_state_dict(self, state: dict[str, float] | None, holds_sums: bool) -> None:
@@ -67,8 +80,7 @@ class WindowMetrics:
         if state is None:
             return
         share = 1.0 if holds_sums else 0.0
-        self.loss.fill_(state["loss"] * share)
-        self.correct.fill_(state["correct"] * share)
+        self.sums = torch.tensor([state["loss"] * share, state["correct"] * share], device=self.device)
         self.tokens, self.targets, self.sequences = (int(state[key] * share) for key in ("tokens", "targets",
                                                                                          "sequences"))
         self.steps = int(state["steps"])
@@ -76,8 +88,7 @@ class WindowMetrics:
 
     def read(self, grad_norm: torch.Tensor | None, skips: SkipStreak) -> dict[str, float]:
         """The window over all ranks, and the last step's grad norm and skip counts (already global)."""
-        counts = torch.tensor([self.tokens, self.targets, self.sequences], dtype=torch.float64, device=self.device)
-        sums = self.reduce(torch.cat([torch.stack([self.loss, self.correct]).double(), counts]))
+        sums = self._global_sums()
         norm = grad_norm if grad_norm is not None else torch.full((), math.nan, device=self.device)
         last = torch.stack([norm.double(), skips.streak.double(), skips.skipped_steps.double()])
         loss, correct, tokens, targets, sequences, norm_value, streak, skipped = torch.cat([sums, last]).tolist()
@@ -219,7 +230,7 @@ class TrainingReport:
                 f"come from the {len(earlier_rows)} rows metrics.jsonl kept, and the health checks start afresh")
 
     def end_step(self, window: WindowMetrics, batches: list[Batch], step: int) -> None:
-        window.steps += 1
+        window.end_step()
         self.tokens += sum(batch.num_tokens for batch in batches)
         self.target_tokens += sum(batch.num_targets for batch in batches)
         self.samples += sum(batch.num_sequences for batch in batches)
