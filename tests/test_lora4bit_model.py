@@ -430,3 +430,23 @@ def test_the_qkv_group_under_inference_mode_and_across_threads(quantized_dir: Pa
             pool.shutdown()
     for mine, theirs in zip(outs, alone, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+def test_a_model_patched_twice_pickles(quantized_dir: Path) -> None:
+    """apply_kernels without the 4-bit patch, then with it: the MLP's class is a mixin over a patched class, which
+    pickles as its recipe too."""
+    import io
+
+    from lamelm_fast import apply_kernels
+
+    model = qlora_model(quantized_dir, dropout=0.0, checkpointing=False)
+    apply_kernels(model, lora=False)
+    apply_kernels(model)
+    assert type(model.base_model.model.model.layers[0].mlp).__mro__[2].__name__ == "SwiGLULlamaMLP"
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(8))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

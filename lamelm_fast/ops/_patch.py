@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+# What each mixed class was made of (mixin, base, prefix, as_base, attributes): how its instances pickle.
+_RECIPES: dict[type, tuple[Any, ...]] = {}
+
 
 def mixed_in_class(mixin: type, base: type, prefix: str, as_base: bool = False,
                    attributes: tuple[tuple[str, Any], ...] = ()) -> type:
@@ -14,7 +17,8 @@ def mixed_in_class(mixin: type, base: type, prefix: str, as_base: bool = False,
     name and forward signature).
 
     The class exists only in the process that patched, so pickle could not find it by name in another: its instances
-    pickle as "this mixin over that base" (both importable by name), and unpickling builds the class again.
+    pickle as its recipe (the mixin over the base, a base mixed in its turn as its own recipe, down to classes
+    importable by name), and unpickling builds the classes again.
     """
     return _mixed_in_class(mixin, base, prefix, as_base, attributes)  # one cache key however it is called
 
@@ -22,11 +26,10 @@ def mixed_in_class(mixin: type, base: type, prefix: str, as_base: bool = False,
 @functools.cache
 def _mixed_in_class(mixin: type, base: type, prefix: str, as_base: bool, attributes: tuple[tuple[str, Any], ...],
                     ) -> type:
-
     def __reduce_ex__(self: Any, protocol: int) -> Any:
         if type(self) is not cls:  # a further subclass (FSDP's): pickled the default way
             return super(cls, self).__reduce_ex__(protocol)
-        return _new_instance, (mixin, base, prefix, as_base, attributes), self.__getstate__()
+        return _new_instance, (_recipe(cls),), self.__getstate__()
 
     namespace: dict[str, Any] = {"__module__": mixin.__module__, "__reduce_ex__": __reduce_ex__, **dict(attributes)}
     if as_base:
@@ -36,10 +39,24 @@ def _mixed_in_class(mixin: type, base: type, prefix: str, as_base: bool, attribu
         namespace.update(__module__=base.__module__, __qualname__=base.__qualname__,
                          forward=functools.wraps(base.forward)(forward))
     cls = type(base.__name__ if as_base else f"{prefix}{base.__name__}", (mixin, base), namespace)
+    _RECIPES[cls] = (mixin, base, prefix, as_base, attributes)
     return cls
 
 
-def _new_instance(mixin: type, base: type, prefix: str, as_base: bool, attributes: tuple[tuple[str, Any], ...],
-                  ) -> Any:
-    cls = _mixed_in_class(mixin, base, prefix, as_base, attributes)
+def _recipe(cls: type) -> Any:
+    if cls not in _RECIPES:
+        return cls  # importable by name
+    mixin, base, prefix, as_base, attributes = _RECIPES[cls]
+    return (mixin, _recipe(base), prefix, as_base, attributes)
+
+
+def _class_of(recipe: Any) -> type:
+    if isinstance(recipe, type):
+        return recipe
+    mixin, base, prefix, as_base, attributes = recipe
+    return _mixed_in_class(mixin, _class_of(base), prefix, as_base, attributes)
+
+
+def _new_instance(recipe: Any) -> Any:
+    cls = _class_of(recipe)
     return cls.__new__(cls)
