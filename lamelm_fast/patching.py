@@ -170,17 +170,11 @@ def apply_kernels(model: nn.Module, cross_entropy: bool = True, lora: bool = Tru
     arguments) as varlen flash attention, see :mod:`lamelm_fast.ops.varlen_attention`."""
     report = KernelReport()
     if varlen_attention:
-        from lamelm_fast.ops.varlen_attention import (
-            defer_sdpa_masks,
-            mark_padding_free_forwards,
-            patch_varlen_attention,
-        )
+        from lamelm_fast.ops.varlen_attention import mark_padding_free_forwards, patch_varlen_attention
 
         report.varlen_attention = patch_varlen_attention()
         if getattr(text_config(model), "model_type", None) in SUPPORTED_MODEL_TYPES:
             mark_padding_free_forwards(causal_lm(model).get_decoder())
-            if report.varlen_attention:
-                defer_sdpa_masks(text_config(model))
         if not report.varlen_attention:
             report.notes.append("this torch has no varlen flash attention (torch >= 2.10): packed batches use sdpa "
                                 "over a block-diagonal mask")

@@ -614,6 +614,19 @@ def _static_problem(layer: nn.Module) -> str | None:
     return _static_problem_4bit(layer.get_base_layer()) or _adapter_problem(layer)
 
 
+def _bare_members(projections: list[Any], linear4bit: type) -> list[nn.Module] | None:
+    """The bare 4-bit layers among ``projections`` of one op, when each projection is a patched LoRA layer or a bare
+    4-bit layer we read (those are then kept in bitsandbytes' standard layout); else None (no one op)."""
+    bare = [p for p in projections if type(p) is linear4bit]
+    if not all(isinstance(p, _FusedPeftLoRA4bit) or p in bare for p in projections):
+        return None
+    if any(_static_problem_4bit(p) is not None for p in bare):
+        return None
+    for projection in bare:
+        projection.support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
+    return bare
+
+
 def patch_peft_lora4bit(model: nn.Module, notes: list[str] | None = None) -> int:
     """Make every PEFT LoRA linear layer over a bitsandbytes ``Linear4bit`` in ``model`` run our fused op.
 
@@ -647,22 +660,15 @@ def patch_peft_lora4bit(model: nn.Module, notes: list[str] | None = None) -> int
             module.__class__ = mixed_in_class(_FusedPeftLoRA4bit, type(module), "Fused")
         fused += 1
     for module in model.modules() if fused else ():  # (a model without PEFT layers is not ours to change)
-        projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        bare = [p for p in projections if type(p) is bnb.nn.Linear4bit]
+        mlp = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if (is_swiglu_mlp(module) and not isinstance(module, _FusedSwiGLUMLP)
-                and all(isinstance(p, _FusedPeftLoRA4bit) or p in bare for p in projections)
-                and all(_static_problem_4bit(p) is None for p in bare)):
-            for projection in bare:
-                projection.support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
+                and _bare_members(mlp, bnb.nn.Linear4bit) is not None):
             module.__class__ = mixed_in_class(_FusedSwiGLUMLP, type(module), "Fused")
         qkv = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        bare = [p for p in qkv if type(p) is bnb.nn.Linear4bit]
         if (any(isinstance(p, _FusedPeftLoRA4bit) for p in qkv) and getattr(qkv[0], "_lamelm_qkv", None) is None
-                and all(isinstance(p, _FusedPeftLoRA4bit) or p in bare for p in qkv)
-                and all(_static_problem_4bit(p) is None for p in bare)):
+                and (bare := _bare_members(qkv, bnb.nn.Linear4bit)) is not None):
             group = _QKVGroup(qkv)
             for projection in bare:
-                projection.support_avx512bf16_for_cpu = False  # keep bitsandbytes' standard layout
                 projection.__class__ = mixed_in_class(_GroupedBare4bit, type(projection), "Grouped")
             for projection in qkv:
                 projection._lamelm_qkv = group

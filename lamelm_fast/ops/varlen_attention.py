@@ -13,14 +13,17 @@ the varlen path only when the caller passes transformers' padding-free keyword a
 of 8 up to 256, causal, no dropout, softcap, position bias or paged cache, no sliding window shorter than the longest
 sequence). Every other call is transformers' sdpa, unchanged.
 
-:func:`defer_sdpa_masks` also defers transformers' sdpa mask for a model: a packed row's mask is [batch, 1, T, T]
-(256 MB at 16k tokens, 1 GB at 32k) and only the sdpa fallback reads it, so it is built the first time a layer falls
-back, once per forward, and never when every layer runs varlen.
+:func:`mark_padding_free_forwards` marks a model's decoder, whose forward then does two things for the masks made
+inside it:
 
-:func:`mark_padding_free_forwards` spares transformers a host read per forward: to tell a packed row from a plain
-one, it reads on the host whether the positions ever restart (a device sync on GPU). The caller's arguments already
-say: a forward given the padding-free arguments is packed, and one given no positions has the plain positions the
-model makes itself. Only a forward given positions and no padding-free arguments is checked as before.
+- It spares transformers a host read per forward: to tell a packed row from a plain one, transformers reads on the
+  host whether the positions ever restart (a device sync on GPU). The caller's arguments already say: a forward
+  given the padding-free arguments is packed, and one given no positions has the plain positions the model makes
+  itself. Only a forward given positions and no padding-free arguments is checked as before.
+- It defers the sdpa mask: a packed row's mask is [batch, 1, T, T] (256 MB at 16k tokens, 1 GB at 32k) and only the
+  sdpa fallback reads it, so it is built the first time a layer falls back, once per forward, and never when every
+  layer runs varlen. Only for families whose code hands the mask to the attention function untouched
+  (lamelm_fast.patching.SUPPORTED_MODEL_TYPES): nothing but the wrapped sdpa may receive a :class:`DeferredMask`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -116,42 +118,32 @@ class DeferredMask:
         return self._mask
 
 
-_DEFERRING_CONFIGS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+# The rows of the marked decoder's forward running now, as its caller's arguments say: "packed", "plain" or
+# "unsaid"; None outside a marked decoder's forward.
+_PACKED_ROWS: contextvars.ContextVar[str | None] = contextvars.ContextVar("lamelm_packed_rows", default=None)
 
 
-def defer_sdpa_masks(config: Any) -> None:
-    """Defer the sdpa masks made for the model with this config (see the module docstring). Only for families whose
-    code hands the mask to the attention function untouched (lamelm_fast.patching.SUPPORTED_MODEL_TYPES): nothing
-    but the wrapped sdpa may receive a :class:`DeferredMask`."""
-    _DEFERRING_CONFIGS[id(config)] = config
+def _packed_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return "packed"
+    if len(args) <= 1 and kwargs.get("position_ids") is None:  # input_ids alone may be positional
+        return "plain"
+    return "unsaid"
 
 
 def _deferred(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
     def mask(*args: Any, **kwargs: Any) -> Any:
-        config = kwargs.get("config")
         # A training-shaped call (no padding mask, no cache offset, keys = queries) whose mask transformers may not
-        # skip: a packed row. Generation's masks (a padding mask, a cache; with a static cache made outside the
-        # model's forward and handed back to it) are built at once, as before.
+        # skip, made inside a marked decoder's forward: a packed row. Generation's masks (a padding mask, a cache;
+        # with a static cache made outside the model's forward and handed back to it) are built at once, as before.
         deferrable = (kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip") is False
                       and kwargs.get("q_offset") == 0 and kwargs.get("kv_length") == kwargs.get("q_length"))
-        if not deferrable or config is None or _DEFERRING_CONFIGS.get(id(config)) is not config:
+        if not deferrable or _PACKED_ROWS.get() is None:
             return sdpa_mask(*args, **kwargs)
         return DeferredMask(functools.partial(sdpa_mask, *args, **kwargs))
 
     mask.lamelm_deferred = sdpa_mask  # type: ignore[attr-defined]
     return mask
-
-
-# Whether the rows of the decoder forward running now are packed, by its caller's arguments (None: they do not say).
-_PACKED_ROWS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lamelm_packed_rows", default=None)
-
-
-def _packed_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None:
-    if kwargs.get("cu_seq_lens_q") is not None:
-        return True
-    if len(args) <= 1 and kwargs.get("position_ids") is None:  # input_ids alone may be positional
-        return False
-    return None
 
 
 class _PackedRowsDecoder:
@@ -168,17 +160,18 @@ class _PackedRowsDecoder:
 
 
 def mark_padding_free_forwards(decoder: nn.Module) -> None:
-    """Let the decoder's forwards say whether their rows are packed (see the module docstring); idempotent."""
+    """Mark the decoder (see the module docstring): only of a family in lamelm_fast.patching.SUPPORTED_MODEL_TYPES;
+    idempotent."""
     if not isinstance(decoder, _PackedRowsDecoder):
         decoder.__class__ = mixed_in_class(_PackedRowsDecoder, type(decoder), "PackedRows")
 
 
 def _packed_by_word(find: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
     def find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
-        packed = _PACKED_ROWS.get()
-        if packed is None:
+        rows = _PACKED_ROWS.get()
+        if rows in (None, "unsaid"):
             return find(position_ids)
-        if not packed:
+        if rows == "plain":
             return None
         # transformers' sequence index (a new sequence wherever the position does not follow the last one), without
         # its host check for "one sequence per row": a row that is one sequence gets the plain causal mask from it.
