@@ -1,17 +1,22 @@
 """LamelmCallback in a transformers.Trainer run: training time without evaluation and saving, attended length of
-padded and packed batches, tokens counted without HF's per-micro-batch host read."""
+padded and packed batches, tokens counted without HF's per-micro-batch host read, health checks continued across a
+resume."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import transformers.trainer
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 from conftest import tiny_model
 from lamelm_fast.integrations.hf import LamelmCallback, sequence_length_sums
+from lamelm_fast.metrics.health import HealthThresholds
 from lamelm_fast.metrics.throughput import count_parameters, flops_per_token, mfu
 
 LENGTHS = [3, 11, 7, 16, 5, 9, 14, 2, 12, 6, 8, 15]
@@ -138,6 +143,80 @@ def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path: Path, monk
     assert [row["step"] for row in rows] == [2, 4, 6]
     for row in rows:  # each window: 2 steps of one 1 s forward, 2 sequences of 17 tokens each
         assert row["tokens_per_second"] == pytest.approx(2 * 2 * 17 / 2.0), row["step"]
+
+
+def flat_run(tmp_path: Path, name: str, clock: Clock, resume_from: Path | None = None,
+             **overrides: Any) -> Trainer:
+    """7 steps over one repeated example at a tiny learning rate: the loss is flat from the start, and the health
+    check (over 3 windows here) says so at step 3 and only then. A checkpoint every 2 steps; on the callback's clock
+    a training forward takes 1 s, a save 100 s, and a resumed run's skipping of the batches already trained 100 s
+    a batch (as reading them from an iterable dataset may)."""
+    model = tiny_model("llama")
+    model.register_forward_pre_hook(lambda module, args: setattr(clock, "now", clock.now + module.training))
+    ids = list(range(1, 18))
+    args = args_for(tmp_path / name, per_device_train_batch_size=2, max_steps=7, learning_rate=1e-6,
+                    lr_scheduler_type="constant", save_strategy="steps", save_steps=2, **overrides)
+    trainer = SlowEvaluationAndSaving(model=model, args=args, train_dataset=[{"input_ids": ids, "labels": ids}] * 14,
+                                      callbacks=[LamelmCallback(peak_tflops=1.0,
+                                                                thresholds=HealthThresholds(flat_windows=3))])
+    trainer.clock = clock
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer
+
+
+def lamelm_of(trainer: Trainer) -> LamelmCallback:
+    """The callback the Trainer runs (restore_callback_states_from_checkpoint replaces the one it was given)."""
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LamelmCallback))
+
+
+@pytest.mark.parametrize("restore_flag", [False, True], ids=["default", "restore_callback_states"])
+def test_a_resumed_run_logs_and_warns_as_the_uninterrupted_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_flag: bool) -> None:
+    from lamelm_fast.integrations import hf
+
+    clock = Clock()
+    monkeypatch.setattr(hf, "time", clock)
+    skip = transformers.trainer.skip_first_batches
+
+    def slow_skip(dataloader: Any, num_batches: int) -> Any:
+        clock.now += 100.0 * num_batches
+        return skip(dataloader, num_batches)
+
+    monkeypatch.setattr(transformers.trainer, "skip_first_batches", slow_skip)
+    whole = flat_run(tmp_path, "whole", clock)
+    warned = [(w.check, w.step, w.message) for w in lamelm_of(whole).warnings]
+    assert [(check, step) for check, step, _ in warned] == [("not_learning", 3)]
+    rows = [row for row in whole.state.log_history if "loss" in row]
+    keys = ("step", "tokens_per_second", "mfu", "health_warnings")
+    # From checkpoint-2 the warning at step 3 needs the windows of steps 1 and 2; from checkpoint-4 it was given
+    # already (a fresh start would give it again at step 7).
+    for step in (2, 4):
+        resumed = flat_run(tmp_path, f"from-{step}", clock, Path(whole.args.output_dir) / f"checkpoint-{step}",
+                           restore_callback_states_from_checkpoint=restore_flag)
+        assert [(w.check, w.step, w.message) for w in lamelm_of(resumed).warnings] == warned
+        after = [row for row in resumed.state.log_history if "loss" in row and row["step"] > step]
+        assert [[row.get(key) for key in keys] for row in after] == [[row.get(key) for key in keys]
+                                                                      for row in rows[step:]]
+        assert [row["loss"] for row in after] == pytest.approx([row["loss"] for row in rows[step:]], rel=1e-6)
+
+
+def test_a_checkpoint_without_the_callback_state_resumes_afresh(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Saved without the callback (or by an older version): its checks start afresh, said once, and the next save
+    (which the Trainer writes into the callback's entry) still works."""
+    args = args_for(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    Trainer(model=tiny_model("llama"), args=args, train_dataset=examples(), data_collator=pad).train()
+    args = args_for(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=tiny_model("llama"), args=args, train_dataset=examples(), data_collator=pad,
+                      callbacks=[LamelmCallback()])
+    with caplog.at_level(logging.WARNING, logger="lamelm_fast"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
+    assert [record.getMessage() for record in caplog.records if "start afresh" in record.getMessage()] == [
+        "lamelm: the checkpoint at step 2 holds no LamelmCallback state (saved without it, by an older version, or "
+        "with several of them on one Trainer): its health checks start afresh"]
+    saved = json.loads((tmp_path / "hf" / "checkpoint-4" / "trainer_state.json").read_text())
+    health = saved["stateful_callbacks"]["LamelmCallback"]["attributes"]["health_state"]
+    assert len(health["_windows"]) == 2  # the losses of steps 3 and 4: this run's, from scratch
 
 
 def test_only_forwards_with_gradients_count_and_sharded_counts_are_not_taken(

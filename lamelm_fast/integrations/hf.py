@@ -7,6 +7,7 @@ Trainer's optimizer, configured from its ``TrainingArguments`` and grouped as th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from lamelm_fast.metrics.gpu import GpuMonitor
 from lamelm_fast.metrics.health import HealthMonitor, HealthThresholds, HealthWarning
@@ -108,7 +109,7 @@ def _unwrapped(optimizer: Any) -> Any:
     return optimizer
 
 
-class LamelmCallback(TrainerCallback):
+class LamelmCallback(TrainerCallback, ExportableState):
     """Add to a Trainer with ``LamelmCallback().install(trainer)`` (runs before the reporting integrations, so
     TensorBoard/W&B see our numbers) or ``Trainer(callbacks=[LamelmCallback()])``, on every rank under torchrun (a
     logging step sums the ranks' counts: a rank without it would leave the others waiting).
@@ -119,13 +120,19 @@ class LamelmCallback(TrainerCallback):
     counted on the device by a forward pre-hook on the model and read once per logging step. With a FusedAdamW,
     rows also get its ``skipped_steps`` (non-finite steps it skipped), and its ``grad_norm`` when the Trainer logged
     none (the Trainer did not clip, so the optimizer saw the raw gradients).
+
+    Every HF checkpoint holds the health checks' state (``stateful_callbacks`` in its trainer_state.json): a resumed
+    run warns and stops early as the uninterrupted run would, without ``restore_callback_states_from_checkpoint``.
+    ``thresholds`` may also be a dict of :class:`HealthThresholds` fields (as that flag restores them).
     """
 
-    def __init__(self, peak_tflops: float | None = None, thresholds: HealthThresholds | None = None,
+    def __init__(self, peak_tflops: float | None = None,
+                 thresholds: HealthThresholds | Mapping[str, Any] | None = None,
                  early_stopping_patience: int | None = None) -> None:
         self.peak_tflops = peak_tflops
+        if isinstance(thresholds, Mapping):
+            thresholds = HealthThresholds(**thresholds)
         self.health = HealthMonitor(thresholds, has_eval=True, early_stopping_patience=early_stopping_patience)
-        self.warnings: list[HealthWarning] = []
         self.gpu: GpuMonitor | None = None
         self._params: tuple[int, int, int] | None = None
         self._model_config: Any = None
@@ -133,9 +140,33 @@ class LamelmCallback(TrainerCallback):
         self._hook: Any = None
         self._sums: Tensor | None = None  # [tokens, sum of squared sequence lengths] of the window, on device
         self._training = False
+        self._resuming = False  # a resumed run before its first step
         self._window_start = 0.0  # when the logging window began
         self._paused = 0.0  # seconds of the window spent evaluating and saving
         self._last_trained = 0.0  # the last moment known to be training time (after the device finished it)
+
+    @property
+    def warnings(self) -> list[HealthWarning]:
+        """Every health warning of the run, those before the checkpoint it resumed from included."""
+        return self.health.warnings
+
+    @property
+    def health_state(self) -> dict[str, Any]:
+        """The health checks' state in JSON types (what checkpoints hold); setting it continues from one."""
+        return self.health.json_state_dict()
+
+    @health_state.setter
+    def health_state(self, state: Mapping[str, Any]) -> None:
+        self.health.load_json_state_dict(state)
+
+    def state(self) -> dict[str, Any]:
+        """What the Trainer saves in each checkpoint (on the saving rank only: no collectives here).
+        :meth:`on_train_begin` restores ``attributes`` with or without ``restore_callback_states_from_checkpoint``;
+        that flag also has the Trainer replace the callback by ``LamelmCallback(**args)`` (the checkpoint's
+        settings), added after the others, where without it the resumed run keeps its own settings."""
+        return {"args": {"peak_tflops": self.peak_tflops, "thresholds": dataclasses.asdict(self.health.thresholds),
+                         "early_stopping_patience": self.health.early_stopping_patience},
+                "attributes": {"health_state": self.health_state}}
 
     def install(self, trainer: Trainer) -> LamelmCallback:
         """Insert after the Trainer's flow callback (whose decisions to evaluate and save it reads) and before the
@@ -172,6 +203,8 @@ class LamelmCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs: Any) -> None:
         self.health.has_eval = args.eval_strategy != "no"
+        self._resuming = state.global_step > 0  # a fresh run's state starts at step 0
+        self._restore(state)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -191,6 +224,20 @@ class LamelmCallback(TrainerCallback):
         self._window_start = self._last_trained = time.perf_counter()
         self._paused = 0.0
 
+    def _restore(self, state: TrainerState) -> None:
+        """A resumed run's ``state`` is the checkpoint's trainer_state.json, read by every rank (rank 0 wrote it):
+        every rank continues the same health checks."""
+        name = type(self).__name__  # the Trainer's key for a callback's state
+        saved = state.stateful_callbacks.get(name)
+        if self._resuming and isinstance(saved, Mapping):
+            self.health_state = saved["attributes"]["health_state"]
+        elif self._resuming:
+            logger.warning("lamelm: the checkpoint at step %d holds no %s state (saved without it, by an older "
+                           "version, or with several of them on one Trainer): its health checks start afresh",
+                           state.global_step, name)
+        # The Trainer's next save writes into this entry and fails where the checkpoint lacks it.
+        state.stateful_callbacks.setdefault(name, self.state())
+
     def _training_done(self, args: TrainingArguments, control: TrainerControl) -> None:
         """Marks the end of a step's training time, before the Trainer may log, evaluate or save.
 
@@ -200,6 +247,16 @@ class LamelmCallback(TrainerCallback):
             if args.device.type == "cuda":
                 torch.cuda.synchronize(args.device)
         self._last_trained = time.perf_counter()
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        if self._resuming:
+            # Before a resumed run's first step the Trainer skipped the batches already trained on (reading and
+            # dropping them, from an iterable dataset): neither training time nor GPU load.
+            self._resuming = False
+            self._pause_ends()
+            if self.gpu is not None:
+                self.gpu.window()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
@@ -221,7 +278,6 @@ class LamelmCallback(TrainerCallback):
 
     def _report(self, warnings: list[HealthWarning], state: TrainerState, control: TrainerControl) -> None:
         for warning in warnings:
-            self.warnings.append(warning)
             logger.warning("lamelm health (step %d): %s", warning.step, warning.message)
             if warning.fatal:
                 control.should_training_stop = True

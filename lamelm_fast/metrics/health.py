@@ -6,6 +6,7 @@ Pure Python over the rows the trainer already logs (no torch, no I/O), so it cos
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import statistics
@@ -107,6 +108,23 @@ class HealthMonitor:
         for key in vars(self).keys() - _SETTINGS:
             if key in state:  # one the checkpoint lacks (saved by an older version) keeps its fresh value
                 setattr(self, key, copy.deepcopy(state[key]))
+
+    def json_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` in JSON's types, for a checkpoint that holds only JSON (HF's trainer_state.json)."""
+        state = self.state_dict()
+        state["warnings"] = [dataclasses.asdict(warning) for warning in state["warnings"]]
+        state["_active"] = sorted(state["_active"])
+        state["_windows"] = [list(window) for window in state["_windows"]]
+        state["_grad_norms"] = list(state["_grad_norms"])
+        return state
+
+    def load_json_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from what :meth:`json_state_dict` gave, back in the checks' own types (the history's length is
+        this monitor's: its thresholds may differ from the saved one's)."""
+        types = {"warnings": lambda saved: [HealthWarning(**warning) for warning in saved], "_active": set,
+                 "_windows": lambda saved: deque(map(tuple, saved), maxlen=self._windows.maxlen),
+                 "_grad_norms": lambda saved: deque(saved, maxlen=self._grad_norms.maxlen)}
+        self.load_state_dict({key: types[key](value) if key in types else value for key, value in state.items()})
 
     def _report(self, check: str, step: int, message: str | None, fatal: bool = False) -> list[HealthWarning]:
         """`message` is None when the check's condition does not hold now; warn only when it starts holding."""
