@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,7 +51,110 @@ def test_chat_loss_on_assistant_turns_only(embedded_tokenizer) -> None:
     example = encode_record(Record({"messages": messages}, "mem:1"), "chat", embedded_tokenizer, False)
     assert embedded_tokenizer.decode(example.input_ids) == embedded_tokenizer.apply_chat_template(messages,
                                                                                                   tokenize=False)
-    assert targets_text(embedded_tokenizer, example) == "sorted(xs)<|im_end|>\nxs.sort()<|im_end|>\n"
+    # Each answer and the <|im_end|> that ends it; the newline after it opens the next prompt.
+    assert targets_text(embedded_tokenizer, example) == "sorted(xs)<|im_end|>xs.sort()<|im_end|>"
+
+
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+# The second answer has whitespace around it: some templates trim it, the others keep it.
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list?"},
+                {"role": "assistant", "content": "sorted(xs)"}, {"role": "user", "content": "In place?"},
+                {"role": "assistant", "content": " xs.sort()\n"}]
+
+
+def chat_tokenizer(tokenizer: Any, template: str, specials: tuple[str, ...] = ()) -> Any:
+    """A copy of ``tokenizer`` rendering chats with tests/data/chat_templates/<template>.jinja, ``specials`` added
+    as special tokens (a model family's control tokens)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = (CHAT_TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
+    if specials:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tokenizer
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], train_on_prompt: bool = False, where: str = "mem:1") -> Example:
+    example = encode_record(Record({"messages": messages}, where), "chat", tokenizer, train_on_prompt)
+    # Trained on exactly the text the template renders, whatever the labels.
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    return example
+
+
+@pytest.mark.parametrize(("template", "specials", "targets"), [
+    (None, (), "sorted(xs)<|im_end|> xs.sort()\n<|im_end|>"),  # the embedded tokenizer's ChatML
+    # The last answer opens with an empty think block, the earlier one does not: not prefix by prefix.
+    ("qwen3_like", (), "sorted(xs)<|im_end|> xs.sort()\n<|im_end|>"),
+    # The system prompt is in the last user turn, so it moves as turns are added: not prefix by prefix. The space
+    # before an answer is the model's to write (the generation prompt ends with [/INST]).
+    ("mistral_like", ("[INST]", "[/INST]"), " sorted(xs)<|endoftext|> xs.sort()<|endoftext|>"),
+    # An answer trimmed: what the loss sees is the rendered answer, not the record's.
+    ("llama3_like", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+     "sorted(xs)<|eot_id|>xs.sort()<|eot_id|>"),
+    ("gemma3_like", ("<start_of_turn>", "<end_of_turn>"), "sorted(xs)<end_of_turn>xs.sort()<end_of_turn>"),
+    # The generation prompt opens a think block the rendered answers lack: not prefix by prefix.
+    ("deepseek_r1_like", ("<|User|>", "<|Assistant|>"), "sorted(xs)<|endoftext|> xs.sort()\n<|endoftext|>"),
+    # The end of turn is a space and eos.
+    ("llama2_like", (), " sorted(xs) <|endoftext|> xs.sort() <|endoftext|>"),
+], ids=["chatml", "qwen3_like", "mistral_like", "llama3_like", "gemma3_like", "deepseek_r1_like", "llama2_like"])
+def test_chat_targets_are_each_rendered_answer_and_its_end_of_turn(embedded_tokenizer, template: str | None,
+                                                                   specials: tuple[str, ...], targets: str) -> None:
+    """Whatever the template does to the conversation, the loss sees each answer as rendered and the special token
+    that ends its turn (with the spaces around them that the model writes): never the system prompt, a user turn or
+    a header."""
+    tokenizer = chat_tokenizer(embedded_tokenizer, template, specials) if template else embedded_tokenizer
+    assert targets_text(tokenizer, encode_chat(tokenizer, CONVERSATION)) == targets
+
+
+def test_chat_reasoning_as_qwen3_like_templates_render_it(embedded_tokenizer) -> None:
+    tokenizer = chat_tokenizer(embedded_tokenizer, "qwen3_like")
+    reasoned = {"role": "assistant", "content": "<think>\nA copy?\n</think>\n\nsorted(xs)"}
+    # An earlier turn's reasoning is not rendered, so not trained on; the last turn's empty think block is the
+    # template's, so prompt.
+    messages = [CONVERSATION[1], reasoned, *CONVERSATION[3:]]
+    assert targets_text(tokenizer, encode_chat(tokenizer, messages)) == "sorted(xs)<|im_end|> xs.sort()\n<|im_end|>"
+    # A last turn's reasoning fills the think block, which then depends on the answer: one such turn renders prefix
+    # by prefix, and the generation prompt's continuation is the target, reasoning included.
+    example = encode_chat(tokenizer, [CONVERSATION[1], reasoned])
+    assert targets_text(tokenizer, example) == "<think>\nA copy?\n</think>\n\nsorted(xs)<|im_end|>\n"
+    # After an earlier turn, neither way locates it: a clear error; --train-on-prompt trains on all of it.
+    messages = [*CONVERSATION[:3], CONVERSATION[3], reasoned]
+    with pytest.raises(ConfigError, match=r"^mem:7: the assistant responses cannot be located .*between "
+                                          r"messages\[2\] and messages\[4\] changes .*think block.*prefix by prefix "
+                                          "either: use --train-on-prompt"):
+        encode_chat(tokenizer, messages, where="mem:7")
+    assert all(encode_chat(tokenizer, messages, train_on_prompt=True).target_mask)
+
+
+def test_chat_tool_calls_are_targets(embedded_tokenizer) -> None:
+    """A template renders an assistant message's other fields (here tool calls) beside its content, where a
+    sentinel for the content cannot show them: the conversation is cut prefix by prefix instead, as the generation
+    prompt's continuations."""
+    tokenizer = chat_tokenizer(embedded_tokenizer, "qwen3_like")
+    call = {"name": "sort", "arguments": {"xs": [3, 1]}}
+    messages = [{"role": "user", "content": "Sort 3, 1."}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "[1, 3]"}, {"role": "assistant", "content": "[1, 3]"}]
+    assert targets_text(tokenizer, encode_chat(tokenizer, messages)) == (
+        '<think>\n\n</think>\n\n<tool_call>\n{"name": "sort", "arguments": {"xs": [3, 1]}}\n</tool_call><|im_end|>\n'
+        "<think>\n\n</think>\n\n[1, 3]<|im_end|>\n")
+
+
+def test_chat_answers_are_located_where_the_template_puts_them(embedded_tokenizer) -> None:
+    from lamelm_fast.train.data import _SENTINEL
+
+    # Answers equal to other turns (not mistaken for them), an empty one (its end of turn is still learned), a
+    # tool turn (prompt), and text holding the sentinel that stands for the answers (another one is taken).
+    messages = [{"role": "system", "content": "ok"}, {"role": "user", "content": "ok"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "ok"},
+                {"role": "assistant", "content": ""}, {"role": "tool", "content": "ok"},
+                {"role": "user", "content": f"Spell {_SENTINEL}."}, {"role": "assistant", "content": f"{_SENTINEL}X"}]
+    example = encode_chat(embedded_tokenizer, messages)
+    assert targets_text(embedded_tokenizer, example) == f"ok<|im_end|><|im_end|>{_SENTINEL}X<|im_end|>"
+
+
+def test_chat_train_on_prompt_targets_everything_and_keeps_the_prompt_length(embedded_tokenizer) -> None:
+    example = encode_chat(embedded_tokenizer, CONVERSATION, train_on_prompt=True)
+    assert all(example.target_mask)
+    assert embedded_tokenizer.decode(example.input_ids[:example.prompt_length]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSort a list?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_format_detection_and_text_files(tmp_path: Path, embedded_tokenizer) -> None:

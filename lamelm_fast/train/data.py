@@ -13,6 +13,8 @@ import json
 import math
 import multiprocessing
 import os
+import re
+import weakref
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -283,7 +285,103 @@ def _encode_text(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]
     return [(_encode(tokenizer, _string_field(record, "text"), special=True) + [tokenizer.eos_token_id], True)]
 
 
-def _encode_chat(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]:
+class _Unlocated(Exception):
+    """Why the assistant responses cannot be located in a conversation as its chat template renders it."""
+
+
+# Stands in for every assistant message's content in a second rendering: letters only, so that no template trims,
+# escapes or splits it.
+_SENTINEL = "LameLMResponseSentinel"
+# Per tokenizer (and its size, which adding tokens changes): a pattern matching an end-of-turn marker, i.e.
+# whitespace then one of its special tokens. Listing them costs ~60 us with Llama-3's 256, as much as a render.
+_END_OF_TURN: weakref.WeakKeyDictionary[Any, tuple[int, re.Pattern[str] | None]] = weakref.WeakKeyDictionary()
+
+
+def _end_of_turn(tokenizer: Any) -> re.Pattern[str] | None:
+    size = len(tokenizer)
+    cached = _END_OF_TURN.get(tokenizer)
+    if cached is None or cached[0] != size:
+        specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+        specials.update(tokenizer.all_special_tokens)
+        alternatives = "|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True) if token)
+        cached = _END_OF_TURN[tokenizer] = (size, re.compile(rf"\s*(?:{alternatives})") if alternatives else None)
+    return cached[1]
+
+
+def _chat_by_sentinel(messages: list[dict[str, Any]], text: str, render: Callable[..., str],
+                      end_of_turn: re.Pattern[str] | None) -> list[tuple[str, bool]]:
+    """``text`` (the rendered conversation) cut into prompt and target pieces: each assistant content as rendered is
+    a target, with the end-of-turn marker after it (whitespace and a special token: ``<|im_end|>``, ``<|eot_id|>``,
+    `` </s>``) and the spaces before it.
+
+    The conversation is rendered again with every assistant content replaced by a sentinel: between the sentinels
+    lies the template's own text (headers, other roles' turns), which ``text`` must hold in the same order; each
+    content is what ``text`` has between them. Unlike rendering prefix by prefix, this holds for templates that
+    render a turn differently once others follow it (Qwen3's think block, Mistral's system prompt in the last user
+    turn) and costs two renders whatever the number of turns.
+    """
+    responses = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if not responses:
+        return [(text, False)]
+    for i in responses:
+        # A template renders such a field (tool calls, reasoning) beside the content: it would be labelled prompt.
+        extra = [key for key, value in messages[i].items() if key not in ("role", "content") and value is not None]
+        if extra:
+            raise _Unlocated(f"messages[{i}] has fields besides role and content ({', '.join(extra)}) that the "
+                             "template may render as part of the response")
+    sentinel = _SENTINEL
+    while any(sentinel in message["content"] for message in messages):
+        sentinel += "X"
+    parts = render([{**message, "content": sentinel} if message["role"] == "assistant" else message
+                    for message in messages]).split(sentinel)
+    if len(parts) != len(responses) + 1:
+        raise _Unlocated("the template does not render each assistant message's content once")
+    if not text.startswith(parts[0]):
+        raise _Unlocated(f"the template's text before messages[{responses[0]}] changes with its content")
+    pieces, done, start = [], 0, len(parts[0])
+    for k in range(len(responses)):
+        before, part, last = parts[k], parts[k + 1], k == len(responses) - 1
+        # The template text after a content anchors its end: the first place it occurs, so a content that also
+        # appears in a user turn is not mistaken for it (that turn is inside the anchor, with its headers).
+        end = len(text) - len(part) if last else text.find(part, start)
+        if end < start or (last and not text.endswith(part)):
+            where = f"after messages[{responses[k]}]" if last else \
+                f"between messages[{responses[k]}] and messages[{responses[k + 1]}]"
+            raise _Unlocated(f"the template's text {where} changes with the assistant messages' content (reasoning "
+                             "moved into a think block, say)")
+        marker = end_of_turn.match(part) if end_of_turn else None
+        stop = end + (marker.end() if marker else 0)
+        # A space between header and content is the model's to write: the generation prompt ends before it
+        # ("[/INST]", then " answer"), and tokenizers join it to the first word.
+        begin = max(done, start - (len(before) - len(before.rstrip(" "))))
+        pieces += [(text[done:begin], False), (text[begin:stop], True)]
+        done, start = stop, end + len(part)
+    pieces.append((text[done:], False))
+    return pieces
+
+
+def _chat_by_prefix(messages: list[dict[str, Any]], render: Callable[..., str]) -> list[tuple[str, bool]]:
+    """The text each growing prefix of the conversation adds: for an assistant message, the generation prompt is
+    prompt, the rest (its content, its other fields as rendered, all the template puts after them) a target.
+
+    Needs a template that renders the conversation prefix by prefix, but not one whose text around a response is
+    the same whatever the response: it locates what :func:`_chat_by_sentinel` cannot, a last turn's reasoning in
+    Qwen3's think block, tool calls."""
+    segments = []
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            segments.append((render(messages[:index], generation_prompt=True), False))
+        segments.append((render(messages[:index + 1]), message["role"] == "assistant"))
+    pieces, done = [], ""
+    for text, is_target in segments:
+        if not text.startswith(done):
+            raise _Unlocated("it does not render this conversation prefix by prefix")
+        pieces.append((text[len(done):], is_target))
+        done = text
+    return pieces
+
+
+def _encode_chat(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[tuple[list[int], bool]]:
     messages = record.data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{record.where}: field 'messages' must be a non-empty list of {{role, content}}")
@@ -305,40 +403,39 @@ def _encode_chat(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]
 
     from jinja2 import TemplateError
 
-    def render(upto: int, generation_prompt: bool = False) -> str:
+    def render(conversation: list[dict[str, Any]], generation_prompt: bool = False) -> str:
         try:
-            return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
+            return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
         except (TemplateError, ValueError) as error:  # a template refusing a conversation (roles not alternating)
             raise ConfigError(f"{record.where}: field 'messages': the tokenizer's chat template refused this "
                               f"conversation ({first_line(error)}): fix or remove that record") from None
 
-    # Render growing prefixes and tokenize the new text of each step: assistant content is a target,
-    # everything else (headers, user turns, generation prompt) is prompt.
-    segments, done = [], ""
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant":
-            header = render(index, generation_prompt=True)
-            segments.append((header, False))
-        segments.append((render(index + 1), message["role"] == "assistant"))
-    pieces = []
-    for text, is_target in segments:
-        if not text.startswith(done):
-            raise ConfigError(f"{record.where}: the tokenizer's chat template does not render this conversation "
-                              "prefix by prefix, so response-only labels cannot be located: use --train-on-prompt")
-        pieces.append((_encode(tokenizer, text[len(done):]), is_target))
-        done = text
-    return pieces
+    text = render(messages)
+    try:
+        pieces = _chat_by_sentinel(messages, text, render, _end_of_turn(tokenizer))
+    except _Unlocated as why:
+        try:
+            pieces = _chat_by_prefix(messages, render)
+        except _Unlocated:
+            if not train_on_prompt:
+                raise ConfigError(f"{record.where}: the assistant responses cannot be located in this conversation "
+                                  f"as the tokenizer's chat template renders it ({why}), and the template does not "
+                                  "render it prefix by prefix either: use --train-on-prompt (the loss on every "
+                                  "token), or fix or remove that record") from None
+            pieces = [(text, True)]  # every token is a target: nothing to locate
+    return [(_encode(tokenizer, piece), is_target) for piece, is_target in pieces if piece]
 
 
-ENCODERS = {"alpaca": _encode_alpaca, "chat": _encode_chat, "text": _encode_text}
+ENCODERS = {"alpaca": _encode_alpaca, "text": _encode_text}
 
 
 def encode_record(record: Record, fmt: str, tokenizer: Any, train_on_prompt: bool) -> Example:
     ids: list[int] = []
     mask: list[bool] = []
     prompt_length = None
-    for piece, is_target in ENCODERS[fmt](record, tokenizer):
+    # Under --train-on-prompt a conversation whose responses cannot be located is still text to train on.
+    pieces = _encode_chat(record, tokenizer, train_on_prompt) if fmt == "chat" else ENCODERS[fmt](record, tokenizer)
+    for piece, is_target in pieces:
         if is_target and prompt_length is None:
             prompt_length = len(ids)
         ids.extend(piece)
