@@ -517,8 +517,9 @@ def segments(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, Any]
     logs_from = train[0].step if train else None
     if logs_from is not None and logs_from >= first:  # the earlier segments' rows are not in this directory
         text += (f" This directory's logs start at step {logs_from}: the earlier segments were logged in the run "
-                 "directory the checkpoint was copied from, so the sections below that read the logs (milestones, "
-                 f"phases, end of the run, overfitting, checkpoint, warnings) cover steps {logs_from}-{steps} only.")
+                 "directory the checkpoint was copied from (a checkpoint saved by an older version carries no logged "
+                 "rows), so the sections below that read the logs (milestones, phases, end of the run, overfitting, "
+                 f"checkpoint, warnings) cover steps {logs_from}-{steps} only.")
         if counted:
             whole = [f"{name} {summary[key]:.4f}" for name, key in (("first loss", "first_loss"),
                                                                     ("mean train loss", "mean_train_loss"),

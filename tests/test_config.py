@@ -200,17 +200,66 @@ def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_without_saving(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-def test_ctrl_c_before_training_is_one_line_not_a_traceback(monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+# `python -m lamelm_fast.train ARGS` that stops at POINT until a SIGINT arrives: "torch" blocks its first import, any
+# other POINT is a function of the loop's module, replaced. It prints "blocked" once there.
+BLOCKING_TRAINER = """
+import runpy, signal, sys
+
+point = sys.argv.pop(1)
+
+def wait_for_ctrl_c(*args, **kwargs):
+    print("blocked", flush=True)
+    signal.pause()  # the SIGINT raises KeyboardInterrupt here (or just before, if it came first)
+
+if point == "torch":
+    class BlockTorchImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                wait_for_ctrl_c()
+
+    sys.meta_path.insert(0, BlockTorchImport())
+else:
+    from lamelm_fast.train import loop
+
+    setattr(loop, point, wait_for_ctrl_c)
+runpy.run_module("lamelm_fast.train", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("point", ["torch", "load_model", "prepare_datasets", "_banner"],
+                         ids=["importing torch", "loading the model", "tokenizing the data", "run directory made"])
+def test_ctrl_c_before_training_is_one_line_and_leaves_nothing_in_the_way(point: str, tmp_path: Path) -> None:
+    from lamelm_fast.train.checkpoint import check_output_dir
+
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-c", BLOCKING_TRAINER, point, "--max-steps", "1", "--output-dir",
+                                str(run)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "blocked\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == "Interrupted before training started: nothing to save."
+    assert not run.exists() or sorted(path.name for path in run.iterdir()) == ["metrics.jsonl"]
+    assert check_output_dir(run, resuming=False, overwrite=False) == []  # the next start is not refused
+
+
+def test_ctrl_c_after_the_last_step_stops_at_once_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """In the final evaluation (as for a second Ctrl-C in training): not reported as before training started."""
     from lamelm_fast.train import cli, loop
 
-    def interrupted(config):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train", interrupted)
-    assert cli.main(["--max-steps", "1"]) == 130
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    assert cli.main(["--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == ("interrupted: stopped at once; nothing was saved since the last "
                                                "checkpoint")
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
 
 
 def test_a_missing_tracker_package_is_refused_before_anything_is_written(tmp_path: Path,

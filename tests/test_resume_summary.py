@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -75,13 +76,91 @@ def test_resumed_summary_and_explain_cover_the_whole_run(tmp_path: Path, tiny_mo
     assert analysis["mean_vs_final"]["first_loss"] == pytest.approx(expected["first_loss"], rel=1e-6)
     assert "trained in 2 segments (resumed last at step 4)" in analysis["segments"]["text"]
     assert "the last segment alone (steps 5-8" in analysis["throughput"]["text"]
-    if in_place:  # every row once: the interrupted segment's rows after the checkpoint were replaced
-        assert (analysis["first_step"], analysis["last_step"], analysis["train_points"]) == (1, 8, 8)
-        assert analysis["eval_points"] == 4 and "logs start" not in analysis["segments"]["text"]
-    else:  # the earlier rows are in the other directory: said, and the whole run's figures come from the summary
-        assert analysis["first_step"] == 5 and "logs start at step 5" in analysis["segments"]["text"]
-        assert f"first loss {expected['first_loss']:.4f}" in analysis["segments"]["text"]
-        assert f"best val loss {expected['best_val_loss']:.4f} at step 8" in analysis["segments"]["text"]
+    # Every row once, in either directory: the checkpoint carries the rows up to it, and in place the interrupted
+    # segment's rows after the checkpoint were replaced.
+    assert (analysis["first_step"], analysis["last_step"], analysis["train_points"]) == (1, 8, 8)
+    assert analysis["eval_points"] == 4 and "logs start" not in analysis["segments"]["text"]
+
+
+# Measured, not computed: they differ from run to run.
+TIMING = ("tokens_per_second", "samples_per_second", "mfu", "memory_gb")
+
+
+def same_value(value: object, expected: object) -> bool:
+    """Floats to rounding (the resumed steps ran in another process), anything else exactly."""
+    return value == pytest.approx(expected, rel=1e-6) if isinstance(expected, float) else value == expected
+
+
+def logged_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in row.items() if key not in TIMING} for row in rows]
+
+
+@pytest.mark.parametrize("where", ["in place", "checkpoint copied to a new directory",
+                                   "new directory resuming the old one's checkpoint"])
+def test_a_resumed_runs_logs_curves_and_explain_report_are_the_uninterrupted_runs(
+        tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted, where: str) -> None:
+    run_dir = tmp_path / "run"
+    if where == "new directory resuming the old one's checkpoint":
+        interrupted(uninterrupted.run_dir, tmp_path / "old", 4, in_place=True)
+        resume_from = str(tmp_path / "old" / "checkpoint-4")
+    else:
+        interrupted(uninterrupted.run_dir, run_dir, 4, in_place=where == "in place")
+        resume_from = "latest"
+    train(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint=resume_from))
+
+    rows, expected_rows = logged_rows(run_dir), logged_rows(uninterrupted.run_dir)
+    assert [(row["type"], row["step"]) for row in rows] == [(row["type"], row["step"]) for row in expected_rows]
+    for row, expected_row in zip(rows, expected_rows, strict=True):
+        assert row.keys() == expected_row.keys(), (row["type"], row["step"])
+        for key, value in expected_row.items():
+            assert same_value(row[key], value), (row["type"], row["step"], key)
+    arrays, expected_arrays = (json.loads((path / "training_metrics.json").read_text())
+                               for path in (run_dir, uninterrupted.run_dir))
+    assert arrays.keys() == expected_arrays.keys() and arrays["steps"] == list(range(1, 9))
+    for key, values in expected_arrays.items():
+        assert len(arrays[key]) == len(values) and all(map(same_value, arrays[key], values)), key
+    for plot in ("training_curve.png", "loss_by_epoch.png"):
+        assert (run_dir / plot).is_file(), plot
+
+    analysis, expected = analyse(load_run(run_dir)), analyse(load_run(uninterrupted.run_dir))
+    for key in ("train_points", "eval_points", "first_step", "last_step", "warnings"):
+        assert analysis[key] == expected[key], key
+    assert analysis["checkpoints"] == ([8] if resume_from != "latest" else [4, 8])  # checkpoint-4 stayed in old/
+    for key in ("phases", "mean_vs_final", "end_fluctuation", "overfitting"):
+        assert analysis[key]["text"] == expected[key]["text"], key
+    assert analysis["overfitting"]["verdict"] == expected["overfitting"]["verdict"]
+    assert [m["label"] for m in analysis["milestones"]] == [m["label"] for m in expected["milestones"]]
+    assert analysis["checkpoint"]["step"] == expected["checkpoint"]["step"] == 8
+
+
+def as_saved_by_an_older_version(checkpoint: Path, *entries: str) -> None:
+    """Remove training-state entries that an older version did not save, and re-list the files as a save does."""
+    state = torch.load(checkpoint / checkpoint_module.STATE_FILE, weights_only=False)
+    for entry in entries:
+        del state[entry]
+    torch.save(state, checkpoint / checkpoint_module.STATE_FILE)
+    (checkpoint / checkpoint_module.MANIFEST_FILE).unlink()  # re-listed without itself, as a save writes it
+    checkpoint_module._write_manifest(checkpoint)
+
+
+def test_a_checkpoint_without_logged_rows_resumed_elsewhere_says_where_the_logs_start(
+        tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    interrupted(uninterrupted.run_dir, run_dir, 4, in_place=False)
+    as_saved_by_an_older_version(run_dir / "checkpoint-4", "history")
+    capsys.readouterr()
+    resumed = train(dataclasses.replace(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"),
+                                        quiet=False))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "carries no logged rows" in line]
+    assert len(notes) == 1 and "metrics.jsonl, curves and explain report start at step 5" in notes[0]
+    assert_same_run(resumed.summary, uninterrupted.summary)  # the run totals came with the checkpoint
+    # The earlier rows are in the other directory: explain says so, and takes the whole run's figures from the summary.
+    analysis = analyse(load_run(run_dir))
+    expected = uninterrupted.summary
+    assert analysis["first_step"] == 5 and "logs start at step 5" in analysis["segments"]["text"]
+    assert f"first loss {expected['first_loss']:.4f}" in analysis["segments"]["text"]
+    assert f"best val loss {expected['best_val_loss']:.4f} at step 8" in analysis["segments"]["text"]
 
 
 def test_an_uninterrupted_run_says_nothing_of_segments(uninterrupted) -> None:
@@ -122,12 +201,7 @@ def test_a_checkpoint_without_run_totals_still_resumes_and_says_what_is_missing(
         tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     interrupted(uninterrupted.run_dir, run_dir, 4, in_place=True)
-    older = run_dir / "checkpoint-4"  # as an older version saved it: no "report" entry
-    state = torch.load(older / checkpoint_module.STATE_FILE, weights_only=False)
-    del state["report"]
-    torch.save(state, older / checkpoint_module.STATE_FILE)
-    (older / checkpoint_module.MANIFEST_FILE).unlink()  # re-listed without itself, as a save writes it
-    checkpoint_module._write_manifest(older)
+    as_saved_by_an_older_version(run_dir / "checkpoint-4", "report", "history")
     capsys.readouterr()
     resumed = train(dataclasses.replace(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"),
                                         quiet=False))
@@ -174,7 +248,7 @@ def test_a_checkpoint_between_logging_steps_keeps_its_window(tmp_path: Path, tin
         return {row["step"]: row for row in result.history if row["type"] == "train"}
 
     expected, got = rows(whole), rows(resumed)
-    assert sorted(got) == [8, 12]
+    assert sorted(got) == [4, 8, 12]  # step 4's row came with the checkpoint
     for step in got:
         for key in ("loss", "token_accuracy"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-6), (step, key)

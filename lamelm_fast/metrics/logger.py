@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,6 +42,20 @@ def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def pack_rows(rows: list[dict[str, Any]]) -> bytes:
+    """Logged rows as a checkpoint carries them: metrics.jsonl's lines, compressed (to about a fifth: ~60 bytes a train
+    row), as each checkpoint holds every row so far."""
+    return zlib.compress(_jsonl(rows).encode("utf-8"))
+
+
+def unpack_rows(packed: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in zlib.decompress(packed).decode("utf-8").splitlines()]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -119,8 +134,9 @@ class _Trackers:
 
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, *, quiet: bool = False, log_format: str = "table",
-                 resume_step: int | None = None, report_to: list[str] | None = None,
-                 config: dict[str, Any] | None = None, stream: TextIO | None = None) -> None:
+                 resume_step: int | None = None, resume_rows: list[dict[str, Any]] | None = None,
+                 report_to: list[str] | None = None, config: dict[str, Any] | None = None,
+                 stream: TextIO | None = None) -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
         self.quiet = quiet
@@ -128,13 +144,19 @@ class RunLogger:
         self.stream = stream or sys.stdout
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = run_dir / "metrics.jsonl"
-        # A resumed run continues its metrics (and its curves) from the checkpoint's step: rows logged after it by
-        # the interrupted run (and a line a crash cut short) are dropped, as those steps run again. A new run in
-        # the same directory starts afresh.
+        # A resumed run continues its metrics (and its curves) from the checkpoint's step, with the rows up to it that
+        # the checkpoint carries (``resume_rows``), in whichever directory it resumes. A checkpoint of an older version
+        # carries none (None): the rows this directory's metrics.jsonl holds stand in. Rows logged after the step by
+        # the interrupted run (and a line a crash cut short) are dropped, as those steps run again. A new run in the
+        # same directory starts afresh.
         self.history: list[dict[str, Any]] = []
-        if resume_step is not None and metrics_path.is_file():
-            self.history = [row for row in _read_rows(metrics_path) if row.get("step", 0) <= resume_step]
-            _write_text_atomic(metrics_path, "".join(json.dumps(row) + "\n" for row in self.history))
+        if resume_step is not None:
+            if resume_rows is None:
+                resume_rows = _read_rows(metrics_path) if metrics_path.is_file() else []
+            self.history = [row for row in resume_rows if row.get("step", 0) <= resume_step]
+            _write_text_atomic(metrics_path, _jsonl(self.history))
+            if self.history:  # not the interrupted run's arrays, should this run stop before its first row
+                write_json_atomic(run_dir / "training_metrics.json", training_metrics(self.history))
         self._metrics = metrics_path.open("a" if resume_step is not None else "w", encoding="utf-8")
         self._trackers = _Trackers(report_to or [], run_dir, config or {})
         self._rows_printed = 0
@@ -176,7 +198,7 @@ class RunLogger:
     # -- rows
     def _record(self, row: dict[str, Any]) -> None:
         self.history.append(row)
-        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.write(_jsonl([row]))
         self._metrics.flush()
         if self.json_lines and not self.quiet:
             print(json.dumps(row), file=self.stream, flush=True)

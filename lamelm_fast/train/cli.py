@@ -1,17 +1,20 @@
-"""``python -m lamelm_fast.train``: flags generated from TrainConfig, so CLI, YAML and Python share one schema."""
+"""``python -m lamelm_fast.train``: flags generated from TrainConfig, so CLI, YAML and Python share one schema.
+
+This module imports neither torch nor transformers (about 2 s): :func:`main` does, once it can report a Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import warnings
 from typing import Any
 
 from lamelm_fast.cli_parser import OneLineParser
 from lamelm_fast.train.config import ConfigError, TrainConfig, close_settings, field_choices, from_mapping, load_yaml
-from lamelm_fast.train.distributed import launched_rank
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,24 +75,31 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun); readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from lamelm_fast.train.faults import TrainingStopped
-    from lamelm_fast.train.loop import train
-
-    quiet_third_party_noise()
-
-    # Under torchrun every rank meets the same error: rank 0 alone says it.
+    # Under torchrun every rank meets the same error, and torchrun hands a Ctrl-C to each: rank 0 alone says it.
     say = print if launched_rank() == 0 else lambda *args, **kwargs: None
     try:
-        config = parse_config(argv)
-        train(config)
-    except ConfigError as error:
-        say(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingStopped as stop:
-        say(f"stopped: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: no traceback, and no save
-        say("interrupted: stopped at once; nothing was saved since the last checkpoint", file=sys.stderr)
+        from lamelm_fast.train.faults import StoppedAtOnce, TrainingStopped
+        from lamelm_fast.train.loop import train
+
+        quiet_third_party_noise()
+        try:
+            train(parse_config(argv))
+        except ConfigError as error:
+            say(f"error: {error}", file=sys.stderr)
+            return 2
+        except TrainingStopped as stop:
+            say(f"stopped: {stop}", file=sys.stderr)
+            return stop.exit_code
+        except StoppedAtOnce:  # a second Ctrl-C, or one after the last step: no traceback, and no save
+            say("interrupted: stopped at once; nothing was saved since the last checkpoint", file=sys.stderr)
+            return 130
+        return 0
+    except KeyboardInterrupt:  # importing torch, loading the model or the data: the loop had not taken Ctrl-C over
+        say("Interrupted before training started: nothing to save.", file=sys.stderr)
         return 130
-    return 0

@@ -17,8 +17,6 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from lamelm_fast.optim import LR_SCHEDULER_TYPES
-
 FINETUNE_MODES = ("qlora", "lora", "full")
 DATASET_FORMATS = ("auto", "alpaca", "chat", "text")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -328,6 +326,9 @@ def validate(config: TrainConfig) -> None:
         if config.attn_implementation == "eager":
             raise ConfigError("gradient_checkpointing_policy keep_attention keeps the output of a fused attention op "
                               "and eager attention has none: use --attn-implementation sdpa, or the policy full")
+    # Imported here: the optimizers need torch (~2 s), which the command line imports only once it can report a Ctrl-C.
+    from lamelm_fast.optim import LR_SCHEDULER_TYPES
+
     if config.lr_scheduler_type not in LR_SCHEDULER_TYPES:
         raise ConfigError(f"lr_scheduler_type: invalid value {config.lr_scheduler_type!r}; "
                           f"choose one of {', '.join(LR_SCHEDULER_TYPES)}")

@@ -25,11 +25,6 @@ from lamelm_fast.train.config import ConfigError, TrainConfig
 DDP_MEMORY_SHARE = 0.5
 
 
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (0 without torchrun); readable before the process group exists."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def _is_dtensor(value: Any) -> bool:
     from torch.distributed.tensor import DTensor
 

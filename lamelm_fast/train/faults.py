@@ -19,6 +19,12 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A Ctrl-C once training started that the loop does not turn into a save: a second one (the first asks for a
+    save), or one after the last step. Still a KeyboardInterrupt; it tells the command line that training started,
+    so that a Ctrl-C before that is the only one reported as having nothing to save."""
+
+
 class SkipStreak:
     """Consecutive optimizer steps skipped for a non-finite gradient, counted on the device (no host sync)."""
 

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from lamelm_fast.metrics import RunLogger
+from lamelm_fast.metrics.logger import pack_rows, unpack_rows
 from lamelm_fast.ops.dispatch import ENV_VAR, BackendUnavailable, resolve_backend, use_backend
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
@@ -51,7 +52,7 @@ from lamelm_fast.train.samples import generate_samples
 class TrainResult:
     run_dir: Path
     global_step: int
-    history: list[dict[str, Any]] = field(default_factory=list)  # logged train and eval rows
+    history: list[dict[str, Any]] = field(default_factory=list)  # every logged row, a resumed run's earlier ones too
     summary: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
 
@@ -231,9 +232,15 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
             shutil.rmtree(path)
         notes.append(f"--overwrite-output-dir: deleted {len(earlier_checkpoints)} checkpoint(s) of an earlier run")
 
+    carried = state.get("history") if state is not None else None  # None: a checkpoint of an older version
     logger = RunLogger(run_dir, total_steps, quiet=config.quiet, log_format=config.log_format,
-                       resume_step=position.step if resume else None, report_to=config.report_to,
+                       resume_step=position.step if resume else None,
+                       resume_rows=unpack_rows(carried) if carried is not None else None, report_to=config.report_to,
                        config=dataclasses.asdict(config)) if dist.is_main else SilentLogger()
+    if state is not None and carried is None and not logger.history:
+        notes.append(f"{resume.path} carries no logged rows (saved by an older version) and {run_dir} holds none "
+                     f"before step {position.step + 1}: this run directory's metrics.jsonl, curves and explain report "
+                     f"start at step {position.step + 1}; summary.json still covers the whole run")
     report = TrainingReport(logger, loaded.model, model_config, device, attended_length(train_set), bool(eval_set),
                             config.peak_tflops, config.early_stopping_patience, config.max_consecutive_skipped_steps,
                             dist.sum, dist.world_size)
@@ -257,7 +264,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
             return result.checkpoint
         state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                  "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
-                 "data_fingerprint": data_fingerprint, "report": report.state_dict(), "window": window.state_dict()}
+                 "data_fingerprint": data_fingerprint, "report": report.state_dict(), "window": window.state_dict(),
+                 "history": pack_rows(logger.history)}  # the run's rows so far, for a resume in another directory
         result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
                                                        config.save_total_limit,
                                                        keep=None if new_best else best_checkpoint)
@@ -342,6 +350,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         result.summary = report.summary(result.global_step, result.checkpoint, best_checkpoint, stopped_early)
         logger.summary(result.summary)
         result.history = logger.history
+    except KeyboardInterrupt as interrupt:  # marked, so that the command line does not call it one before training
+        raise faults.StoppedAtOnce from interrupt
     finally:
         report.close()
     return result
