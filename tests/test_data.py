@@ -157,6 +157,183 @@ def test_chat_train_on_prompt_targets_everything_and_keeps_the_prompt_length(emb
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSort a list?<|im_end|>\n<|im_start|>assistant\n")
 
 
+# CONVERSATION as ShareGPT writes it: speakers named as in its data, in any case; the keys other rows have (a
+# parquet file gives every row their union, None where missing) and the per-turn weights are not rendered.
+SHAREGPT_CONVERSATION = [{"from": "system", "value": "Be brief.", "weight": None},
+                         {"from": "human", "value": "Sort a list?", "weight": 0.0},
+                         {"from": "gpt", "value": "sorted(xs)", "weight": 1.0},
+                         {"from": "Human", "value": "In place?", "weight": None},
+                         {"from": "GPT", "value": " xs.sort()\n", "weight": None}]
+
+
+@pytest.mark.parametrize(("template", "specials"), [
+    (None, ()), ("qwen3_like", ()), ("mistral_like", ("[INST]", "[/INST]")),
+    ("llama3_like", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+], ids=["chatml", "qwen3_like", "mistral_like", "llama3_like"])
+def test_sharegpt_records_train_exactly_as_the_same_messages(embedded_tokenizer, template: str | None,
+                                                             specials: tuple[str, ...]) -> None:
+    tokenizer = chat_tokenizer(embedded_tokenizer, template, specials) if template else embedded_tokenizer
+    expected = encode_chat(tokenizer, CONVERSATION)
+    # Also the variant that keeps {role, content} under 'conversations', with ShareGPT's names for the roles.
+    variant = [{"role": {"human": "user", "gpt": "model"}.get(turn["from"].lower(), turn["from"]),
+                "content": turn["value"]} for turn in SHAREGPT_CONVERSATION]
+    for turns in (SHAREGPT_CONVERSATION, variant):
+        example = encode_record(Record({"conversations": turns, "id": "c1"}, "mem:1"), "chat", tokenizer, False)
+        assert example == expected
+    everything = encode_record(Record({"conversations": SHAREGPT_CONVERSATION}, "mem:1"), "chat", tokenizer, True)
+    assert everything == encode_chat(tokenizer, CONVERSATION, train_on_prompt=True)
+
+
+def test_sharegpt_speaker_names_and_weights(embedded_tokenizer) -> None:
+    # The raw ShareGPT dump names the model that answered; LLaMA-Factory calls a tool's reply an observation.
+    turns = [{"from": "user", "value": "Sort 3, 1."}, {"from": "chatgpt", "value": "a"},
+             {"from": "observation", "value": "[1, 3]"}, {"from": "input", "value": "Again?"},
+             {"from": "bing", "value": "b"}, {"from": "human", "value": "Once more?"}, {"from": "bard", "value": "c"},
+             {"from": "human", "value": "And?"}, {"from": "model", "value": "d"}]
+    example = encode_record(Record({"conversations": turns}, "mem:1"), "chat", embedded_tokenizer, False)
+    assert embedded_tokenizer.decode(example.input_ids).count("<|im_start|>tool\n[1, 3]<|im_end|>") == 1
+    assert targets_text(embedded_tokenizer, example) == "a<|im_end|>b<|im_end|>c<|im_end|>d<|im_end|>"
+    # A turn weighted 0 is context, not a target.
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello", "weight": 0},
+             {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!", "weight": 1}]
+    example = encode_record(Record({"conversations": turns}, "mem:1"), "chat", embedded_tokenizer, False)
+    assert targets_text(embedded_tokenizer, example) == "Bye!<|im_end|>"
+
+
+@pytest.mark.parametrize(("turn", "message"), [
+    ({"from": "narrator", "value": "Once upon a time"},
+     r"has unknown role 'narrator'; use one of system, human, user, input, gpt, .*, tool, observation, function, "
+     "function_response$"),
+    # LLaMA-Factory's function_call is the assistant's tool call written as text: no chat role renders it as one.
+    ({"from": "function_call", "value": '{"name": "sort"}'}, "has unknown role 'function_call'; use one of "),
+    ({"value": "hi"}, "has unknown role None; use one of "),
+    ({"from": "gpt", "value": 7}, "needs a string 'value'$"),
+    ({"role": "assistant"}, "needs a string 'content'$"),
+    ("hi", "needs a string 'value'$"),
+], ids=["unknown_role", "function_call", "no_role", "value_not_text", "no_content", "not_an_object"])
+def test_sharegpt_errors_name_the_record_the_turn_and_the_role(embedded_tokenizer, turn: Any, message: str) -> None:
+    record = Record({"conversations": [{"from": "human", "value": "Hi"}, turn]}, "data.jsonl:3")
+    with pytest.raises(ConfigError, match=rf"^data.jsonl:3: conversations\[1\] {message}"):
+        encode_record(record, "chat", embedded_tokenizer, False)
+
+
+def test_prompt_completion_strings_train_on_the_completion_and_eos(embedded_tokenizer) -> None:
+    example = encode_record(Record({"prompt": "The sky is", "completion": " blue."}, "mem:1"), "prompt_completion",
+                            embedded_tokenizer, False)
+    assert embedded_tokenizer.decode(example.input_ids) == "The sky is blue.<|endoftext|>"
+    assert targets_text(embedded_tokenizer, example) == " blue.<|endoftext|>"
+    # A text that already ends with the eos token keeps the one, as in TRL; alpaca and text records too.
+    for fields, fmt, targets in (({"prompt": "The sky is", "completion": " blue.<|endoftext|>"}, "prompt_completion",
+                                  " blue.<|endoftext|>"),
+                                 ({"instruction": "Colour?", "output": "blue<|endoftext|>"}, "alpaca",
+                                  "blue<|endoftext|>"),
+                                 ({"text": "The sky is blue.<|endoftext|>"}, "text", "The sky is blue.<|endoftext|>")):
+        example = encode_record(Record(fields, "mem:1"), fmt, embedded_tokenizer, False)
+        assert targets_text(embedded_tokenizer, example) == targets
+    for fields, message in (({"prompt": "a", "completion": None}, "missing field 'completion'"),
+                            ({"prompt": "a", "completion": 5}, "field 'completion' must be a string, got int"),
+                            ({"prompt": {"text": "a"}, "completion": "b"},
+                             "field 'prompt' must be a string, got dict")):
+        with pytest.raises(ConfigError, match=f"^mem:1: {message}"):
+            encode_record(Record(fields, "mem:1"), "prompt_completion", embedded_tokenizer, False)
+
+
+def test_conversational_prompt_completion_trains_on_the_completions_answers(embedded_tokenizer) -> None:
+    def encode(prompt: list[dict], completion: list[dict], tokenizer: Any = embedded_tokenizer) -> Example:
+        example = encode_record(Record({"prompt": prompt, "completion": completion}, "mem:1"), "prompt_completion",
+                                tokenizer, False)
+        assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(prompt + completion,
+                                                                                      tokenize=False)
+        return example
+
+    # An answer in the prompt is context; every answer in the completion is a target, a tool's reply is not.
+    completion = [{"role": "assistant", "content": "Calling sort."}, {"role": "tool", "content": "[1, 3]"},
+                  {"role": "assistant", "content": "[1, 3]"}]
+    example = encode(CONVERSATION[:4], completion)
+    assert targets_text(embedded_tokenizer, example) == "Calling sort.<|im_end|>[1, 3]<|im_end|>"
+    # The same conversation as a chat record trains on the prompt's answer too, and nothing else differs.
+    tokenizer = chat_tokenizer(embedded_tokenizer, "qwen3_like")
+    example = encode(CONVERSATION[:4], CONVERSATION[4:], tokenizer)
+    assert targets_text(tokenizer, example) == " xs.sort()\n<|im_end|>"
+    as_chat = encode_chat(tokenizer, CONVERSATION)
+    assert example.input_ids == as_chat.input_ids and targets_text(tokenizer, as_chat) == (
+        "sorted(xs)<|im_end|> xs.sort()\n<|im_end|>")
+    for fields, message in (({"prompt": CONVERSATION[:2], "completion": "sorted(xs)"},
+                             r"field 'completion' must be a non-empty list of \{role, content\}"),
+                            ({"prompt": CONVERSATION[:2], "completion": [{"from": "gpt", "value": "x"}]},
+                             r"completion\[0\] needs a string 'content'"),
+                            ({"prompt": [{"role": "human", "content": "Hi"}], "completion": CONVERSATION[2:3]},
+                             r"prompt\[0\] has unknown role 'human'; use one of system, user, assistant, tool$")):
+        with pytest.raises(ConfigError, match=f"^mem:1: {message}"):
+            encode_record(Record(fields, "mem:1"), "prompt_completion", embedded_tokenizer, False)
+
+
+def test_format_detection_of_each_shape() -> None:
+    for fields, fmt in (
+        ({"conversations": SHAREGPT_CONVERSATION}, "chat"),
+        ({"conversations": [{"role": "user", "content": "Hi"}]}, "chat"),
+        ({"prompt": "The sky is", "completion": " blue."}, "prompt_completion"),
+        ({"prompt": CONVERSATION[:2], "completion": CONVERSATION[2:3]}, "prompt_completion"),
+        ({"prompt": "Hi", "completion": "Hello", "text": "Hi Hello"}, "prompt_completion"),
+        # HuggingFaceH4/ultrachat_200k and no_robots: 'prompt' is the first user turn of the conversation.
+        ({"prompt": "Hi", "prompt_id": "1", "messages": CONVERSATION}, "chat"),
+        # A parquet file's or a hub dataset's rows hold the union of the rows' columns: None is absent.
+        ({"messages": None, "conversations": SHAREGPT_CONVERSATION, "text": None}, "chat"),
+        ({"messages": None, "conversations": None, "instruction": "a", "output": "b"}, "alpaca"),
+        ({"messages": None, "prompt": "a", "completion": "b"}, "prompt_completion"),
+    ):
+        assert detect_format([Record(fields, "x")]) == fmt, fields
+
+
+def test_an_unknown_shape_is_an_error_listing_every_accepted_one() -> None:
+    with pytest.raises(ConfigError, match=r"^x: cannot tell the dataset format from the fields \['answer', "
+                                          r"'question'\]: expected 'messages' or ShareGPT 'conversations' \(chat\), "
+                                          r"'prompt'\+'completion' \(prompt_completion\), 'instruction'\+'output' "
+                                          r"\(alpaca\) or 'text'; rename the fields or set --dataset-format$"):
+        detect_format([Record({"question": "q", "answer": "a", "messages": None}, "x")])
+
+
+def test_files_in_the_sharegpt_and_prompt_completion_shapes(tmp_path: Path, embedded_tokenizer) -> None:
+    import pandas as pd
+
+    from lamelm_fast.train.cli import parse_config
+
+    def prepare(path: Path, fmt: str = "auto") -> tuple[list[Example], str]:
+        examples, held_out, stats = prepare_datasets(str(path), "train", fmt, embedded_tokenizer, 256, False, 0.0, 0)
+        return examples, stats.format
+
+    as_messages, fmt = prepare(write_jsonl(tmp_path / "messages.jsonl", [{"messages": CONVERSATION}] * 2))
+    assert fmt == "chat"
+    # ShareGPT rows beside a messages row in one parquet file: each row has both columns, one of them None; the
+    # turns without a weight get a None one.
+    pd.DataFrame([{"conversations": SHAREGPT_CONVERSATION}, {"messages": CONVERSATION}]).to_parquet(
+        tmp_path / "sharegpt.parquet")
+    _, rows = load_records(str(tmp_path / "sharegpt.parquet"))
+    assert rows[1].data["conversations"] is None and rows[0].data["messages"] is None
+    assert prepare(tmp_path / "sharegpt.parquet") == (as_messages, "chat")
+    write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": SHAREGPT_CONVERSATION}] * 2)
+    assert prepare(tmp_path / "sharegpt.jsonl", "chat") == (as_messages, "chat")
+
+    plain = [{"prompt": "The sky is", "completion": " blue."}, {"prompt": "Grass is", "completion": " green."}]
+    for path in (write_jsonl(tmp_path / "plain.jsonl", plain), tmp_path / "plain.parquet"):
+        pd.DataFrame(plain).to_parquet(tmp_path / "plain.parquet")
+        examples, fmt = prepare(path)
+        assert fmt == "prompt_completion"
+        assert [targets_text(embedded_tokenizer, e) for e in examples] == [" blue.<|endoftext|>",
+                                                                           " green.<|endoftext|>"]
+    conversational = [{"prompt": CONVERSATION[:4], "completion": CONVERSATION[4:]}] * 2
+    pd.DataFrame(conversational).to_parquet(tmp_path / "conversational.parquet")
+    for path in (write_jsonl(tmp_path / "conversational.jsonl", conversational), tmp_path / "conversational.parquet"):
+        examples, fmt = prepare(path, "prompt_completion")
+        assert fmt == "prompt_completion" and [e.input_ids for e in examples] == [e.input_ids for e in as_messages]
+        assert [targets_text(embedded_tokenizer, e) for e in examples] == [" xs.sort()\n<|im_end|>"] * 2
+    assert parse_config(["--dataset-format", "prompt_completion"]).dataset_format == "prompt_completion"
+    # A row without a field its file's other rows have: None in a parquet file, a missing field all the same.
+    pd.DataFrame([{"instruction": "a", "output": "b"}, {"instruction": "c"}]).to_parquet(tmp_path / "alpaca.parquet")
+    with pytest.raises(ConfigError, match=r"alpaca.parquet\[1\]: missing field 'output'"):
+        prepare(tmp_path / "alpaca.parquet")
+
+
 def test_format_detection_and_text_files(tmp_path: Path, embedded_tokenizer) -> None:
     assert detect_format([Record({"messages": []}, "x")]) == "chat"
     assert detect_format([Record({"instruction": "a", "output": "b", "input": ""}, "x")]) == "alpaca"

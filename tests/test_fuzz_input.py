@@ -21,7 +21,7 @@ from conftest import write_jsonl
 from lamelm_fast.train import ConfigError, TrainConfig
 from lamelm_fast.train.cli import parse_config
 from lamelm_fast.train.config import validate
-from lamelm_fast.train.data import CHAT_ROLES, prepare_datasets
+from lamelm_fast.train.data import CHAT_ROLES, SHAREGPT_ROLES, prepare_datasets
 
 MAX_SEQ_LENGTH = 64
 # database=None: nothing written into the checkout; the examples stay few enough for 2 CPU cores.
@@ -41,6 +41,13 @@ message = st.one_of(st.fixed_dictionaries({}, optional={
     "role": st.one_of(st.sampled_from([*CHAT_ROLES, "bot", "", "User"]), anything), "content": field_value}),
     anything)
 chat = st.fixed_dictionaries({"messages": st.one_of(st.lists(message, max_size=4), anything)})
+sharegpt_turn = st.one_of(st.fixed_dictionaries({}, optional={
+    "from": st.one_of(st.sampled_from([*SHAREGPT_ROLES, "GPT", "narrator", ""]), anything), "value": field_value,
+    "weight": st.one_of(st.none(), st.sampled_from([0, 1, 0.5]))}), message)
+sharegpt = st.fixed_dictionaries({"conversations": st.one_of(st.lists(sharegpt_turn, max_size=4), anything)})
+prompt_completion = st.fixed_dictionaries({}, optional={"prompt": st.one_of(field_value, st.lists(message, max_size=3)),
+                                                        "completion": st.one_of(field_value,
+                                                                                st.lists(message, max_size=3))})
 plain = st.fixed_dictionaries({}, optional={"text": field_value})
 
 
@@ -50,7 +57,7 @@ def jsonl_line(record: Any, ascii_only: bool) -> bytes:
 
 
 lines = st.lists(st.one_of(
-    st.builds(jsonl_line, st.one_of(alpaca, chat, plain, anything), st.booleans()),
+    st.builds(jsonl_line, st.one_of(alpaca, chat, sharegpt, prompt_completion, plain, anything), st.booleans()),
     st.binary(max_size=20).map(lambda data: data.replace(b"\n", b"")),  # not JSON, often not UTF-8
     st.just(b""),  # blank lines are skipped
 ), min_size=1, max_size=6)
@@ -60,9 +67,9 @@ def blank(index: int, line: bytes) -> bool:
     return not line.decode("utf-8-sig" if index == 0 else "utf-8", "replace").strip()
 
 
-RECORD_PROBLEMS = ("field '", "messages[", "not valid UTF-8", "not valid JSON", "expected a JSON object",
-                   "cannot tell the dataset format", "nested too deeply", "refused this conversation",
-                   "does not render")
+RECORD_PROBLEMS = ("field '", "messages[", "conversations[", "prompt[", "completion[", "not valid UTF-8",
+                   "not valid JSON", "expected a JSON object", "cannot tell the dataset format", "nested too deeply",
+                   "refused this conversation", "does not render")
 
 
 def check_outcome(path: Path, raw_lines: list[bytes], fmt: str, tokenizer: Any) -> None:
@@ -87,17 +94,21 @@ def check_outcome(path: Path, raw_lines: list[bytes], fmt: str, tokenizer: Any) 
     for example in train_set:
         assert len(example.input_ids) == len(example.target_mask) <= MAX_SEQ_LENGTH
         assert example.num_targets > 0 and all(0 <= t < len(tokenizer) for t in example.input_ids)
-    if stats.format == "alpaca" and stats.truncated == 0 and stats.skipped_no_targets == 0:
-        # Nothing skipped or cut: example i is record i, and its targets are exactly the output and eos.
+    if stats.format in ("alpaca", "prompt_completion") and stats.truncated == 0 and stats.skipped_no_targets == 0:
+        # Nothing skipped or cut: example i is record i, and its targets are exactly the output (the completion, a
+        # string) and one eos.
         for raw, example in zip(records, train_set, strict=True):
-            output = json.loads(raw)["output"]
-            expected = tokenizer(output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            output = json.loads(raw)["output" if stats.format == "alpaca" else "completion"]
+            if not isinstance(output, str):
+                continue  # a conversation
+            expected = tokenizer(output, add_special_tokens=False)["input_ids"]
+            expected += [tokenizer.eos_token_id] if expected[-1:] != [tokenizer.eos_token_id] else []
             targets = [t for t, is_target in zip(example.input_ids, example.target_mask, strict=True) if is_target]
             assert targets == expected
 
 
 @FUZZ
-@given(raw_lines=lines, fmt=st.sampled_from(["auto", "alpaca", "chat", "text"]))
+@given(raw_lines=lines, fmt=st.sampled_from(["auto", "alpaca", "chat", "prompt_completion", "text"]))
 def test_malformed_jsonl_is_a_clean_error_or_a_correct_dataset(tmp_path: Path, embedded_tokenizer: Any,
                                                                raw_lines: list[bytes], fmt: str) -> None:
     path = tmp_path / "fuzz.jsonl"
@@ -126,6 +137,28 @@ def test_chat_records_with_unknown_roles_and_odd_content(tmp_path: Path, embedde
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(b"\n".join(raw_lines) + b"\n")
     check_outcome(path, raw_lines, "chat", embedded_tokenizer)
+
+
+@FUZZ
+@given(conversation=st.lists(st.fixed_dictionaries({"from": st.sampled_from([*SHAREGPT_ROLES, "GPT", "Human"]),
+                                                    "value": text}), min_size=1, max_size=4))
+def test_a_sharegpt_record_is_the_messages_record_with_chat_roles(tmp_path: Path, embedded_tokenizer: Any,
+                                                                  conversation: list[dict]) -> None:
+    """The same examples, or the same error about the same turn."""
+    messages = [{"role": SHAREGPT_ROLES[turn["from"].lower()], "content": turn["value"]} for turn in conversation]
+    outcomes = []
+    for field, turns in (("conversations", conversation), ("messages", messages)):
+        path = tmp_path / field / "data.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        write_jsonl(path, [{field: turns}])
+        try:
+            train_set, _, stats = prepare_datasets(str(path), "train", "auto", embedded_tokenizer, MAX_SEQ_LENGTH,
+                                                   False, 0.0, 0)
+            outcomes.append(([(e.input_ids, e.target_mask) for e in train_set], stats.truncated))
+        except ConfigError as error:
+            outcomes.append(str(error).replace(str(path.parent), "").replace("conversations", "messages")
+                            .replace(".value", ".content"))
+    assert outcomes[0] == outcomes[1]
 
 
 def test_a_huge_line_is_truncated_and_counted(tmp_path: Path, embedded_tokenizer: Any) -> None:

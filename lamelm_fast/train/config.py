@@ -17,9 +17,6 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-FINETUNE_MODES = ("qlora", "lora", "full")
-DATASET_FORMATS = ("auto", "alpaca", "chat", "text")
-ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 REPORT_TO = ("tensorboard", "wandb")
 
 # What the embedded default trains with: a tiny model from random weights learns fast at a high LR.
@@ -81,8 +78,10 @@ class TrainConfig:
     dataset: str | None = field(default=None, metadata=_help(
         "local jsonl/json/parquet/csv/txt file, a dataset directory (save_to_disk, or data files) or HF datasets id; "
         "omitted: the embedded stdlib instruction set"))
-    dataset_format: Literal["auto", "alpaca", "chat", "text"] = field(default="auto", metadata=_help(
-        "record format: alpaca (instruction/input/output), chat (messages), text; auto detects"))
+    dataset_format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = field(
+        default="auto", metadata=_help(
+            "record format: alpaca (instruction/input/output), chat (messages, or ShareGPT conversations), "
+            "prompt_completion (TRL's prompt/completion: strings, or lists of messages), text; auto detects"))
     dataset_split: str = field(default="train", metadata=_help("split to load from a HF datasets id"))
     max_seq_length: int | None = field(default=None, metadata=_help(
         "truncate examples to this many tokens; default: min(model context, 2048), 256 for the embedded model"))

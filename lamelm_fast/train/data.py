@@ -1,4 +1,5 @@
-"""Datasets: load records, render them (alpaca, chat, text), tokenize with response-only labels, batch.
+"""Datasets: load records, render them (alpaca, chat or ShareGPT, TRL prompt-completion, text), tokenize with
+response-only labels, batch.
 
 Every record keeps where it came from (``file:line``) so that a bad one is reported precisely. Labels are
 shifted here, per sequence, so packed sequences never predict across a boundary.
@@ -233,23 +234,27 @@ def load_records(source: str | None, split: str = "train") -> tuple[str, list[Re
 
 
 def detect_format(records: list[Record]) -> str:
-    keys = set(records[0].data)
-    if "messages" in keys:
+    # A key holding None is absent: a parquet file or hub dataset gives every row the union of the rows' keys.
+    keys = {key for key, value in records[0].data.items() if value is not None}
+    if keys & {"messages", "conversations"}:
         return "chat"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if "text" in keys:
         return "text"
     raise ConfigError(f"{records[0].where}: cannot tell the dataset format from the fields {sorted(keys)}: "
-                      "expected 'messages' (chat), 'instruction'+'output' (alpaca) or 'text'; "
-                      "rename the fields or set --dataset-format")
+                      "expected 'messages' or ShareGPT 'conversations' (chat), 'prompt'+'completion' "
+                      "(prompt_completion), 'instruction'+'output' (alpaca) or 'text'; rename the fields or set "
+                      "--dataset-format")
 
 
 def _string_field(record: Record, name: str, required: bool = True) -> str:
     value = record.data.get(name)
-    if value is None and not required:
-        return ""
-    if name not in record.data:
+    if value is None:  # missing, or None (a column another row has)
+        if not required:
+            return ""
         raise ConfigError(f"{record.where}: missing field '{name}': add it to every record (or, if the data is in "
                           "another format, set --dataset-format)")
     if not isinstance(value, str):
@@ -271,18 +276,39 @@ def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _encode_alpaca(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]:
+def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
+    # A text that already ends with the eos token (written out in the data) keeps the one, as TRL's SFTTrainer does.
+    return ids if ids[-1:] == [tokenizer.eos_token_id] else [*ids, tokenizer.eos_token_id]
+
+
+def _prompt_then_completion(tokenizer: Any, prompt: str, completion: str) -> list[tuple[list[int], bool]]:
+    """The prompt (with the tokenizer's special tokens: a bos) as prompt, then the completion and an eos as the
+    target; each tokenized alone, so no token straddles the two."""
+    return [(_encode(tokenizer, prompt, special=True), False),
+            (_with_eos(tokenizer, _encode(tokenizer, completion)), True)]
+
+
+def _encode_alpaca(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[tuple[list[int], bool]]:
     instruction = _string_field(record, "instruction")
     extra = _string_field(record, "input", required=False)
     output = _string_field(record, "output")
     template = ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT
-    prompt = template.format(instruction=instruction, input=extra)
-    return [(_encode(tokenizer, prompt, special=True), False),
-            (_encode(tokenizer, output) + [tokenizer.eos_token_id], True)]
+    return _prompt_then_completion(tokenizer, template.format(instruction=instruction, input=extra), output)
 
 
-def _encode_text(record: Record, tokenizer: Any) -> list[tuple[list[int], bool]]:
-    return [(_encode(tokenizer, _string_field(record, "text"), special=True) + [tokenizer.eos_token_id], True)]
+def _encode_prompt_completion(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[tuple[list[int], bool]]:
+    """TRL's prompt-completion records: two strings, or two lists of messages rendered as one conversation whose
+    targets are the completion's assistant answers."""
+    if isinstance(record.data.get("prompt"), list):
+        prompt, _ = _messages(record, "prompt")
+        completion, targets = _messages(record, "completion")
+        return _encode_conversation(record, "fields 'prompt' and 'completion'", prompt + completion,
+                                    [False] * len(prompt) + targets, tokenizer, train_on_prompt)
+    return _prompt_then_completion(tokenizer, _string_field(record, "prompt"), _string_field(record, "completion"))
+
+
+def _encode_text(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[tuple[list[int], bool]]:
+    return [(_with_eos(tokenizer, _encode(tokenizer, _string_field(record, "text"), special=True)), True)]
 
 
 class _Unlocated(Exception):
@@ -308,19 +334,19 @@ def _end_of_turn(tokenizer: Any) -> re.Pattern[str] | None:
     return cached[1]
 
 
-def _chat_by_sentinel(messages: list[dict[str, Any]], text: str, render: Callable[..., str],
+def _chat_by_sentinel(messages: list[dict[str, Any]], targets: list[bool], text: str, render: Callable[..., str],
                       end_of_turn: re.Pattern[str] | None) -> list[tuple[str, bool]]:
-    """``text`` (the rendered conversation) cut into prompt and target pieces: each assistant content as rendered is
-    a target, with the end-of-turn marker after it (whitespace and a special token: ``<|im_end|>``, ``<|eot_id|>``,
-    `` </s>``) and the spaces before it.
+    """``text`` (the rendered conversation) cut into prompt and target pieces: the content of each message marked
+    in ``targets`` (assistant answers) as rendered is a target, with the end-of-turn marker after it (whitespace and a
+    special token: ``<|im_end|>``, ``<|eot_id|>``, `` </s>``) and the spaces before it.
 
-    The conversation is rendered again with every assistant content replaced by a sentinel: between the sentinels
+    The conversation is rendered again with every target content replaced by a sentinel: between the sentinels
     lies the template's own text (headers, other roles' turns), which ``text`` must hold in the same order; each
     content is what ``text`` has between them. Unlike rendering prefix by prefix, this holds for templates that
     render a turn differently once others follow it (Qwen3's think block, Mistral's system prompt in the last user
     turn) and costs two renders whatever the number of turns.
     """
-    responses = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    responses = [i for i, target in enumerate(targets) if target]
     if not responses:
         return [(text, False)]
     for i in responses:
@@ -332,8 +358,8 @@ def _chat_by_sentinel(messages: list[dict[str, Any]], text: str, render: Callabl
     sentinel = _SENTINEL
     while any(sentinel in message["content"] for message in messages):
         sentinel += "X"
-    parts = render([{**message, "content": sentinel} if message["role"] == "assistant" else message
-                    for message in messages]).split(sentinel)
+    parts = render([{**message, "content": sentinel} if target else message
+                    for message, target in zip(messages, targets, strict=True)]).split(sentinel)
     if len(parts) != len(responses) + 1:
         raise _Unlocated("the template does not render each assistant message's content once")
     if not text.startswith(parts[0]):
@@ -360,18 +386,19 @@ def _chat_by_sentinel(messages: list[dict[str, Any]], text: str, render: Callabl
     return pieces
 
 
-def _chat_by_prefix(messages: list[dict[str, Any]], render: Callable[..., str]) -> list[tuple[str, bool]]:
-    """The text each growing prefix of the conversation adds: for an assistant message, the generation prompt is
-    prompt, the rest (its content, its other fields as rendered, all the template puts after them) a target.
+def _chat_by_prefix(messages: list[dict[str, Any]], targets: list[bool], render: Callable[..., str],
+                    ) -> list[tuple[str, bool]]:
+    """The text each growing prefix of the conversation adds: for a message marked in ``targets``, the generation
+    prompt is prompt, the rest (its content, its other fields as rendered, all the template puts after them) a target.
 
     Needs a template that renders the conversation prefix by prefix, but not one whose text around a response is
     the same whatever the response: it locates what :func:`_chat_by_sentinel` cannot, a last turn's reasoning in
     Qwen3's think block, tool calls."""
     segments = []
-    for index, message in enumerate(messages):
-        if message["role"] == "assistant":
+    for index, target in enumerate(targets):
+        if target:
             segments.append((render(messages[:index], generation_prompt=True), False))
-        segments.append((render(messages[:index + 1]), message["role"] == "assistant"))
+        segments.append((render(messages[:index + 1]), target))
     pieces, done = [], ""
     for text, is_target in segments:
         if not text.startswith(done):
@@ -381,22 +408,58 @@ def _chat_by_prefix(messages: list[dict[str, Any]], render: Callable[..., str]) 
     return pieces
 
 
+# ShareGPT's speaker names (any case) as chat roles: FastChat's ShareGPT dump (gpt, and chatgpt, bing, bard for the
+# model that wrote the answer), Unsloth's standardize_sharegpt aliases (input, output), Gemini's model, and the
+# tool's reply as LLaMA-Factory (observation) and OpenAI's legacy API (function) name it.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "input": "user", "gpt": "assistant",
+                  "assistant": "assistant", "model": "assistant", "output": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "tool": "tool", "observation": "tool", "function": "tool",
+                  "function_response": "tool"}
+
+
+def _messages(record: Record, field: str) -> tuple[list[dict[str, Any]], list[bool]]:
+    """Field ``field`` of ``record`` as chat messages ({role, content, other keys}), and which of them are targets:
+    the assistant answers. Under ShareGPT's 'conversations' a turn is {from, value} or {role, content}, named as in
+    SHAREGPT_ROLES, and one with weight 0 is not a target. A key holding None is absent (a column another row has)."""
+    turns = record.data.get(field)
+    if not isinstance(turns, list) or not turns:
+        raise ConfigError(f"{record.where}: field '{field}' must be a non-empty list of {{role, content}}")
+    sharegpt = field == "conversations"
+    roles = SHAREGPT_ROLES if sharegpt else {role: role for role in CHAT_ROLES}
+    messages, targets = [], []
+    for index, turn in enumerate(turns):
+        turn = {key: value for key, value in turn.items() if value is not None} if isinstance(turn, dict) else {}
+        role_key, content_key = ("from", "value") if sharegpt and not {"role", "content"} & turn.keys() else \
+            ("role", "content")
+        if not isinstance(turn.get(content_key), str):
+            raise ConfigError(f"{record.where}: {field}[{index}] needs a string '{content_key}'")
+        content = _encodable(record, f"{field}[{index}].{content_key}", turn.pop(content_key))
+        speaker = turn.pop(role_key, None)
+        role = roles.get(speaker.lower() if sharegpt else speaker) if isinstance(speaker, str) else None
+        if role is None:
+            raise ConfigError(f"{record.where}: {field}[{index}] has unknown role {speaker!r}; use one of "
+                              f"{', '.join(roles)}")
+        weight = turn.pop("weight", None) if sharegpt else None  # a training hint, not text to render
+        messages.append({"role": role, "content": content, **turn})
+        targets.append(role == "assistant" and weight != 0)
+    return messages, targets
+
+
 def _encode_chat(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[tuple[list[int], bool]]:
-    messages = record.data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ConfigError(f"{record.where}: field 'messages' must be a non-empty list of {{role, content}}")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ConfigError(f"{record.where}: messages[{index}] needs a string 'content'")
-        _encodable(record, f"messages[{index}].content", message["content"])
-        if message.get("role") not in CHAT_ROLES:
-            raise ConfigError(f"{record.where}: messages[{index}] has unknown role {message.get('role')!r}; "
-                              f"use one of {', '.join(CHAT_ROLES)}")
-    if messages[0]["role"] == "assistant":
+    field = "conversations" if record.data.get("messages") is None and "conversations" in record.data else "messages"
+    messages, targets = _messages(record, field)
+    return _encode_conversation(record, f"field '{field}'", messages, targets, tokenizer, train_on_prompt)
+
+
+def _encode_conversation(record: Record, fields: str, messages: list[dict[str, Any]], targets: list[bool],
+                         tokenizer: Any, train_on_prompt: bool) -> list[tuple[list[int], bool]]:
+    """``messages`` rendered with the chat template, each message marked in ``targets`` (an assistant answer) and
+    the end of its turn a target; ``fields``: where the record holds the conversation, for errors."""
+    if targets[0]:
         # Its header is rendered only as the generation prompt after earlier turns, so it cannot be kept out of
         # the loss; transformers refuses to render the empty conversation before it.
-        raise ConfigError(f"{record.where}: field 'messages' opens with an assistant turn: start the conversation "
-                          "with a system or user message")
+        raise ConfigError(f"{record.where}: {fields} opens with an assistant turn: start the conversation with a "
+                          "system or user message")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError("the tokenizer has no chat template, so chat records cannot be rendered: "
                           "use a chat model's tokenizer or --dataset-format alpaca/text")
@@ -407,15 +470,15 @@ def _encode_chat(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[
         try:
             return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
         except (TemplateError, ValueError) as error:  # a template refusing a conversation (roles not alternating)
-            raise ConfigError(f"{record.where}: field 'messages': the tokenizer's chat template refused this "
+            raise ConfigError(f"{record.where}: {fields}: the tokenizer's chat template refused this "
                               f"conversation ({first_line(error)}): fix or remove that record") from None
 
     text = render(messages)
     try:
-        pieces = _chat_by_sentinel(messages, text, render, _end_of_turn(tokenizer))
+        pieces = _chat_by_sentinel(messages, targets, text, render, _end_of_turn(tokenizer))
     except _Unlocated as why:
         try:
-            pieces = _chat_by_prefix(messages, render)
+            pieces = _chat_by_prefix(messages, targets, render)
         except _Unlocated:
             if not train_on_prompt:
                 raise ConfigError(f"{record.where}: the assistant responses cannot be located in this conversation "
@@ -426,16 +489,18 @@ def _encode_chat(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[
     return [(_encode(tokenizer, piece), is_target) for piece, is_target in pieces if piece]
 
 
-ENCODERS = {"alpaca": _encode_alpaca, "text": _encode_text}
+# Each format's record -> (token ids, is target) pieces. Only a conversation reads train_on_prompt: under it, one
+# whose responses cannot be located is still text to train on.
+ENCODERS: dict[str, Callable[[Record, Any, bool], list[tuple[list[int], bool]]]] = {
+    "alpaca": _encode_alpaca, "chat": _encode_chat, "prompt_completion": _encode_prompt_completion,
+    "text": _encode_text}
 
 
 def encode_record(record: Record, fmt: str, tokenizer: Any, train_on_prompt: bool) -> Example:
     ids: list[int] = []
     mask: list[bool] = []
     prompt_length = None
-    # Under --train-on-prompt a conversation whose responses cannot be located is still text to train on.
-    pieces = _encode_chat(record, tokenizer, train_on_prompt) if fmt == "chat" else ENCODERS[fmt](record, tokenizer)
-    for piece, is_target in pieces:
+    for piece, is_target in ENCODERS[fmt](record, tokenizer, train_on_prompt):
         if is_target and prompt_length is None:
             prompt_length = len(ids)
         ids.extend(piece)
