@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -9,6 +10,10 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["apply_kernels"]
+# The package's modules, as `lamelm_fast.NAME` after `import lamelm_fast` (kernels: the repo's kernels/ folder, mapped
+# here by pyproject's package-dir).
+_SUBMODULES = ("assets", "cli_parser", "explain", "export", "integrations", "kernels", "metrics", "ops", "optim",
+               "patching", "train")
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +23,10 @@ def __getattr__(name: str) -> Any:
         from lamelm_fast.patching import apply_kernels
 
         return apply_kernels
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

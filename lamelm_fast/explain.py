@@ -503,6 +503,15 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes} min {secs} s" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
+def _first_logging_step(train: list[TrainPoint], segment_first_step: int) -> int:
+    """The run's first logging step, however many segments before the logs start: a run logs every L steps from step
+    L (and at its last step), so it is the gap between the first two logged steps. Without a second row before the
+    last, the last segment's resumed step stands in (logs that start after it lack the earlier segments' rows)."""
+    if len(train) >= 3:
+        return train[1].step - train[0].step
+    return segment_first_step - 1
+
+
 def segments(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, Any]:
     """A resumed run (trained in segments, one per process): what its summary and this directory's logs cover."""
     count, first = _number(summary.get("segments")), _number(summary.get("segment_first_step"))
@@ -515,11 +524,11 @@ def segments(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, Any]
         "the checkpoint it resumed from predates run totals, so its summary counts tokens, samples and time from "
         f"step {int(first)} on and takes earlier losses, evaluations and warnings from the logs kept here.")
     logs_from = train[0].step if train else None
-    if logs_from is not None and logs_from >= first:  # the earlier segments' rows are not in this directory
-        text += (f" This directory's logs start at step {logs_from}: the earlier segments were logged in the run "
-                 "directory the checkpoint was copied from (a checkpoint saved by an older version carries no logged "
-                 "rows), so the sections below that read the logs (milestones, phases, end of the run, overfitting, "
-                 f"checkpoint, warnings) cover steps {logs_from}-{steps} only.")
+    if logs_from is not None and logs_from > _first_logging_step(train, int(first)):  # earlier rows are elsewhere
+        text += (f" This directory's logs start at step {logs_from}: the steps before it were logged in the run "
+                 "directory of a checkpoint saved by an older version (which carries no logged rows), so the "
+                 "sections below that read the logs (milestones, phases, end of the run, overfitting, checkpoint, "
+                 f"warnings) cover steps {logs_from}-{steps} only.")
         if counted:
             whole = [f"{name} {summary[key]:.4f}" for name, key in (("first loss", "first_loss"),
                                                                     ("mean train loss", "mean_train_loss"),

@@ -306,3 +306,36 @@ def test_samples_show_what_the_model_said_first_and_last(tmp_path: Path, capsys:
     text = capsys.readouterr().out
     assert "## What the model says" in text and "  - step 200: 'def add(a, b):\\n    return a + b'" in text
     assert "No samples were logged" in analyse(load_run(write_run(tmp_path / "plain")))["samples"]["text"]
+
+
+# (logged train steps, the last segment's first step, where the logs start if rows of earlier segments are missing)
+RESUMED_LOGS = {
+    # An old checkpoint (no logged rows) resumed in dir B at step 2, B's checkpoint-4 resumed in dir C: C's logs hold
+    # B's rows and its own, steps 3-8.
+    "two hops from a checkpoint without rows": (range(3, 9), 5, 3),
+    "one hop from a checkpoint without rows": (range(5, 9), 5, 5),
+    "every row, resumed twice": (range(1, 9), 5, None),
+    "every row, logged every 10 steps, resumed before the first": ([10, 20, 30], 5, None),
+    "logged every 10 steps, two hops": (range(30, 90, 10), 65, 30),
+    "one row before the last": ([7, 8], 7, 7),
+}
+
+
+@pytest.mark.parametrize("case", RESUMED_LOGS)
+def test_a_resumed_runs_logs_say_whether_they_start_at_the_runs_first_logging_step(tmp_path: Path, case: str) -> None:
+    steps, first, missing_from = RESUMED_LOGS[case]
+    steps = list(steps)
+    rows = [{"type": "train", "step": step, "loss": 3.0 - step / 100, "learning_rate": 1e-3, "epoch": step / 100}
+            for step in steps]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = {"steps": steps[-1], "segments": 3, "segment_first_step": first, "tokens": None, "first_loss": 2.99,
+               "mean_train_loss": 2.9, "warnings": 0}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    result = analyse(load_run(tmp_path))["segments"]
+    assert result["segments"] == 3 and f"resumed last at step {first - 1}" in result["text"]
+    assert result["logs_from_step"] == steps[0]
+    if missing_from is None:
+        assert "logs start" not in result["text"]
+    else:
+        assert f"This directory's logs start at step {missing_from}:" in result["text"]
+        assert f"cover steps {missing_from}-{steps[-1]} only" in result["text"]

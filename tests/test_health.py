@@ -285,3 +285,47 @@ def test_the_embedded_defaults_real_run_gives_no_warning() -> None:
     for row in rows:
         assert (monitor.on_train_row(row) if row["type"] == "train" else monitor.on_eval_row(row)) == [], row["step"]
     assert len(rows) > 80 and max(row.get("grad_norm") or 0 for row in rows) > 10
+
+
+def leaves(value: Any) -> int:
+    """How many numbers, strings and nulls a JSON value holds."""
+    if isinstance(value, dict):
+        return sum(map(leaves, value.values()))
+    return sum(map(leaves, value)) if isinstance(value, list) else 1
+
+
+def test_the_state_stays_the_same_size_in_a_long_run_without_evaluations() -> None:
+    """Checkpoints hold the state (training_state.pt, HF's trainer_state.json): no field may grow with the run."""
+    monitor = HealthMonitor()  # (with an eval set that is never evaluated: memorisation is not checked)
+    sizes = []
+    for i in range(2000):
+        monitor.on_train_row(train_row(i))
+        if i in (199, 1999):
+            sizes.append(leaves(monitor.json_state_dict()))
+    assert monitor.warnings == [] and sizes[1] == sizes[0]
+
+
+@pytest.mark.parametrize("form", ["state_dict", "json_state_dict"])
+def test_a_state_saved_with_every_loss_since_the_last_eval_still_loads(form: str) -> None:
+    """An older version kept the list of train losses since the last eval: it loads as their sum and count, and the
+    resumed checks decide as the uninterrupted ones."""
+    whole = HealthMonitor(early_stopping_patience=2)
+    _train_then_eval(whole, [2.5, 2.2, 2.3])
+    losses = [4.0 - 0.1 * i for i in range(15, 18)]  # three windows into the fourth interval
+    for i, loss in enumerate(losses, 15):
+        whole.on_train_row(train_row(i, loss=loss))
+    old = getattr(whole, form)()
+    del old["_interval_loss_sum"], old["_interval_loss_count"]
+    old["_train_losses_since_eval"] = losses
+    resumed = HealthMonitor(early_stopping_patience=2)
+    if form == "state_dict":
+        resumed.load_state_dict(old)
+    else:
+        resumed.load_json_state_dict(json.loads(json.dumps(old)))
+    assert resumed.state_dict() == whole.state_dict()
+    for monitor in (whole, resumed):
+        for i in (18, 19):
+            monitor.on_train_row(train_row(i, loss=4.0 - 0.1 * i))
+        monitor.on_eval_row({"step": 200, "val_loss": 2.45})
+    assert fired(resumed.warnings) == fired(whole.warnings) == [("overfitting", 200)]
+    assert resumed.warnings == whole.warnings and resumed.should_stop and whole.should_stop

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import transformers.trainer
-from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers import DataCollatorWithFlattening, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from conftest import tiny_model
 from lamelm_fast.integrations.hf import LamelmCallback, sequence_length_sums
@@ -200,23 +200,54 @@ def test_a_resumed_run_logs_and_warns_as_the_uninterrupted_run(
         assert [row["loss"] for row in after] == pytest.approx([row["loss"] for row in rows[step:]], rel=1e-6)
 
 
+AFRESH = ("lamelm: the checkpoint at step 2 holds no LamelmCallback state (saved without it, by another version, or "
+          "with several of them on one Trainer): its health checks start afresh")
+
+
+@pytest.mark.parametrize("saved", [None, {"args": {"peak_tflops": None}}, {"attributes": {}}],
+                         ids=["no entry", "an entry without attributes", "attributes without health_state"])
 def test_a_checkpoint_without_the_callback_state_resumes_afresh(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Saved without the callback (or by an older version): its checks start afresh, said once, and the next save
-    (which the Trainer writes into the callback's entry) still works."""
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, saved: dict[str, Any] | None) -> None:
+    """Saved without the callback, or by another version whose entry is shaped otherwise: its checks start afresh,
+    said once, and the next save (which the Trainer writes into the callback's entry) still works."""
     args = args_for(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     Trainer(model=tiny_model("llama"), args=args, train_dataset=examples(), data_collator=pad).train()
+    if saved is not None:
+        state_file = tmp_path / "hf" / "checkpoint-2" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state["stateful_callbacks"]["LamelmCallback"] = saved
+        state_file.write_text(json.dumps(state))
     args = args_for(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     trainer = Trainer(model=tiny_model("llama"), args=args, train_dataset=examples(), data_collator=pad,
                       callbacks=[LamelmCallback()])
     with caplog.at_level(logging.WARNING, logger="lamelm_fast"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
-    assert [record.getMessage() for record in caplog.records if "start afresh" in record.getMessage()] == [
-        "lamelm: the checkpoint at step 2 holds no LamelmCallback state (saved without it, by an older version, or "
-        "with several of them on one Trainer): its health checks start afresh"]
-    saved = json.loads((tmp_path / "hf" / "checkpoint-4" / "trainer_state.json").read_text())
-    health = saved["stateful_callbacks"]["LamelmCallback"]["attributes"]["health_state"]
+    assert [record.getMessage() for record in caplog.records if "start afresh" in record.getMessage()] == [AFRESH]
+    saved_state = json.loads((tmp_path / "hf" / "checkpoint-4" / "trainer_state.json").read_text())
+    health = saved_state["stateful_callbacks"]["LamelmCallback"]["attributes"]["health_state"]
     assert len(health["_windows"]) == 2  # the losses of steps 3 and 4: this run's, from scratch
+
+
+class ReplicaArguments(TrainingArguments):
+    """The arguments as a process other than the main one sees them (under torchrun)."""
+
+    @property
+    def should_log(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("main_process", [True, False], ids=["main process", "another rank"])
+def test_starting_afresh_is_said_by_the_main_process_only(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                           main_process: bool) -> None:
+    values = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    args = TrainingArguments(**values) if main_process else ReplicaArguments(**values)
+    state = TrainerState(global_step=2, stateful_callbacks={"LamelmCallback": {"args": {}}})
+    callback = LamelmCallback()
+    with caplog.at_level(logging.WARNING, logger="lamelm_fast"):
+        callback.on_train_begin(args, state, TrainerControl())
+    callback.on_train_end(args, state, TrainerControl())
+    assert [record.getMessage() for record in caplog.records] == ([AFRESH] if main_process else [])
+    assert callback.health.warnings == [] and callback.health_state == LamelmCallback().health_state
 
 
 def test_only_forwards_with_gradients_count_and_sharded_counts_are_not_taken(

@@ -204,7 +204,7 @@ class LamelmCallback(TrainerCallback, ExportableState):
                        model: nn.Module | None = None, **kwargs: Any) -> None:
         self.health.has_eval = args.eval_strategy != "no"
         self._resuming = state.global_step > 0  # a fresh run's state starts at step 0
-        self._restore(state)
+        self._restore(args, state)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -224,15 +224,18 @@ class LamelmCallback(TrainerCallback, ExportableState):
         self._window_start = self._last_trained = time.perf_counter()
         self._paused = 0.0
 
-    def _restore(self, state: TrainerState) -> None:
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         """A resumed run's ``state`` is the checkpoint's trainer_state.json, read by every rank (rank 0 wrote it):
         every rank continues the same health checks."""
         name = type(self).__name__  # the Trainer's key for a callback's state
         saved = state.stateful_callbacks.get(name)
-        if self._resuming and isinstance(saved, Mapping):
-            self.health_state = saved["attributes"]["health_state"]
-        elif self._resuming:
-            logger.warning("lamelm: the checkpoint at step %d holds no %s state (saved without it, by an older "
+        # Another version's entry may be shaped otherwise; several callbacks of one name are saved as a list.
+        attributes = saved.get("attributes") if isinstance(saved, Mapping) else None
+        health = attributes.get("health_state") if isinstance(attributes, Mapping) else None
+        if self._resuming and isinstance(health, Mapping):
+            self.health_state = health
+        elif self._resuming and args.should_log:  # every rank starts afresh; the main process says so
+            logger.warning("lamelm: the checkpoint at step %d holds no %s state (saved without it, by another "
                            "version, or with several of them on one Trainer): its health checks start afresh",
                            state.global_step, name)
         # The Trainer's next save writes into this entry and fails where the checkpoint lacks it.

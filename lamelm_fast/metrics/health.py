@@ -93,7 +93,9 @@ class HealthMonitor:
         self._max_lr = 0.0
         self._zero_lr_windows = 0
         self._low_gpu_windows = 0
-        self._train_losses_since_eval: list[float] = []
+        # Sum and count of the finite train losses since the last eval, for their mean (the overfitting check).
+        self._interval_loss_sum = 0.0
+        self._interval_loss_count = 0
         self._previous_interval_loss: float | None = None  # mean train loss between the last two evals
         self._previous_val_loss: float | None = None
         self._overfit_streak = 0
@@ -105,6 +107,9 @@ class HealthMonitor:
         return copy.deepcopy({key: value for key, value in vars(self).items() if key not in _SETTINGS})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "_train_losses_since_eval" in state:  # an older version kept every loss since the last eval
+            losses = state["_train_losses_since_eval"]
+            state = {**state, "_interval_loss_sum": float(sum(losses)), "_interval_loss_count": len(losses)}
         for key in vars(self).keys() - _SETTINGS:
             if key in state:  # one the checkpoint lacks (saved by an older version) keeps its fresh value
                 setattr(self, key, copy.deepcopy(state[key]))
@@ -158,7 +163,8 @@ class HealthMonitor:
                 issued += self._check_lr_schedule(step, lr, expected_lr)
         if loss is not None and math.isfinite(loss):
             self._windows.append((loss, lr))
-            self._train_losses_since_eval.append(loss)
+            self._interval_loss_sum += loss
+            self._interval_loss_count += 1
             if lr is not None:
                 issued += self._check_not_learning(step, lr)
             issued += self._check_loss_rising(step)
@@ -275,8 +281,8 @@ class HealthMonitor:
         step = int(row.get("step", 0))
         best_before = self.best_eval
 
-        train = self._train_losses_since_eval
-        interval_loss = sum(train) / len(train) if train else None
+        count = self._interval_loss_count
+        interval_loss = self._interval_loss_sum / count if count else None
         previous_interval_loss = self._previous_interval_loss
         val_rose = self._previous_val_loss is not None and val_loss > self._previous_val_loss
         train_fell = (interval_loss is not None and previous_interval_loss is not None
@@ -307,5 +313,5 @@ class HealthMonitor:
         self._previous_val_loss = val_loss
         if interval_loss is not None:
             self._previous_interval_loss = interval_loss
-        self._train_losses_since_eval = []
+        self._interval_loss_sum, self._interval_loss_count = 0.0, 0
         return issued

@@ -1,7 +1,9 @@
 """Where a run's numbers go: the console (table + progress bar, or JSON lines), the run directory's files
 (metrics.jsonl, training_metrics.json, summary.json, plots) and optional trackers (TensorBoard, W&B).
 
-Rows arrive as plain Python numbers: the device is read only at logging steps, by the caller.
+Rows arrive as plain Python numbers: the device is read only at logging steps, by the caller. metrics.jsonl gets each
+row as it comes; training_metrics.json, rewritten whole, lags it by at most ``METRICS_REWRITE_SECONDS`` between
+evaluations (more only where a rewrite itself takes long) and is complete after each evaluation, flush() and close().
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from lamelm_fast.metrics.atomic import atomic_write
 COLUMNS = (("step", "Step", 7, "d"), ("loss", "Loss", 9, ".4f"), ("grad_norm", "Grad Norm", 10, ".4f"),
            ("learning_rate", "Learning Rate", 14, ".3e"), ("epoch", "Epoch", 7, ".3f"),
            ("tokens_per_second", "Tok/s", 9, ".0f"), ("gpu_util", "GPU%", 5, ".0f"), ("memory_gb", "Mem(GB)", 8, ".2f"))
+# training_metrics.json can only be rewritten whole (~0.35 s at 100k rows), so train rows rewrite it at most this often
+# (evaluations, the summary, flush() and close() always do) ...
+METRICS_REWRITE_SECONDS = 10.0
+# ... and no sooner than this many times the last rewrite took: a long run logging every step spends at most 2% of its
+# time on it, however long its history grows.
+_METRICS_REWRITE_COST_RATIO = 50.0
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -150,13 +158,15 @@ class RunLogger:
         # the interrupted run (and a line a crash cut short) are dropped, as those steps run again. A new run in the
         # same directory starts afresh.
         self.history: list[dict[str, Any]] = []
+        self._metrics_due = -math.inf  # when a train row next rewrites training_metrics.json
+        self._metrics_stale = False  # rows logged since its last rewrite
         if resume_step is not None:
             if resume_rows is None:
                 resume_rows = _read_rows(metrics_path) if metrics_path.is_file() else []
             self.history = [row for row in resume_rows if row.get("step", 0) <= resume_step]
             _write_text_atomic(metrics_path, _jsonl(self.history))
             if self.history:  # not the interrupted run's arrays, should this run stop before its first row
-                write_json_atomic(run_dir / "training_metrics.json", training_metrics(self.history))
+                self._write_training_metrics()
         self._metrics = metrics_path.open("a" if resume_step is not None else "w", encoding="utf-8")
         self._trackers = _Trackers(report_to or [], run_dir, config or {})
         self._rows_printed = 0
@@ -203,10 +213,26 @@ class RunLogger:
         if self.json_lines and not self.quiet:
             print(json.dumps(row), file=self.stream, flush=True)
 
+    def _write_training_metrics(self) -> None:
+        started = time.perf_counter()
+        write_json_atomic(self.run_dir / "training_metrics.json", training_metrics(self.history))
+        finished = time.perf_counter()
+        self._metrics_due = finished + max(METRICS_REWRITE_SECONDS,
+                                           _METRICS_REWRITE_COST_RATIO * (finished - started))
+        self._metrics_stale = False
+
+    def flush(self) -> None:
+        """Bring training_metrics.json up to date with every row logged (train rows rewrite it only every
+        ``METRICS_REWRITE_SECONDS`` or more), e.g. when a checkpoint is saved."""
+        if self._metrics_stale:
+            self._write_training_metrics()
+
     def train_row(self, row: dict[str, Any]) -> None:
         row = {"type": "train", **row}
         self._record(row)
-        write_json_atomic(self.run_dir / "training_metrics.json", training_metrics(self.history))
+        self._metrics_stale = True
+        if time.perf_counter() >= self._metrics_due:
+            self._write_training_metrics()
         self._trackers.log("train", row)
         if self.quiet or self.json_lines:
             return
@@ -222,7 +248,7 @@ class RunLogger:
     def eval_row(self, row: dict[str, Any]) -> None:
         row = {"type": "eval", **row}
         self._record(row)
-        write_json_atomic(self.run_dir / "training_metrics.json", training_metrics(self.history))
+        self._write_training_metrics()
         self._trackers.log("eval", row)
         self._write_plots()
         if not (self.quiet or self.json_lines):
@@ -250,6 +276,7 @@ class RunLogger:
 
     def summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "summary.json", summary)
+        self.flush()
         self._write_plots()
         if self.json_lines:
             print(json.dumps({"type": "summary", **summary}), file=self.stream, flush=True)
@@ -259,8 +286,11 @@ class RunLogger:
         self._print("\n".join(["Run summary", *lines, *_segments_line(summary)]))
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        self._trackers.close()
-        self._metrics.close()
+        try:
+            self.flush()  # a run that stops on an error, too, leaves the arrays of every row it logged
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            self._trackers.close()
+            self._metrics.close()
