@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, tzinfo
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,33 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture
 def small_alpaca(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "alpaca.jsonl", embedded_records(48))
+
+
+def chat_records(count: int) -> list[dict]:
+    """``count`` one-question conversations (chat format) from :func:`embedded_records`."""
+    return [{"messages": [{"role": "user", "content": record["instruction"]},
+                          {"role": "assistant", "content": record["output"]}]} for record in embedded_records(count)]
+
+
+def set_clock(monkeypatch: pytest.MonkeyPatch, moment: datetime) -> None:
+    """The clock a chat template's strftime_now reads in transformers set to ``moment`` (what day the run is on)."""
+    from transformers.utils import chat_template_utils
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:
+            return moment
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+
+
+def as_saved_by_an_older_version(checkpoint: Path, *entries: str) -> None:
+    """Remove training-state entries that an older version did not save, and re-list the files as a save does."""
+    from lamelm_fast.train import checkpoint as checkpoint_module
+
+    state = torch.load(checkpoint / checkpoint_module.STATE_FILE, weights_only=False)
+    for entry in entries:
+        del state[entry]
+    torch.save(state, checkpoint / checkpoint_module.STATE_FILE)
+    (checkpoint / checkpoint_module.MANIFEST_FILE).unlink()  # re-listed without itself, as a save writes it
+    checkpoint_module._write_manifest(checkpoint)

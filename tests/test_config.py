@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -184,8 +186,6 @@ def test_kernels_flag_refuses_a_backend_that_cannot_run_here(tmp_path, monkeypat
 
 def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_without_saving(
         capsys: pytest.CaptureFixture[str]) -> None:
-    import os
-
     from lamelm_fast.train.loop import _stderr, _StopRequest
 
     with _StopRequest(_stderr) as stop:
@@ -200,15 +200,16 @@ def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_without_saving(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-# `python -m lamelm_fast.train ARGS` that stops at POINT until a SIGINT arrives: "torch" blocks its first import, any
-# other POINT is a function of the loop's module, replaced. It prints "blocked" once there.
+# `python -m lamelm_fast.train ARGS` that stops at POINT until a SIGINT arrives: "torch" blocks its first import,
+# "workers" the two processes tokenizing the data (each in its first chunk), any other POINT is a function of the
+# loop's module, replaced. It prints "blocked" once there (each worker does).
 BLOCKING_TRAINER = """
-import runpy, signal, sys
+import os, runpy, signal, sys
 
 point = sys.argv.pop(1)
 
 def wait_for_ctrl_c(*args, **kwargs):
-    print("blocked", flush=True)
+    os.write(1, b"blocked\\n")  # one write: two workers' lines do not interleave
     signal.pause()  # the SIGINT raises KeyboardInterrupt here (or just before, if it came first)
 
 if point == "torch":
@@ -218,6 +219,12 @@ if point == "torch":
                 wait_for_ctrl_c()
 
     sys.meta_path.insert(0, BlockTorchImport())
+elif point == "workers":
+    from lamelm_fast.train import data
+
+    data._tokenizing_workers = lambda records: 2  # forked whatever the dataset's size and the CPUs
+    data.PARALLEL_CHUNK = 1_000  # the embedded dataset's 3,651 records: 4 chunks
+    data._encode_records = wait_for_ctrl_c
 else:
     from lamelm_fast.train import loop
 
@@ -226,20 +233,28 @@ runpy.run_module("lamelm_fast.train", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.parametrize("point", ["torch", "load_model", "prepare_datasets", "_banner"],
-                         ids=["importing torch", "loading the model", "tokenizing the data", "run directory made"])
+@pytest.mark.parametrize("point", ["torch", "load_model", "prepare_datasets", "workers", "_banner"],
+                         ids=["importing torch", "loading the model", "tokenizing the data",
+                              "tokenizing in worker processes", "run directory made"])
 def test_ctrl_c_before_training_is_one_line_and_leaves_nothing_in_the_way(point: str, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the whole process group: forked tokenizing workers too, which must neither print
+    tracebacks of their own nor outlive the run."""
     from lamelm_fast.train.checkpoint import check_output_dir
 
     run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-c", BLOCKING_TRAINER, point, "--max-steps", "1", "--output-dir",
-                                str(run)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                str(run)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as a terminal gives a command
     try:
-        assert process.stdout.readline() == "blocked\n"
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
+        for _ in range(2 if point == "workers" else 1):
+            assert process.stdout.readline() == "blocked\n"
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)  # till every process holding its stdout and stderr has exited
     finally:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    with pytest.raises(ProcessLookupError):  # nothing left in the group: the workers were stopped, and waited for
+        os.killpg(process.pid, 0)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.splitlines()[-1] == "Interrupted before training started: nothing to save."
@@ -256,10 +271,11 @@ def test_ctrl_c_after_the_last_step_stops_at_once_and_says_so(tmp_path: Path, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "evaluate", interrupted)
-    assert cli.main(["--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--quiet"]) == 130
+    assert cli.main(["--max-steps", "2", "--save-steps", "1", "--output-dir", str(tmp_path / "run"), "--quiet"]) == 130
     assert capsys.readouterr().err.strip() == ("interrupted: stopped at once; nothing was saved since the last "
                                                "checkpoint")
-    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+    # The final evaluation comes before the final checkpoint: the one saved at step 1 is the last.
+    assert sorted(path.name for path in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_a_missing_tracker_package_is_refused_before_anything_is_written(tmp_path: Path,

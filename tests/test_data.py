@@ -6,13 +6,14 @@ import copy
 import hashlib
 import math
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from conftest import embedded_records, write_jsonl
+from conftest import chat_records, embedded_records, set_clock, write_jsonl
 from lamelm_fast.train.config import ConfigError
 from lamelm_fast.train.data import (
     IGNORE_INDEX,
@@ -23,6 +24,7 @@ from lamelm_fast.train.data import (
     encode_record,
     fingerprint,
     load_records,
+    pinned_template_clock,
     prepare_datasets,
     shifted_labels,
 )
@@ -83,8 +85,9 @@ def encode_chat(tokenizer: Any, messages: list[dict], train_on_prompt: bool = Fa
     (None, (), "sorted(xs)<|im_end|> xs.sort()\n<|im_end|>"),  # the embedded tokenizer's ChatML
     # The last answer opens with an empty think block, the earlier one does not: not prefix by prefix.
     ("qwen3_like", (), "sorted(xs)<|im_end|> xs.sort()\n<|im_end|>"),
-    # The system prompt is in the last user turn, so it moves as turns are added: not prefix by prefix. The space
-    # before an answer is the model's to write (the generation prompt ends with [/INST]).
+    # The system prompt is rendered only in a final user turn: the generation prompt has it, the conversation not,
+    # so not prefix by prefix. The space before an answer is the model's to write (the generation prompt ends with
+    # [/INST]).
     ("mistral_like", ("[INST]", "[/INST]"), " sorted(xs)<|endoftext|> xs.sort()<|endoftext|>"),
     # An answer trimmed: what the loss sees is the rendered answer, not the record's.
     ("llama3_like", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
@@ -102,6 +105,31 @@ def test_chat_targets_are_each_rendered_answer_and_its_end_of_turn(embedded_toke
     a header."""
     tokenizer = chat_tokenizer(embedded_tokenizer, template, specials) if template else embedded_tokenizer
     assert targets_text(tokenizer, encode_chat(tokenizer, CONVERSATION)) == targets
+
+
+def test_a_chat_template_writes_the_pinned_date_whatever_the_clock_says(tmp_path: Path, embedded_tokenizer,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama 3.1+ templates write today's date (strftime_now) into every conversation: under the pin, the run's date
+    in every example, tokenized in this process or in forked workers; outside it, the clock's again."""
+    from lamelm_fast.train import data
+
+    tokenizer = chat_tokenizer(embedded_tokenizer, "llama31_like",
+                               ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    started, next_day = datetime(2026, 11, 23, 23, 0), datetime(2026, 11, 24, 0, 30)
+    set_clock(monkeypatch, next_day)
+    with pinned_template_clock(started):
+        example = encode_chat(tokenizer, CONVERSATION)
+    assert "system<|end_header_id|>\n\nToday Date: 23 Nov 2026\n\nBe brief." in tokenizer.decode(example.input_ids)
+    assert targets_text(tokenizer, example) == "sorted(xs)<|eot_id|>xs.sort()<|eot_id|>"
+    assert "Today Date: 24 Nov 2026" in tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+
+    path = write_jsonl(tmp_path / "chat.jsonl", chat_records(12))
+    monkeypatch.setattr(data, "_tokenizing_workers", lambda n: 2)
+    monkeypatch.setattr(data, "PARALLEL_CHUNK", 6)
+    with pinned_template_clock(started):
+        train_set, _, _ = prepare_datasets(str(path), "train", "auto", tokenizer, 512, False, 0.0, 1)
+    assert len(train_set) == 12
+    assert all("Today Date: 23 Nov 2026" in tokenizer.decode(e.input_ids) for e in train_set)
 
 
 def test_chat_reasoning_as_qwen3_like_templates_render_it(embedded_tokenizer) -> None:
@@ -135,6 +163,76 @@ def test_chat_tool_calls_are_targets(embedded_tokenizer) -> None:
     assert targets_text(tokenizer, encode_chat(tokenizer, messages)) == (
         '<think>\n\n</think>\n\n<tool_call>\n{"name": "sort", "arguments": {"xs": [3, 1]}}\n</tool_call><|im_end|>\n'
         "<think>\n\n</think>\n\n[1, 3]<|im_end|>\n")
+
+
+# Fields real data carries on assistant messages that these templates do not render: OpenAI fine-tuning rows (weight,
+# name), API exports (annotations, an empty tool_calls, refusal None), Qwen and DeepSeek exports (an empty
+# reasoning_content).
+UNRENDERED_FIELDS = {"weight": 1, "name": "helper", "annotations": [], "tool_calls": [], "refusal": None,
+                     "reasoning_content": ""}
+
+
+@pytest.mark.parametrize(("template", "specials"), [
+    (None, ()), ("qwen3_like", ()), ("mistral_like", ("[INST]", "[/INST]")),
+    ("llama3_like", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+], ids=["chatml", "qwen3_like", "mistral_like", "llama3_like"])
+def test_assistant_fields_the_template_does_not_render_change_nothing(embedded_tokenizer, template: str | None,
+                                                                     specials: tuple[str, ...]) -> None:
+    """The answers are located as in the conversation without those fields: with Qwen3- and Mistral-style
+    templates, whose multi-turn conversations cannot be cut prefix by prefix, rather than an error; with ChatML, the
+    same targets rather than a prefix-by-prefix cut's (which takes the newline after <|im_end|>)."""
+    tokenizer = chat_tokenizer(embedded_tokenizer, template, specials) if template else embedded_tokenizer
+    messages = [{**message, **UNRENDERED_FIELDS} if message["role"] == "assistant" else message
+                for message in CONVERSATION]
+    assert encode_chat(tokenizer, messages) == encode_chat(tokenizer, CONVERSATION)
+
+
+def test_openai_weights_on_messages_choose_the_answers_trained_on(embedded_tokenizer) -> None:
+    """OpenAI's fine-tuning format gives an assistant message weight 0 (context) or 1 (trained on), as ShareGPT
+    weights its turns: a messages record and the ShareGPT one with the same weights are the same example."""
+    messages = [*CONVERSATION[:2], {**CONVERSATION[2], "weight": 0}, CONVERSATION[3], {**CONVERSATION[4], "weight": 1}]
+    sharegpt = [{"from": {"user": "human", "assistant": "gpt"}.get(message["role"], message["role"]),
+                 "value": message["content"], **({"weight": message["weight"]} if "weight" in message else {})}
+                for message in messages]
+    for tokenizer in (embedded_tokenizer, chat_tokenizer(embedded_tokenizer, "qwen3_like")):
+        example = encode_chat(tokenizer, messages)
+        assert targets_text(tokenizer, example) == " xs.sort()\n<|im_end|>"
+        assert encode_record(Record({"conversations": sharegpt}, "mem:1"), "chat", tokenizer, False) == example
+
+
+def test_system_prompts_the_template_does_not_render_are_counted_and_reported(
+        tmp_path: Path, embedded_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mistral v0.3/Nemo/Small templates render the system prompt only before a final user turn: at inference, never
+    in a training conversation, which ends with an answer. The records it leaves out are counted (in worker processes
+    too), and the banner says so and what to do."""
+    from lamelm_fast.train import data, loop
+    from lamelm_fast.train.config import TrainConfig
+
+    tokenizer = chat_tokenizer(embedded_tokenizer, "mistral_like", ("[INST]", "[/INST]"))
+    assert "Be brief." not in tokenizer.decode(encode_chat(tokenizer, CONVERSATION).input_ids)
+    assert "[INST] Be brief.\n\nIn place?[/INST]" in tokenizer.apply_chat_template(CONVERSATION[:4], tokenize=False)
+    # 12 records, 8 with a system prompt (multi-turn, single-turn), 4 without.
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]},
+                                                 {"messages": CONVERSATION[1:]}] * 4)
+    _, _, stats = prepare_datasets(str(path), "train", "auto", tokenizer, 512, False, 0.0, 1)
+    assert stats.system_prompts_not_rendered == 8
+    monkeypatch.setattr(data, "_tokenizing_workers", lambda n: 2)
+    monkeypatch.setattr(data, "PARALLEL_CHUNK", 5)
+    assert prepare_datasets(str(path), "train", "auto", tokenizer, 512, False, 0.0, 1)[2] == stats
+    config = TrainConfig(finetune="lora", max_seq_length=512, learning_rate=2e-4)
+    banner = loop._banner(config, stats, torch.device("cpu"), 10, 10, 1, 1, [], None)
+    assert ("\n  note: 8 of 12 records have a system prompt that the chat template does not render (Mistral "
+            "v0.3/Nemo/Small templates render it only before a final user turn") in banner
+    assert banner.count("Merge the system prompt into the first user message in the data, or use a template that "
+                        "renders it") == 1
+    # Templates that render it, trimmed (Llama 3's) or not: nothing to say.
+    padded = [{"role": "system", "content": " Be brief.\n"}, *CONVERSATION[1:]]
+    write_jsonl(path, [{"messages": CONVERSATION}, {"messages": padded}])
+    llama3 = chat_tokenizer(embedded_tokenizer, "llama3_like",
+                            ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    for renders_it in (embedded_tokenizer, llama3):
+        stats = prepare_datasets(str(path), "train", "auto", renders_it, 512, False, 0.0, 1)[2]
+        assert stats.system_prompts_not_rendered == 0 and stats.notes == []
 
 
 def test_chat_answers_are_located_where_the_template_puts_them(embedded_tokenizer) -> None:
@@ -485,13 +583,15 @@ def test_large_datasets_tokenize_in_worker_processes_to_the_same_examples(
         prepare_datasets(str(path), "train", "auto", embedded_tokenizer, 48, False, 0.1, 3)
 
 
-def _encode_chunk_slowly_if_first_bad(records: list) -> tuple:
+def _encode_chunk_slowly_if_first_bad(start: int) -> tuple:
     """A worker whose chunk holds the earlier bad record (line 13 of the file) fails last."""
     from lamelm_fast.train import data
 
-    if any(record.where.endswith(":13") for record in records):
+    records, *settings = data._WORKER_ARGS
+    chunk = records[start:start + data.PARALLEL_CHUNK]
+    if any(record.where.endswith(":13") for record in chunk):
         time.sleep(1.0)
-    return data._encode_records(records, *data._WORKER_ARGS)
+    return data._encode_records(chunk, *settings)
 
 
 def test_parallel_tokenization_names_the_first_bad_record_whichever_worker_fails_first(

@@ -129,7 +129,8 @@ def test_valid_json_alpaca_records_of_any_shape(tmp_path: Path, embedded_tokeniz
 
 @FUZZ
 @given(conversations=st.lists(st.lists(st.fixed_dictionaries({
-    "role": st.sampled_from([*CHAT_ROLES, "bot", "", "User"]), "content": text}), min_size=1, max_size=4),
+    "role": st.sampled_from([*CHAT_ROLES, "bot", "", "User"]), "content": text},
+    optional={"weight": st.sampled_from([0, 1, None]), "name": text}), min_size=1, max_size=4),  # unrendered extras
     min_size=1, max_size=4))
 def test_chat_records_with_unknown_roles_and_odd_content(tmp_path: Path, embedded_tokenizer: Any,
                                                          conversations: list[list[dict]]) -> None:
@@ -141,11 +142,14 @@ def test_chat_records_with_unknown_roles_and_odd_content(tmp_path: Path, embedde
 
 @FUZZ
 @given(conversation=st.lists(st.fixed_dictionaries({"from": st.sampled_from([*SHAREGPT_ROLES, "GPT", "Human"]),
-                                                    "value": text}), min_size=1, max_size=4))
+                                                    "value": text}, optional={"weight": st.sampled_from([0, 1])}),
+                             min_size=1, max_size=4))
 def test_a_sharegpt_record_is_the_messages_record_with_chat_roles(tmp_path: Path, embedded_tokenizer: Any,
                                                                   conversation: list[dict]) -> None:
-    """The same examples, or the same error about the same turn."""
-    messages = [{"role": SHAREGPT_ROLES[turn["from"].lower()], "content": turn["value"]} for turn in conversation]
+    """The same examples, or the same error about the same turn; a weight (0: context) means the same in both, as in
+    OpenAI's fine-tuning format."""
+    messages = [{"role": SHAREGPT_ROLES[turn["from"].lower()], "content": turn["value"],
+                 **{key: value for key, value in turn.items() if key == "weight"}} for turn in conversation]
     outcomes = []
     for field, turns in (("conversations", conversation), ("messages", messages)):
         path = tmp_path / field / "data.jsonl"

@@ -1,4 +1,5 @@
-"""Exact resume after kill -9, checkpoints verified on load, save_total_limit, changed data refused."""
+"""Exact resume after kill -9, checkpoints verified on load, save_total_limit, changed data refused (and data
+that a chat template dates not taken for changed)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,23 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lamelm_fast.train import ConfigError, TrainConfig, TrainingStopped, train
+from conftest import as_saved_by_an_older_version, chat_records, set_clock, write_jsonl
+from lamelm_fast.train import ConfigError, TrainConfig, TrainingStopped, loop, train
 from lamelm_fast.train import checkpoint as checkpoint_module
-from lamelm_fast.train.checkpoint import find_resume_checkpoint, verify_checkpoint
+from lamelm_fast.train.checkpoint import find_resume_checkpoint, load_training_state, verify_checkpoint
 from lamelm_fast.train.cli import main
+from lamelm_fast.train.data import LABELS_VERSION
 
 # LoRA dropout and shuffling across epochs: the RNG and the data position must both come back.
 SETTINGS = dict(finetune="lora", lora_dropout=0.2, learning_rate=5e-3, per_device_train_batch_size=4,
@@ -139,6 +144,41 @@ def test_changed_data_is_refused_on_resume_unless_ignore_data_change(
     assert (three_checkpoints / "checkpoint-4").is_dir()
 
 
+SAVED_AT = Path("run") / "checkpoint-3"
+
+
+def saved_state(labels_version: int | None, **settings: object) -> dict:
+    """A checkpoint's training state: the data settings of ``config`` (and ``settings``), a fingerprint of other data,
+    and ``labels_version`` (None: saved before labels had versions)."""
+    state = {"data_fingerprint": "saved", "config": dataclasses.asdict(config(Path("m"), Path("d"), Path("o"),
+                                                                              **settings))}
+    return state if labels_version is None else {**state, checkpoint_module.LABELS_VERSION_KEY: labels_version}
+
+
+@pytest.mark.parametrize("labels_version", [None, 1], ids=["saved before labels had versions", "labels version 1"])
+def test_a_checkpoint_of_another_labels_version_names_the_labelling_not_the_data(labels_version: int | None) -> None:
+    """Unchanged data that this version tokenizes or labels differently: the message does not blame the data."""
+    settings = saved_state(None)["config"]
+    relabelled = (rf"the training data differs from what {SAVED_AT} was trained on \(this lamelm-fast version "
+                  r"tokenizes or labels records differently from the one that saved the checkpoint \(labels version "
+                  rf"1 -> {LABELS_VERSION}\)")
+    with pytest.raises(ConfigError, match=relabelled + r"\): --ignore-data-change continues on the new labels"):
+        checkpoint_module.check_same_data(saved_state(labels_version), "now", SAVED_AT, False, settings, False)
+    note = checkpoint_module.check_same_data(saved_state(labels_version), "now", SAVED_AT, True, settings, False)
+    assert "continuing on the new labels (--ignore-data-change), from the same step" in note
+    with pytest.raises(ConfigError, match=relabelled + r"; also changed: --seed 8 -> 7\)"):
+        checkpoint_module.check_same_data(saved_state(labels_version, seed=8), "now", SAVED_AT, False, settings, False)
+    assert checkpoint_module.check_same_data(saved_state(labels_version), "saved", SAVED_AT, False, settings,
+                                             False) is None  # labels the same for this data: resumes
+
+
+def test_a_checkpoint_of_this_labels_version_on_other_data_is_refused_as_changed_data() -> None:
+    settings = saved_state(None)["config"]
+    with pytest.raises(ConfigError, match=r"\(the dataset file or the tokenizer changed; the data settings are the "
+                                          r"same\): resuming would not continue the original run; restore"):
+        checkpoint_module.check_same_data(saved_state(LABELS_VERSION), "now", SAVED_AT, False, settings, False)
+
+
 def test_a_fresh_run_refuses_an_output_dir_holding_an_earlier_runs_checkpoints(
         three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Otherwise its checkpoints mix with the earlier run's, and `latest` would later resume the wrong run."""
@@ -175,3 +215,57 @@ def test_resume_names_what_it_keeps_from_the_checkpoint_and_what_changed(
     assert [row["step"] for row in rows][-2:] == [4, 5]
     assert rows[-2]["learning_rate"] > 1e-3  # the checkpoint's peak over this run's length
     assert not [row for row in result.history if row["type"] == "warning"]  # no false "LR off its schedule"
+
+
+# The day a run starts (an hour before midnight) and the day it resumes on.
+STARTED, NEXT_DAY = datetime(2026, 11, 23, 23, 0), datetime(2026, 11, 24, 0, 30)
+CHAT = dict(max_seq_length=512)  # the template's header tokens are plain text to the embedded tokenizer: long
+
+
+@pytest.fixture
+def dated_chat(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """The tiny model, its chat template writing today's date as Llama 3.1+'s do; and chat records."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    template = Path(__file__).parent / "data" / "chat_templates" / "llama31_like.jinja"
+    shutil.copy(template, model / "chat_template.jinja")
+    return model, write_jsonl(tmp_path / "chat.jsonl", chat_records(16))
+
+
+def test_a_run_resumed_the_next_day_tokenizes_with_the_date_it_started_on(
+        tmp_path: Path, dated_chat: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else the template writes another date after midnight and the resume is refused as if the data had changed."""
+    model, dataset = dated_chat
+    first_texts, prepare_datasets = [], loop.prepare_datasets
+
+    def prepare_and_decode_the_first(*args, **kwargs):
+        prepared = prepare_datasets(*args, **kwargs)
+        first_texts.append(args[3].decode(prepared[0][0].input_ids))  # args[3]: the tokenizer
+        return prepared
+
+    monkeypatch.setattr(loop, "prepare_datasets", prepare_and_decode_the_first)
+    set_clock(monkeypatch, STARTED)
+    train(config(model, dataset, tmp_path / "run", max_steps=1, **CHAT))
+    set_clock(monkeypatch, NEXT_DAY)
+    train(config(model, dataset, tmp_path / "run", max_steps=2, resume_from_checkpoint="latest", **CHAT))
+    assert len(first_texts) == 2 and all("Today Date: 23 Nov 2026" in text for text in first_texts)
+    # A resume of the resumed run's checkpoint, another day still, tokenizes with the first day's date too.
+    state = load_training_state(tmp_path / "run" / "checkpoint-2")
+    assert state[checkpoint_module.TEMPLATE_TIME] == "2026-11-23T23:00:00"
+
+
+def test_a_checkpoint_without_its_date_resumes_the_same_day_and_a_refusal_the_next_names_the_date(
+        tmp_path: Path, dated_chat: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint of an older version does not record the date: its data are tokenized with today's."""
+    model, dataset = dated_chat
+    set_clock(monkeypatch, STARTED)
+    train(config(model, dataset, tmp_path / "run", max_steps=1, **CHAT))
+    as_saved_by_an_older_version(tmp_path / "run" / "checkpoint-1", checkpoint_module.TEMPLATE_TIME)
+    resume = config(model, dataset, tmp_path / "run", max_steps=2, resume_from_checkpoint="latest", **CHAT)
+    set_clock(monkeypatch, NEXT_DAY)
+    with pytest.raises(ConfigError, match=r"\(the dataset file, the tokenizer or the date the chat template writes "
+                                          r"changed \(the checkpoint was saved by an older version, which does not "
+                                          r"record the day its data were tokenized on\); the data settings are the "
+                                          r"same\): .*--ignore-data-change"):
+        train(resume)
+    set_clock(monkeypatch, STARTED.replace(hour=23, minute=30))
+    assert train(resume).global_step == 2

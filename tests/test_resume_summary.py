@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import embedded_records, write_jsonl
+from conftest import as_saved_by_an_older_version, embedded_records, write_jsonl
 from lamelm_fast.explain import analyse, load_run
+from lamelm_fast.metrics import logger as logger_module
 from lamelm_fast.metrics.health import HealthMonitor
 from lamelm_fast.train import TrainConfig, train
 from lamelm_fast.train import checkpoint as checkpoint_module
+from lamelm_fast.train.data import LABELS_VERSION
 
 # Counted and looked-up fields that the interrupted run must reproduce exactly; losses to float rounding.
 SAME = ("steps", "best_val_step", "tokens", "target_tokens", "samples", "warnings", "stopped_early")
@@ -96,6 +100,28 @@ def logged_rows(run_dir: Path) -> list[dict]:
     return [{key: value for key, value in row.items() if key not in TIMING} for row in rows]
 
 
+def assert_same_rows(rows: list[dict], expected_rows: list[dict]) -> None:
+    assert [(row["type"], row["step"]) for row in rows] == [(row["type"], row["step"]) for row in expected_rows]
+    for row, expected_row in zip(rows, expected_rows, strict=True):
+        assert row.keys() == expected_row.keys(), (row["type"], row["step"])
+        for key, value in expected_row.items():
+            assert same_value(row[key], value), (row["type"], row["step"], key)
+
+
+def without_rows(checkpoint: Path, *entries: str) -> None:
+    """As an older version saved it: no rows file (and without the training-state ``entries``)."""
+    (checkpoint / checkpoint_module.ROWS_FILE).unlink()
+    as_saved_by_an_older_version(checkpoint, *entries)  # re-lists the files
+
+
+def as_saved_by_the_previous_version(checkpoint: Path) -> None:
+    """The rows in the training state ("history", zlib-compressed metrics.jsonl lines), not in a file of their own."""
+    lines = gzip.decompress((checkpoint / checkpoint_module.ROWS_FILE).read_bytes())
+    state = checkpoint_module.load_training_state(checkpoint)
+    torch.save({**state, "history": zlib.compress(lines)}, checkpoint / checkpoint_module.STATE_FILE)
+    without_rows(checkpoint)
+
+
 @pytest.mark.parametrize("where", ["in place", "checkpoint copied to a new directory",
                                    "new directory resuming the old one's checkpoint"])
 def test_a_resumed_runs_logs_curves_and_explain_report_are_the_uninterrupted_runs(
@@ -109,12 +135,7 @@ def test_a_resumed_runs_logs_curves_and_explain_report_are_the_uninterrupted_run
         resume_from = "latest"
     train(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint=resume_from))
 
-    rows, expected_rows = logged_rows(run_dir), logged_rows(uninterrupted.run_dir)
-    assert [(row["type"], row["step"]) for row in rows] == [(row["type"], row["step"]) for row in expected_rows]
-    for row, expected_row in zip(rows, expected_rows, strict=True):
-        assert row.keys() == expected_row.keys(), (row["type"], row["step"])
-        for key, value in expected_row.items():
-            assert same_value(row[key], value), (row["type"], row["step"], key)
+    assert_same_rows(logged_rows(run_dir), logged_rows(uninterrupted.run_dir))
     arrays, expected_arrays = (json.loads((path / "training_metrics.json").read_text())
                                for path in (run_dir, uninterrupted.run_dir))
     assert arrays.keys() == expected_arrays.keys() and arrays["steps"] == list(range(1, 9))
@@ -134,26 +155,17 @@ def test_a_resumed_runs_logs_curves_and_explain_report_are_the_uninterrupted_run
     assert analysis["checkpoint"]["step"] == expected["checkpoint"]["step"] == 8
 
 
-def as_saved_by_an_older_version(checkpoint: Path, *entries: str) -> None:
-    """Remove training-state entries that an older version did not save, and re-list the files as a save does."""
-    state = torch.load(checkpoint / checkpoint_module.STATE_FILE, weights_only=False)
-    for entry in entries:
-        del state[entry]
-    torch.save(state, checkpoint / checkpoint_module.STATE_FILE)
-    (checkpoint / checkpoint_module.MANIFEST_FILE).unlink()  # re-listed without itself, as a save writes it
-    checkpoint_module._write_manifest(checkpoint)
-
-
 def test_a_checkpoint_without_logged_rows_resumed_elsewhere_says_where_the_logs_start(
         tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     interrupted(uninterrupted.run_dir, run_dir, 4, in_place=False)
-    as_saved_by_an_older_version(run_dir / "checkpoint-4", "history")
+    without_rows(run_dir / "checkpoint-4")
     capsys.readouterr()
     resumed = train(dataclasses.replace(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"),
                                         quiet=False))
     notes = [line for line in capsys.readouterr().out.splitlines() if "carries no logged rows" in line]
     assert len(notes) == 1 and "metrics.jsonl, curves and explain report start at step 5" in notes[0]
+    assert "summary.json still covers the whole run" in notes[0]
     assert_same_run(resumed.summary, uninterrupted.summary)  # the run totals came with the checkpoint
     # The earlier rows are in the other directory: explain says so, and takes the whole run's figures from the summary.
     analysis = analyse(load_run(run_dir))
@@ -201,7 +213,7 @@ def test_a_checkpoint_without_run_totals_still_resumes_and_says_what_is_missing(
         tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     interrupted(uninterrupted.run_dir, run_dir, 4, in_place=True)
-    as_saved_by_an_older_version(run_dir / "checkpoint-4", "report", "history")
+    without_rows(run_dir / "checkpoint-4", "report")
     capsys.readouterr()
     resumed = train(dataclasses.replace(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"),
                                         quiet=False))
@@ -282,3 +294,99 @@ def test_a_step_cut_short_by_out_of_memory_leaves_the_saved_window_whole(tmp_pat
                            **settings))
     expected = [row["loss"] for row in whole.history if row["type"] == "train"]
     assert [row["loss"] for row in resumed.history if row["type"] == "train"] == pytest.approx(expected, rel=1e-6)
+
+
+# A constant learning rate, so that the first 4 steps of a 6-step run are those of a 4-step one.
+EXTENDABLE = dict(max_steps=4, save_steps=2, lr_scheduler_type="constant", warmup_ratio=0.0)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "checkpoint copied to a new directory"])
+def test_a_finished_run_extended_keeps_its_final_evaluation(tmp_path: Path, tiny_model_dir: Path, dataset: Path,
+                                                            in_place: bool) -> None:
+    """The final checkpoint is saved after the final evaluation, so a finished run extended from it (a higher
+    --max-steps) logs the evaluation at its old final step, and its totals count it: as the longer run does."""
+    longer = train(config(dataset, tiny_model_dir, tmp_path / "longer", **{**EXTENDABLE, "max_steps": 6}))
+    finished = train(config(dataset, tiny_model_dir, tmp_path / "finished", **EXTENDABLE))
+    run_dir = finished.run_dir if in_place else tmp_path / "elsewhere"
+    if not in_place:
+        interrupted(finished.run_dir, run_dir, 4, in_place=False)
+    extended = train(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest",
+                            **{**EXTENDABLE, "max_steps": 6}))
+    rows = logged_rows(run_dir)
+    assert [(row["type"], row["step"]) for row in rows if row["step"] >= 4] == [
+        ("train", 4), ("eval", 4), ("train", 5), ("train", 6), ("eval", 6)]
+    assert_same_rows(rows, logged_rows(longer.run_dir))
+    assert_same_run(extended.summary, longer.summary)
+
+
+def test_a_new_best_at_the_final_evaluation_is_saved_as_the_best_checkpoint(tmp_path: Path, tiny_model_dir: Path,
+                                                                            dataset: Path) -> None:
+    result = train(config(dataset, tiny_model_dir, tmp_path / "run", max_steps=4, save_steps=100,
+                          early_stopping_patience=100, save_total_limit=1))
+    assert result.summary["best_val_step"] == 4 and not result.summary["stopped_early"]
+    assert result.summary["best_checkpoint"] == result.summary["checkpoint"] == str(result.run_dir / "checkpoint-4")
+    assert [path.name for path in result.run_dir.glob("checkpoint-*")] == ["checkpoint-4"]  # the older best pruned
+
+
+def test_a_checkpoint_carries_its_rows_in_a_file_of_its_own_that_its_manifest_covers(tmp_path: Path,
+                                                                                    uninterrupted) -> None:
+    saved = uninterrupted.run_dir / "checkpoint-4"
+    lines = (uninterrupted.run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    packed = (saved / checkpoint_module.ROWS_FILE).read_bytes()
+    assert gzip.decompress(packed).decode() == "".join(line for line in lines if json.loads(line)["step"] <= 4)
+    assert checkpoint_module.ROWS_FILE in json.loads((saved / checkpoint_module.MANIFEST_FILE).read_text())["files"]
+    state = checkpoint_module.load_training_state(saved)
+    assert "history" not in state and state[checkpoint_module.LABELS_VERSION_KEY] == LABELS_VERSION
+
+    run_dir = tmp_path / "run"  # a copy: the fixture's run serves other tests
+    for step in (4, 8):
+        shutil.copytree(uninterrupted.run_dir / f"checkpoint-{step}", run_dir / f"checkpoint-{step}")
+    damaged = run_dir / "checkpoint-8" / checkpoint_module.ROWS_FILE
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    damaged.write_bytes(bytes(data))
+    found = checkpoint_module.find_resume_checkpoint("latest", run_dir)
+    assert found.path == run_dir / "checkpoint-4"
+    assert found.notes == [f"{run_dir / 'checkpoint-8'} is damaged (metrics.jsonl.gz is corrupted (its SHA-256 does "
+                           "not match the manifest)): skipped"]
+    (run_dir / "checkpoint-4" / checkpoint_module.ROWS_FILE).unlink()
+    assert checkpoint_module.verify_checkpoint(run_dir / "checkpoint-4") == "metrics.jsonl.gz is missing"
+
+
+def test_a_checkpoint_of_the_previous_version_with_its_rows_in_the_training_state_resumes_elsewhere(
+        tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted) -> None:
+    run_dir = tmp_path / "run"
+    interrupted(uninterrupted.run_dir, run_dir, 4, in_place=False)
+    as_saved_by_the_previous_version(run_dir / "checkpoint-4")
+    train(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"))
+    assert_same_rows(logged_rows(run_dir), logged_rows(uninterrupted.run_dir))
+    assert (run_dir / "checkpoint-8" / checkpoint_module.ROWS_FILE).is_file()  # its own checkpoints: the new form
+
+
+def test_a_checkpoint_without_rows_or_run_totals_resumed_elsewhere_does_not_say_the_summary_covers_the_run(
+        tmp_path: Path, tiny_model_dir: Path, dataset: Path, uninterrupted, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    interrupted(uninterrupted.run_dir, run_dir, 4, in_place=False)
+    without_rows(run_dir / "checkpoint-4", "report")
+    capsys.readouterr()
+    train(dataclasses.replace(config(dataset, tiny_model_dir, run_dir, resume_from_checkpoint="latest"), quiet=False))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  note: ")]
+    no_rows = [note for note in notes if "carries no logged rows" in note]
+    assert len(no_rows) == 1 and "start at step 5" in no_rows[0] and "covers the whole run" not in no_rows[0]
+    assert [note for note in notes if "holds no run totals" in note and "count from step 5 on" in note]
+
+
+def test_training_metrics_json_is_complete_at_each_checkpoint(tmp_path: Path, tiny_model_dir: Path, dataset: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train rows rewrite it every few seconds at most (here: only the first); each checkpoint brings it up to date."""
+    monkeypatch.setattr(logger_module, "METRICS_REWRITE_SECONDS", 1e9)
+    steps_at_saves, save_checkpoint = [], checkpoint_module.save_checkpoint
+
+    def reading_the_arrays(run_dir: Path, step: int, *args, **kwargs) -> Path:
+        saved = save_checkpoint(run_dir, step, *args, **kwargs)
+        steps_at_saves.append((step, json.loads((run_dir / "training_metrics.json").read_text())["steps"]))
+        return saved
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", reading_the_arrays)
+    train(config(dataset, tiny_model_dir, tmp_path / "run", max_steps=5, save_steps=2, eval_split_ratio=0.0))
+    assert steps_at_saves == [(2, [1, 2]), (4, [1, 2, 3, 4]), (5, [1, 2, 3, 4, 5])]

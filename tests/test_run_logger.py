@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lamelm_fast.metrics import logger as logger_module
-from lamelm_fast.metrics.logger import METRICS_REWRITE_SECONDS, RunLogger, training_metrics
+from lamelm_fast.metrics.logger import METRICS_REWRITE_SECONDS, RunLogger, training_metrics, unpack_rows
+from lamelm_fast.train.reporting import SilentLogger
 
 SECONDS_PER_ROW = 0.1  # a fast run logging every step
 
@@ -119,3 +122,29 @@ def test_a_resumed_logger_writes_the_carried_rows_and_continues(tmp_path: Path, 
     log_rows(logger, clock, range(4, 11))
     logger.close()
     assert file_arrays(tmp_path)["steps"] == list(range(1, 11)) and len(rewrites) == 2
+
+
+def test_packed_rows_are_metrics_jsonl_gzipped_at_any_point_and_carry_a_resumed_runs_rows(
+        tmp_path: Path, clock: Clock) -> None:
+    """A checkpoint's rows come from a running compressor: each copy holds every row so far, and logging goes on."""
+    logger = RunLogger(tmp_path / "run", total_steps=10, quiet=True)
+    log_rows(logger, clock, range(1, 4))
+    first = logger.packed_rows()
+    log_rows(logger, clock, range(4, 6))
+    logger.close()
+    assert gzip.decompress(first) == "".join(json.dumps(row) + "\n" for row in logger.history[:3]).encode()
+    assert gzip.decompress(logger.packed_rows()) == (tmp_path / "run" / "metrics.jsonl").read_bytes()
+
+    resumed = RunLogger(tmp_path / "elsewhere", total_steps=10, quiet=True, resume_step=4,
+                        resume_rows=unpack_rows(logger.packed_rows()))
+    log_rows(resumed, clock, range(5, 7))
+    resumed.close()
+    assert [row["step"] for row in unpack_rows(resumed.packed_rows())] == [1, 2, 3, 4, 5, 6]
+    # The previous version's checkpoints held them zlib-compressed in the training state: still read.
+    assert unpack_rows(zlib.compress((tmp_path / "run" / "metrics.jsonl").read_bytes())) == logger.history
+
+
+def test_the_silent_logger_of_other_ranks_has_every_method_the_loop_calls() -> None:
+    public = {name for name in vars(RunLogger) if not name.startswith("_")}
+    assert public <= set(vars(SilentLogger)), public - set(vars(SilentLogger))
+    assert SilentLogger().packed_rows() is None  # rank 0 alone writes a checkpoint's rows

@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from lamelm_fast.metrics.logger import unpack_rows
 from lamelm_fast.train.config import ConfigError, first_line
+from lamelm_fast.train.data import LABELS_VERSION
 from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import TrainingStopped
 
 STATE_FILE = "training_state.pt"
+ROWS_FILE = "metrics.jsonl.gz"  # the rows logged up to the checkpoint's step, for a resume in another directory
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_PATTERN = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
@@ -102,7 +106,7 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
 
 
 def _write(final: Path, model: nn.Module, tokenizer: Any, training_state: dict[str, Any],
-           model_state: dict[str, torch.Tensor] | None) -> None:
+           model_state: dict[str, torch.Tensor] | None, rows: bytes | None) -> None:
     """temp dir + manifest + fsync + rename; on a failed write the temp dir goes and nothing else changes."""
     run_dir = final.parent
     temporary = run_dir / f".{final.name}.tmp"
@@ -115,6 +119,8 @@ def _write(final: Path, model: nn.Module, tokenizer: Any, training_state: dict[s
         model.save_pretrained(temporary, safe_serialization=True, state_dict=model_state, **peft_only)
         tokenizer.save_pretrained(temporary)
         torch.save(training_state, temporary / STATE_FILE)
+        if rows is not None:
+            (temporary / ROWS_FILE).write_bytes(rows)
         _write_manifest(temporary)
         _fsync_tree(temporary)
     except (OSError, RuntimeError, SafetensorError) as error:  # torch.save and safetensors wrap OSError
@@ -146,8 +152,10 @@ def _prune(run_dir: Path, save_total_limit: int, protected: set[Path]) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer: Any, training_state: dict[str, Any],
-                    distributed: Distributed, save_total_limit: int | None = None, keep: Path | None = None) -> Path:
-    """Gather (every rank), write atomically (rank 0), then prune to ``save_total_limit``.
+                    distributed: Distributed, save_total_limit: int | None = None, keep: Path | None = None,
+                    rows: bytes | None = None) -> Path:
+    """Gather (every rank), write atomically (rank 0), then prune to ``save_total_limit``. ``rows``: the logged rows
+    (:meth:`RunLogger.packed_rows`, rank 0's), written as ``ROWS_FILE``.
 
     The new checkpoint is checked against its manifest (the sizes: the checksums were just computed from these
     files) before any older one is deleted, so pruning never removes the last intact checkpoint. A failed save
@@ -164,7 +172,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, tokenizer:
             for leftover in run_dir.iterdir():  # from a run killed while saving
                 if TEMPORARY_PATTERN.match(leftover.name):
                     shutil.rmtree(leftover, ignore_errors=True)
-            _write(final, model, tokenizer, state, model_state)
+            _write(final, model, tokenizer, state, model_state, rows)
             problem = verify_checkpoint(final, checksums=False)
             if problem is not None:
                 raise TrainingStopped(f"{final} did not verify after saving ({problem}): older checkpoints are "
@@ -273,27 +281,66 @@ def load_training_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def load_rows(path: Path, state: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The rows logged up to the checkpoint's step (``state``: its training state); None from a version that saved
+    none. The version before ``ROWS_FILE`` kept them in the training state."""
+    rows_file = path / ROWS_FILE
+    packed = rows_file.read_bytes() if rows_file.is_file() else state.get("history")
+    return None if packed is None else unpack_rows(packed)
+
+
+# The training state's entry for the moment the run's chat templates read as now (ISO 8601): a resumed run
+# tokenizes with it, so a template that writes the date renders the data as the run's first day did.
+TEMPLATE_TIME = "chat_template_time"
+
+
+def saved_template_time(state: dict[str, Any] | None) -> datetime | None:
+    """The moment a checkpoint's data were tokenized at; None for no checkpoint, or one saved by an older version."""
+    saved = state.get(TEMPLATE_TIME) if state is not None else None
+    return None if saved is None else datetime.fromisoformat(saved)
+
+
+# The training state's entry for the labels version (data.LABELS_VERSION) its data fingerprint was computed under.
+LABELS_VERSION_KEY = "labels_version"
+
 # The settings that decide the tokenized examples and the validation split (the seed draws the split).
 DATA_SETTINGS = ("dataset", "dataset_split", "dataset_format", "max_seq_length", "train_on_prompt", "eval_split_ratio",
                  "seed")
 
 
 def check_same_data(state: dict[str, Any], fingerprint: str, path: Path, ignore_change: bool,
-                    settings: dict[str, Any]) -> str | None:
+                    settings: dict[str, Any], writes_date: bool) -> str | None:
     """Refuse (ConfigError) to resume on data that differs from the checkpoint's; with ``ignore_change``, a note.
-    The message names the data settings that differ from the checkpoint's (``settings``: this run's)."""
+    The message names the data settings that differ from the checkpoint's (``settings``: this run's), or the date
+    when the chat template writes one (``writes_date``) and the checkpoint does not say which it tokenized with; a
+    checkpoint of another labels version (``data.LABELS_VERSION``) was tokenized by other rules."""
     if state["data_fingerprint"] == fingerprint:
         return None
     saved = state.get("config", {})
     changed = [f"--{name.replace('_', '-')} {saved[name]} -> {settings[name]}" for name in DATA_SETTINGS
                if name in saved and saved[name] != settings[name]]
-    why = (f"changed: {', '.join(changed)}" if changed
-           else "the dataset file or the tokenizer changed; the data settings are the same")
+    labels = state.get(LABELS_VERSION_KEY, 1)  # absent: saved before labelling had versions
+    relabelled = labels != LABELS_VERSION  # not the user's doing: say so, rather than blame the data
+    if relabelled:
+        why = (f"this lamelm-fast version tokenizes or labels records differently from the one that saved the "
+               f"checkpoint (labels version {labels} -> {LABELS_VERSION})"
+               + (f"; also changed: {', '.join(changed)}" if changed else ""))
+    elif changed:
+        why = f"changed: {', '.join(changed)}"
+    elif writes_date and TEMPLATE_TIME not in state:
+        why = ("the dataset file, the tokenizer or the date the chat template writes changed (the checkpoint was "
+               "saved by an older version, which does not record the day its data were tokenized on); the data "
+               "settings are the same")
+    else:
+        why = "the dataset file or the tokenizer changed; the data settings are the same"
     what = f"the training data differs from what {path} was trained on ({why})"
     if ignore_change:
-        return f"{what}: resuming anyway (--ignore-data-change), from the same step and example position"
-    raise ConfigError(f"{what}: resuming would not continue the original run; restore the original data, or pass "
-                      "--ignore-data-change to resume on the new data anyway")
+        return (f"{what}: {'continuing on the new labels' if relabelled else 'resuming anyway'} "
+                "(--ignore-data-change), from the same step and example position")
+    raise ConfigError(f"{what}: " + (
+        "--ignore-data-change continues on the new labels; or resume with the lamelm-fast version that saved the "
+        "checkpoint" if relabelled else "resuming would not continue the original run; restore the original data, "
+        "or pass --ignore-data-change to resume on the new data anyway"))
 
 
 def restore_rng(states: list[dict[str, Any]], rank: int, world_size: int) -> str | None:

@@ -7,6 +7,7 @@ shifted here, per sequence, so packed sequences never predict across a boundary.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import itertools
@@ -15,10 +16,12 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import weakref
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,20 @@ class DatasetStats:
     train_examples: int = 0
     eval_examples: int = 0
     train_tokens: int = 0
+    # Conversations with a system message whose content is nowhere in the text the chat template renders.
+    system_prompts_not_rendered: int = 0
+
+    @property
+    def notes(self) -> list[str]:
+        """What the banner says about the data beyond the counts: what went wrong, and what to do."""
+        notes = []
+        if self.system_prompts_not_rendered:
+            notes.append(f"{self.system_prompts_not_rendered} of {self.records} records have a system prompt that "
+                         "the chat template does not render (Mistral v0.3/Nemo/Small templates render it only "
+                         "before a final user turn, and a training conversation ends with an answer): the model "
+                         "does not see it in training. Merge the system prompt into the first user message in the "
+                         "data, or use a template that renders it")
+        return notes
 
 
 # --------------------------------------------------------------------------- loading
@@ -343,18 +360,26 @@ def _chat_by_sentinel(messages: list[dict[str, Any]], targets: list[bool], text:
     The conversation is rendered again with every target content replaced by a sentinel: between the sentinels
     lies the template's own text (headers, other roles' turns), which ``text`` must hold in the same order; each
     content is what ``text`` has between them. Unlike rendering prefix by prefix, this holds for templates that
-    render a turn differently once others follow it (Qwen3's think block, Mistral's system prompt in the last user
-    turn) and costs two renders whatever the number of turns.
+    render a turn differently once others follow it (Qwen3's think block, Mistral's system prompt rendered only
+    before a final user turn) and costs two renders whatever the number of turns.
     """
     responses = [i for i, target in enumerate(targets) if target]
     if not responses:
         return [(text, False)]
-    for i in responses:
-        # A template renders such a field (tool calls, reasoning) beside the content: it would be labelled prompt.
-        extra = [key for key, value in messages[i].items() if key not in ("role", "content") and value is not None]
-        if extra:
-            raise _Unlocated(f"messages[{i}] has fields besides role and content ({', '.join(extra)}) that the "
-                             "template may render as part of the response")
+    # A template may render an answer's other fields (tool calls, reasoning) beside its content, where the sentinel
+    # standing for the content would leave them labelled prompt. Most such fields are data no template reads
+    # (OpenAI's name, an API export's empty annotations or tool_calls, an empty reasoning_content): where the
+    # conversation renders the same without them, the answers are located without them (one render more, for such
+    # records only); where it does not, the caller cuts the conversation prefix by prefix.
+    extra = sorted({key for i in responses for key, value in messages[i].items()
+                    if key not in ("role", "content") and value is not None})
+    if extra:
+        bare = [{"role": message["role"], "content": message["content"]} if target else message
+                for message, target in zip(messages, targets, strict=True)]
+        if render(bare) != text:
+            raise _Unlocated(f"the template renders the assistant messages' fields besides role and content "
+                             f"({', '.join(extra)}) as part of the response")
+        messages = bare
     sentinel = _SENTINEL
     while any(sentinel in message["content"] for message in messages):
         sentinel += "X"
@@ -420,7 +445,9 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "input": 
 def _messages(record: Record, field: str) -> tuple[list[dict[str, Any]], list[bool]]:
     """Field ``field`` of ``record`` as chat messages ({role, content, other keys}), and which of them are targets:
     the assistant answers. Under ShareGPT's 'conversations' a turn is {from, value} or {role, content}, named as in
-    SHAREGPT_ROLES, and one with weight 0 is not a target. A key holding None is absent (a column another row has)."""
+    SHAREGPT_ROLES. A turn with weight 0 is context, not a target, under either field: ShareGPT's weight and OpenAI's
+    fine-tuning format's (0 or 1 on an assistant message) mean the same. A key holding None is absent (a column
+    another row has)."""
     turns = record.data.get(field)
     if not isinstance(turns, list) or not turns:
         raise ConfigError(f"{record.where}: field '{field}' must be a non-empty list of {{role, content}}")
@@ -439,16 +466,64 @@ def _messages(record: Record, field: str) -> tuple[list[dict[str, Any]], list[bo
         if role is None:
             raise ConfigError(f"{record.where}: {field}[{index}] has unknown role {speaker!r}; use one of "
                               f"{', '.join(roles)}")
-        weight = turn.pop("weight", None) if sharegpt else None  # a training hint, not text to render
+        weight = turn.pop("weight", None)  # a training hint, not text to render
         messages.append({"role": role, "content": content, **turn})
         targets.append(role == "assistant" and weight != 0)
     return messages, targets
+
+
+def template_clock() -> datetime:
+    """Now, by the clock a chat template reads (its ``strftime_now``)."""
+    from transformers.utils import chat_template_utils
+
+    return chat_template_utils.datetime.now()
+
+
+@contextlib.contextmanager
+def pinned_template_clock(moment: datetime) -> Iterator[None]:
+    """Inside the block chat templates read ``moment`` as now: the text a template writes from ``strftime_now``
+    (Llama 3.1+'s "Today Date: 26 Jul 2024" in every conversation) is the same whatever the day, so a run resumed
+    after midnight tokenizes as it began. Worker processes forked inside the block inherit it."""
+    from transformers.utils import chat_template_utils
+
+    # transformers' strftime_now global calls its module's datetime.now() on each call. Passing our own
+    # strftime_now to apply_chat_template would shadow it on 5.17, but 5.2x turns callables given to a template
+    # into inert strings; date_string is read by Llama's templates only.
+    class Pinned(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:
+            return moment if tz is None else moment.astimezone(tz)
+
+    clock, chat_template_utils.datetime = chat_template_utils.datetime, Pinned
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = clock
+
+
+def writes_date(tokenizer: Any, fmt: str) -> bool:
+    """Whether examples of format ``fmt`` may hold a date: the conversations' chat template calls strftime_now."""
+    return fmt in ("chat", "prompt_completion") and "strftime_now" in str(getattr(tokenizer, "chat_template", ""))
 
 
 def _encode_chat(record: Record, tokenizer: Any, train_on_prompt: bool) -> list[tuple[list[int], bool]]:
     field = "conversations" if record.data.get("messages") is None and "conversations" in record.data else "messages"
     messages, targets = _messages(record, field)
     return _encode_conversation(record, f"field '{field}'", messages, targets, tokenizer, train_on_prompt)
+
+
+# Conversations encoded in this process whose system prompt is nowhere in the text their chat template renders
+# (Mistral v0.3/Nemo/Small's templates render it only before a final user turn): a running count, which
+# _encode_records reads before and after its records (in this process or a forked worker), so that neither the
+# encoders' results nor the examples need to carry it.
+_system_prompts_not_rendered = 0
+
+
+def _count_system_prompt_not_rendered(messages: list[dict[str, Any]], text: str) -> None:
+    global _system_prompts_not_rendered
+    # Trimmed, as some templates render it (Llama 3's).
+    if any(message["role"] == "system" and message["content"].strip() not in text for message in messages):
+        _system_prompts_not_rendered += 1
 
 
 def _encode_conversation(record: Record, fields: str, messages: list[dict[str, Any]], targets: list[bool],
@@ -474,6 +549,7 @@ def _encode_conversation(record: Record, fields: str, messages: list[dict[str, A
                               f"conversation ({first_line(error)}): fix or remove that record") from None
 
     text = render(messages)
+    _count_system_prompt_not_rendered(messages, text)
     try:
         pieces = _chat_by_sentinel(messages, targets, text, render, _end_of_turn(tokenizer))
     except _Unlocated as why:
@@ -515,10 +591,12 @@ PARALLEL_CHUNK = 5_000
 
 
 def _encode_records(records: list[Record], fmt: str, tokenizer: Any, train_on_prompt: bool, max_seq_length: int,
-                    ) -> tuple[list[Example | None], int]:
-    """Each record's example truncated to max_seq_length (None: no target left), and how many were truncated."""
+                    ) -> tuple[list[Example | None], int, int]:
+    """Each record's example truncated to max_seq_length (None: no target left), how many were truncated, and how
+    many are conversations whose system prompt the chat template does not render."""
     examples: list[Example | None] = []
     truncated = 0
+    system_prompts_not_rendered = _system_prompts_not_rendered
     for record in records:
         example = encode_record(record, fmt, tokenizer, train_on_prompt)
         if len(example.input_ids) > max_seq_length:
@@ -526,16 +604,18 @@ def _encode_records(records: list[Record], fmt: str, tokenizer: Any, train_on_pr
             example = Example(example.input_ids[:max_seq_length], example.target_mask[:max_seq_length],
                               min(example.prompt_length, max_seq_length))
         examples.append(example if example.num_targets > 0 else None)
-    return examples, truncated
+    return examples, truncated, _system_prompts_not_rendered - system_prompts_not_rendered
 
 
-_WORKER_ARGS: tuple[str, Any, bool, int] | None = None  # set in the parent before forking; read by the workers
+# Set in the parent before forking, read by the workers: (records, fmt, tokenizer, train_on_prompt, max_seq_length).
+_WORKER_ARGS: tuple[list[Record], str, Any, bool, int] | None = None
 
 
-def _encode_chunk(records: list[Record]) -> tuple[list[Example | None], int]:
+def _encode_chunk(start: int) -> tuple[list[Example | None], int, int]:
+    """:func:`_encode_records` over the PARALLEL_CHUNK records from index ``start``."""
     assert _WORKER_ARGS is not None
-    fmt, tokenizer, train_on_prompt, max_seq_length = _WORKER_ARGS
-    return _encode_records(records, fmt, tokenizer, train_on_prompt, max_seq_length)
+    records, *settings = _WORKER_ARGS
+    return _encode_records(records[start:start + PARALLEL_CHUNK], *settings)
 
 
 def _tokenizing_workers(num_records: int) -> int:
@@ -547,24 +627,32 @@ def _tokenizing_workers(num_records: int) -> int:
 
 
 def encode_all(records: list[Record], fmt: str, tokenizer: Any, train_on_prompt: bool, max_seq_length: int,
-               ) -> tuple[list[Example | None], int]:
+               ) -> tuple[list[Example | None], int, int]:
     """:func:`_encode_records` over every record, in forked worker processes for large datasets (the same
     examples in the same order; a bad record's error names it as in one process)."""
     global _WORKER_ARGS
     workers = _tokenizing_workers(len(records))
     if workers == 1:
         return _encode_records(records, fmt, tokenizer, train_on_prompt, max_seq_length)
-    chunks = [records[i:i + PARALLEL_CHUNK] for i in range(0, len(records), PARALLEL_CHUNK)]
-    _WORKER_ARGS = (fmt, tokenizer, train_on_prompt, max_seq_length)
+    _WORKER_ARGS = (records, fmt, tokenizer, train_on_prompt, max_seq_length)
+    # A terminal's Ctrl-C reaches every process of its group: the workers are forked with SIGINT blocked, and keep it
+    # so, for the parent alone to stop (leaving the pool terminates them) rather than each worker printing a
+    # KeyboardInterrupt traceback. Blocked before the fork, not ignored after it: no worker ever has Python's handler.
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        # fork: the workers inherit the tokenizer instead of unpickling one each. The Rust tokenizer is used one
-        # text at a time here, so no thread pool of its own exists to be forked.
+        # fork: the workers inherit the tokenizer and the records instead of unpickling them. The Rust tokenizer is
+        # used one text at a time here, so no thread pool of its own exists to be forked. A task is a chunk's first
+        # index: were it the chunk (megabytes), the pool's exit could hang on the thread still writing one into the
+        # pipe to the stopped workers (CPython's terminate drains only what is already in the pipe).
         # imap yields in chunk order, so the error raised is the first bad record's, whichever worker failed first.
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = list(pool.imap(_encode_chunk, chunks))
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # a Ctrl-C held back meanwhile is raised here
+            results = list(pool.imap(_encode_chunk, range(0, len(records), PARALLEL_CHUNK)))
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         _WORKER_ARGS = None
-    return [e for examples, _ in results for e in examples], sum(truncated for _, truncated in results)
+    return ([e for examples, *_ in results for e in examples], sum(result[1] for result in results),
+            sum(result[2] for result in results))
 
 
 def prepare_datasets(source: str | None, split: str, fmt: str, tokenizer: Any, max_seq_length: int,
@@ -573,7 +661,8 @@ def prepare_datasets(source: str | None, split: str, fmt: str, tokenizer: Any, m
     name, records = load_records(source, split)
     fmt = detect_format(records) if fmt == "auto" else fmt
     stats = DatasetStats(source=name, format=fmt, records=len(records))
-    encoded, stats.truncated = encode_all(records, fmt, tokenizer, train_on_prompt, max_seq_length)
+    encoded, stats.truncated, stats.system_prompts_not_rendered = encode_all(records, fmt, tokenizer,
+                                                                             train_on_prompt, max_seq_length)
     examples = [e for e in encoded if e is not None]
     stats.skipped_no_targets = len(encoded) - len(examples)
     if not examples:
@@ -716,6 +805,13 @@ class DataOrder:
     def progress(self, epoch: int, next_example: int) -> float:
         """Epochs done, counted in batches as HF's Trainer counts them (a short last batch is a whole one)."""
         return epoch + math.ceil(next_example / self.batch_size) / self.batches_per_epoch
+
+
+# How records become tokens and targets, saved with each checkpoint: a resume whose fingerprint differs can tell a
+# labelling change of this package from changed data. Bump it whenever the same record gets different tokens or
+# targets. 1: checkpoints that record none; 2 began with a chat answer's target ending at its end-of-turn token (not
+# the newline after it) and an eos written in the data not being doubled.
+LABELS_VERSION = 2
 
 
 def fingerprint(*example_sets: list[Example]) -> str:

@@ -19,12 +19,12 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from lamelm_fast.metrics import RunLogger
-from lamelm_fast.metrics.logger import pack_rows, unpack_rows
 from lamelm_fast.ops.dispatch import ENV_VAR, BackendUnavailable, resolve_backend, use_backend
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
 from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, unused_settings, validate
 from lamelm_fast.train.data import (
+    LABELS_VERSION,
     DataOrder,
     Example,
     attended_length,
@@ -32,7 +32,10 @@ from lamelm_fast.train.data import (
     collate,
     fingerprint,
     iterate_batches,
+    pinned_template_clock,
     prepare_datasets,
+    template_clock,
+    writes_date,
 )
 from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import SkipStreak, TrainingStopped
@@ -187,13 +190,18 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     tokenizer = load_tokenizer(config)
     model_config = load_model_config(config)
     config = resolve(config, model_context(model_config))
-    train_set, eval_set, stats = prepare_datasets(
-        config.dataset, config.dataset_split, config.dataset_format, tokenizer, config.max_seq_length,
-        config.train_on_prompt, config.eval_split_ratio, config.seed)
-    check_token_ids([*train_set, *eval_set], model_vocab_size(model_config), tokenizer.pad_token_id)
-    data_fingerprint = fingerprint(train_set, eval_set)
     resume = (checkpoint.find_resume_checkpoint(config.resume_from_checkpoint, run_dir)
               if config.resume_from_checkpoint else None)
+    state = checkpoint.load_training_state(resume.path) if resume is not None else None
+    # A chat template that writes today's date (Llama 3.1+) writes the run's first day, on resume too (hence the
+    # state read before tokenizing); a new run's is rank 0's, should its ranks start on either side of midnight.
+    template_time = checkpoint.saved_template_time(state) or dist.from_main(template_clock())
+    with pinned_template_clock(template_time):
+        train_set, eval_set, stats = prepare_datasets(
+            config.dataset, config.dataset_split, config.dataset_format, tokenizer, config.max_seq_length,
+            config.train_on_prompt, config.eval_split_ratio, config.seed)
+    check_token_ids([*train_set, *eval_set], model_vocab_size(model_config), tokenizer.pad_token_id)
+    data_fingerprint = fingerprint(train_set, eval_set)
     device = dist.device
     try:
         resolve_backend(device, has_cuda=True)
@@ -206,11 +214,10 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     notes: list[str | None] = [*loaded.notes, *unused_settings(config)]
     if config.eval_samples and dist.world_size > 1:
         notes.append("--eval-samples is off under torchrun: generation runs on one process")
-    state = None
     if resume is not None:
-        state = checkpoint.load_training_state(resume.path)
         notes += [*resume.notes, checkpoint.check_same_data(state, data_fingerprint, resume.path,
-                                                            config.ignore_data_change, dataclasses.asdict(config))]
+                                                            config.ignore_data_change, dataclasses.asdict(config),
+                                                            writes_date(tokenizer, stats.format))]
         checkpoint.load_weights(resume.path, loaded.model)  # before wrapping: FSDP shards what is loaded
     total_params, trainable_params = loaded.parameter_counts()
     model, wrap_note = dist.wrap(CausalLMLoss(loaded.model, loaded.autocast_dtype), config)
@@ -232,15 +239,17 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
             shutil.rmtree(path)
         notes.append(f"--overwrite-output-dir: deleted {len(earlier_checkpoints)} checkpoint(s) of an earlier run")
 
-    carried = state.get("history") if state is not None else None  # None: a checkpoint of an older version
+    # The rows logged up to the checkpoint, for the main rank's logger; None: a checkpoint of an older version.
+    carried = checkpoint.load_rows(resume.path, state) if state is not None and dist.is_main else None
     logger = RunLogger(run_dir, total_steps, quiet=config.quiet, log_format=config.log_format,
-                       resume_step=position.step if resume else None,
-                       resume_rows=unpack_rows(carried) if carried is not None else None, report_to=config.report_to,
+                       resume_step=position.step if resume else None, resume_rows=carried, report_to=config.report_to,
                        config=dataclasses.asdict(config)) if dist.is_main else SilentLogger()
     if state is not None and carried is None and not logger.history:
+        # Without run totals either, the banner's next note says what the summary lacks.
         notes.append(f"{resume.path} carries no logged rows (saved by an older version) and {run_dir} holds none "
                      f"before step {position.step + 1}: this run directory's metrics.jsonl, curves and explain report "
-                     f"start at step {position.step + 1}; summary.json still covers the whole run")
+                     f"start at step {position.step + 1}"
+                     + ("; summary.json still covers the whole run" if "report" in state else ""))
     report = TrainingReport(logger, loaded.model, model_config, device, attended_length(train_set), bool(eval_set),
                             config.peak_tflops, config.early_stopping_patience, config.max_consecutive_skipped_steps,
                             dist.sum, dist.world_size)
@@ -262,13 +271,16 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         """Checkpoint this step; pruning spares the best checkpoint, unless this one replaces it as the best."""
         if result.checkpoint == run_dir / f"checkpoint-{step}":  # saved at this step already (best, then periodic)
             return result.checkpoint
+        logger.flush()  # the run directory's training_metrics.json complete at each checkpoint
         state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                  "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
-                 "data_fingerprint": data_fingerprint, "report": report.state_dict(), "window": window.state_dict(),
-                 "history": pack_rows(logger.history)}  # the run's rows so far, for a resume in another directory
+                 "data_fingerprint": data_fingerprint, checkpoint.LABELS_VERSION_KEY: LABELS_VERSION,
+                 checkpoint.TEMPLATE_TIME: template_time.isoformat(),
+                 "report": report.state_dict(), "window": window.state_dict()}
         result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
                                                        config.save_total_limit,
-                                                       keep=None if new_best else best_checkpoint)
+                                                       keep=None if new_best else best_checkpoint,
+                                                       rows=logger.packed_rows())
         return result.checkpoint
 
     sample_set = eval_set[:config.eval_samples] if dist.world_size == 1 else []  # generation: one process
@@ -330,14 +342,17 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                                              epoch_progress)
                     if fatal is not None:
                         raise TrainingStopped(fatal.message, exit_code=1)
-                if eval_set and config.eval_steps and step % config.eval_steps == 0 and step != total_steps:
+                final = step == total_steps
+                # The final evaluation comes before the final checkpoint, so that the checkpoint's rows, run totals
+                # and health state hold it: a run extended from it logs what an uninterrupted longer run does.
+                if eval_set and (final or (config.eval_steps and step % config.eval_steps == 0)):
                     if run_eval(step, epoch_progress) and config.early_stopping_patience:
                         best_checkpoint = save(step, new_best=True)
-                    if report.health.should_stop:
+                    if report.health.should_stop and not final:  # at the last step the run ends anyway
                         stopped_early = True
                         break
                 stopping = dist.any(stop.signal_name is not None)  # every rank stops after the same step
-                if (config.save_steps and step % config.save_steps == 0) or step == total_steps or stopping:
+                if (config.save_steps and step % config.save_steps == 0) or final or stopping:
                     save(step)
                 if stopping:
                     raise TrainingStopped(
@@ -345,8 +360,6 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                         f"resume with the same command plus --resume-from-checkpoint {result.checkpoint}",
                         exit_code=0)
 
-        if eval_set and not stopped_early:
-            run_eval(result.global_step, epoch_progress)
         result.summary = report.summary(result.global_step, result.checkpoint, best_checkpoint, stopped_early)
         logger.summary(result.summary)
         result.history = logger.history
@@ -386,7 +399,7 @@ def _banner(config: TrainConfig, stats: Any, device: torch.device, total: int, t
         f"  {steps} steps x {config.gradient_accumulation_steps} micro-batches of "
         f"{config.per_device_train_batch_size}{ranks}; lr {config.learning_rate:g} ({config.lr_scheduler_type}); "
         f"clip {config.max_grad_norm:g}; run dir {config.output_dir}",
-        *[f"  note: {note}" for note in notes],
+        *[f"  note: {note}" for note in [*stats.notes, *notes]],
     ]
     if resume is not None:
         lines.append(f"  resuming from {resume.path}")

@@ -124,6 +124,12 @@ class SilentLogger:
     def summary(self, summary: dict[str, Any]) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
+    def packed_rows(self) -> None:
+        return None  # rank 0 alone writes a checkpoint's rows
+
     def close(self) -> None:
         pass
 
