@@ -13,6 +13,10 @@
   (:func:`lamelm_fast.ops.rms_norm.patch_rms_norm`) with the model's own numerics.
 - ``rope``: the attention modules of Llama, Mistral, Qwen2/3 and Gemma 1/2/3 apply the rotary embedding with the
   fused kernel (:func:`lamelm_fast.ops.rope.patch_rope`; other models in the process keep transformers' function).
+
+``torch.compile`` over a patched model (or ``TrainingArguments(torch_compile=True)``) gives one graph for the model
+and one graph break, at the fused loss, which runs in eager; RMSNorm, SwiGLU and RoPE are traced as their formulas and
+fused by inductor, the 4-bit LoRA ops are custom ops. Compiled and eager agree (tests/test_torch_compile.py).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def lm_head(model: nn.Module) -> nn.Linear:
     return head
 
 
+@torch.compiler.disable  # the op is opaque to torch.compile: break the graph once, here, not in every frame down to it
 def lm_head_loss(
     head: nn.Linear,
     hidden: torch.Tensor,
@@ -116,6 +121,24 @@ def _as_keywords(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return named
 
 
+# The keyword argument that carries a list through the causal LM's forward (its **kwargs reach the decoder's) to the
+# decoder, which appends its last hidden state to it: no hook and no state on a module, so torch.compile traces the
+# whole forward and threads never see each other's hidden states.
+_HIDDEN_STATES_SINK = "lamelm_last_hidden_state"
+
+
+class _HiddenStatesSink:
+    """Mixed in front of the decoder's class: a call given a list as ``_HIDDEN_STATES_SINK`` appends its last hidden
+    state to it; every call is the decoder's own forward."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        sink = kwargs.pop(_HIDDEN_STATES_SINK, None)
+        outputs = super().forward(*args, **kwargs)
+        if sink is not None:
+            sink.append(outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0])
+        return outputs
+
+
 class _FusedLossCausalLM:
     """Mixed in front of a ``*ForCausalLM`` class: the training loss from the decoder's hidden states, fused (see the
     module docstring); every other call is the model's own forward."""
@@ -128,13 +151,12 @@ class _FusedLossCausalLM:
         if labels is None or not (self.training and torch.is_grad_enabled()):
             return original(labels=labels, **kwargs)
         captured: list[torch.Tensor] = []
-        hook = self.get_decoder().register_forward_hook(lambda module, inputs, output: captured.append(
-            output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]))
-        try:
-            # The head runs on one position only (its logits are dropped); the loss reads the full hidden states.
-            outputs = original(**{**kwargs, "labels": None, "logits_to_keep": 1})
-        finally:
-            hook.remove()
+        # The head runs on one position only (its logits are dropped); the loss reads the full hidden states.
+        outputs = original(**{**kwargs, "labels": None, "logits_to_keep": 1, _HIDDEN_STATES_SINK: captured})
+        if not captured:
+            raise RuntimeError(f"apply_kernels: {type(self).__name__}'s forward did not pass its keyword arguments "
+                               "to its decoder, so the fused cross-entropy cannot read the hidden states; call "
+                               "apply_kernels(model, cross_entropy=False)")
         shift_labels = kwargs.get("shift_labels")
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -157,6 +179,9 @@ def patch_cross_entropy(model: nn.Module) -> None:
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); call apply_kernels(model, "
                          "cross_entropy=False) to keep the model's own loss")
     lm_head(model)  # refuse an adapted head now, not at the first training step
+    decoder = target.get_decoder()
+    if not isinstance(decoder, _HiddenStatesSink):
+        decoder.__class__ = mixed_in_class(_HiddenStatesSink, type(decoder), "Sink")
     if not isinstance(target, _FusedLossCausalLM):
         # As the model's own class to the outside: save_pretrained writes its name into config.json's architectures
         # (vLLM and others read it), PEFT records its module, HF's Trainer keeps the dataset columns its forward names.

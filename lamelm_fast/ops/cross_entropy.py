@@ -11,7 +11,7 @@ are complete at the end of the forward pass; backward only scales them by grad_o
   buffer in the input dtype. fp64 inputs always take the reference.
 
 grad_weight is accumulated over chunks in fp32 for bf16/fp16 inputs. Nothing here reads tensor values on the
-host, so it never forces a device sync.
+host, so it never forces a device sync. Under torch.compile the op runs in eager, as it is (one graph break).
 """
 
 from __future__ import annotations
@@ -395,6 +395,10 @@ def _validate_inputs(
             raise ValueError(f"num_items must be >= 0, got {num_items}")
 
 
+# Opaque to torch.compile (one graph break, at the loss): the backend and the chunk size are picked from the device at
+# every call, and the gradients are made in forward and scaled in place in backward, none of which a traced graph would
+# keep as it is; an opaque op keeps the memory behaviour that is its point.
+@torch.compiler.disable
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -112,9 +112,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+# Looked up once, at import: torch.compile would trace a cached function's body, and find_spec breaks its graph.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 CUDA_JIT_ENV_VAR = "LAMELM_CUDA_JIT"

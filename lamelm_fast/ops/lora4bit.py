@@ -19,6 +19,10 @@ autocast), the adapter in A's dtype (the autocast dtype under autocast), the res
 :func:`patch_peft_lora4bit` makes a PEFT model use this op in place; it also fuses a Llama-style MLP
 (gate/up/SiLU/down: g and u are saved, ``silu(g) * u`` is recomputed in backward) and the q/k/v projections of an
 attention block (one op over the shared input: one input-gradient buffer, accumulated by the kernel).
+
+Under torch.compile the ops run as custom ops (``lamelm_fast::lora4bit_forward`` and ``_backward``, section
+"torch.compile" below): no graph break, and dynamo never traces our Python or the Triton launches; the q/k/v
+projections then run as three ops, since the group's pending outputs are Python state a graph cannot hold.
 """
 
 from __future__ import annotations
@@ -36,8 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamelm_fast.ops._patch import mixed_in_class
-from lamelm_fast.ops.dispatch import active_autocast_dtype, requested_nf4_matmul, resolve_backend
-from lamelm_fast.ops.quant4bit import Packed4bit, Unsupported4bit, dequantize_reference
+from lamelm_fast.ops.dispatch import (
+    BACKENDS,
+    NF4_MATMUL_STRATEGIES,
+    active_autocast_dtype,
+    requested_nf4_matmul,
+    resolve_backend,
+)
+from lamelm_fast.ops.quant4bit import QUANT_TYPES, Packed4bit, Unsupported4bit, dequantize_reference
 from lamelm_fast.ops.swiglu import SwiGLUMLP, is_silu, is_swiglu_mlp, swiglu_gradients, swiglu_values
 
 __all__ = ["LoRALinear4bit", "lora_nf4_linear", "patch_peft_lora4bit"]
@@ -189,15 +199,56 @@ def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec:
     return dx, grad_a, grad_b, grad_bias
 
 
-def _input_for_backward(x: torch.Tensor, casts: _Casts, specs: tuple[_Spec, ...]) -> torch.Tensor:
-    """What backward keeps of the input: its one cast to the adapter dtype where that is narrower (QLoRA under
-    autocast: x is fp32, the adapters bf16; backward reads x only through that cast, for dA), else x itself."""
+def _kept_dtype(x_dtype: torch.dtype, specs: tuple[_Spec, ...]) -> torch.dtype | None:
+    """The dtype backward keeps the input in (x's own: x itself), None for nothing (bare 4-bit projections only:
+    backward needs x's shape and dtype, kept on ctx). The adapters' dtype where that is narrower (QLoRA under
+    autocast: x is fp32, the adapters bf16; backward reads x only through that cast, for dA)."""
     lora_dtypes = {spec.lora_dtype for spec in specs if spec.adapted}
-    if not lora_dtypes:  # bare 4-bit projections only: backward needs x's shape and dtype, kept on ctx
-        return x.new_empty(0)
-    if len(lora_dtypes) == 1 and (dtype := lora_dtypes.pop()).itemsize < x.dtype.itemsize:
-        return casts.to(dtype)
-    return x
+    if not lora_dtypes:
+        return None
+    if len(lora_dtypes) == 1 and (dtype := lora_dtypes.pop()).itemsize < x_dtype.itemsize:
+        return dtype
+    return x_dtype
+
+
+def _input_for_backward(x: torch.Tensor, casts: _Casts, specs: tuple[_Spec, ...]) -> torch.Tensor:
+    """What backward keeps of the input (see :func:`_kept_dtype`): x, its cast, or an empty tensor."""
+    dtype = _kept_dtype(x.dtype, specs)
+    return x.new_empty(0) if dtype is None else casts.to(dtype)
+
+
+def _shared_forward(x: torch.Tensor, specs: tuple[_Spec, ...], params: Sequence[torch.Tensor | None],
+                    ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    """Several projections of one input: their outputs, what backward keeps of the input (2-D) and each
+    projection's (xa, dropout keep-mask)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    outs, saved, casts = [], [], _Casts(x2)
+    with torch.autocast(x.device.type, enabled=False):  # dtypes were decided by the caller
+        for i, spec in enumerate(specs):
+            A, B, bias = params[3 * i: 3 * i + 3]
+            y, xa, keep = _project_forward(x2, spec, A, B, bias, x.dtype, casts)
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            saved += [xa, keep]
+    return outs, _input_for_backward(x2, casts, specs), saved
+
+
+def _shared_backward(specs: tuple[_Spec, ...], x2: torch.Tensor, x_shape: Sequence[int], x_dtype: torch.dtype,
+                     params: Sequence[torch.Tensor | None], saved: Sequence[torch.Tensor | None],
+                     grads: Sequence[torch.Tensor | None], needs: Sequence[bool],
+                     ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(dx, gradients of params) of :func:`_shared_forward`; ``needs``: whether x and each param need one."""
+    dx, param_grads, casts = None, [], _Casts(x2)
+    with torch.autocast(x2.device.type, enabled=False):
+        for i, (spec, grad) in enumerate(zip(specs, grads, strict=True)):
+            A, B, bias = params[3 * i: 3 * i + 3]
+            if grad is None:
+                param_grads += [None, None, None]
+                continue
+            dx, *grads_i = _project_backward(grad.reshape(-1, grad.shape[-1]), casts, x_dtype, spec, A, B,
+                                             saved[2 * i], saved[2 * i + 1], (needs[0], *needs[1 + 3 * i: 4 + 3 * i]),
+                                             dx)
+            param_grads += grads_i
+    return (None if dx is None else dx.view(x_shape)), param_grads
 
 
 class _SharedInputLoRA4bit(torch.autograd.Function):
@@ -206,35 +257,18 @@ class _SharedInputLoRA4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, specs: tuple[_Spec, ...], *params: torch.Tensor | None):
-        x2 = x.reshape(-1, x.shape[-1])
-        outs, saved, casts = [], [], _Casts(x2)
-        with torch.autocast(x.device.type, enabled=False):  # dtypes were decided by the caller
-            for i, spec in enumerate(specs):
-                A, B, bias = params[3 * i: 3 * i + 3]
-                y, xa, keep = _project_forward(x2, spec, A, B, bias, x.dtype, casts)
-                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-                saved += [xa, keep]
+        outs, kept, saved = _shared_forward(x, specs, params)
         ctx.specs, ctx.x_shape, ctx.x_dtype = specs, x.shape, x.dtype
-        ctx.save_for_backward(_input_for_backward(x2, casts, specs), *params, *saved)
+        ctx.save_for_backward(kept, *params, *saved)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None):
         x2, *rest = ctx.saved_tensors
         n = len(ctx.specs)
-        params, saved = rest[: 3 * n], rest[3 * n:]
-        dx, param_grads, casts = None, [], _Casts(x2)
-        with torch.autocast(x2.device.type, enabled=False):
-            for i, (spec, grad) in enumerate(zip(ctx.specs, grads, strict=True)):
-                A, B, bias = params[3 * i: 3 * i + 3]
-                needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2 + 3 * i: 5 + 3 * i])
-                if grad is None:
-                    param_grads += [None, None, None]
-                    continue
-                dx, *grads_i = _project_backward(grad.reshape(-1, grad.shape[-1]), casts, ctx.x_dtype, spec, A, B,
-                                                 saved[2 * i], saved[2 * i + 1], needs, dx)
-                param_grads += grads_i
-        return (None if dx is None else dx.view(ctx.x_shape)), None, *param_grads
+        dx, param_grads = _shared_backward(ctx.specs, x2, ctx.x_shape, ctx.x_dtype, rest[: 3 * n], rest[3 * n:],
+                                           grads, (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]))
+        return dx, None, *param_grads
 
 
 def _mlp_inner_dtype(x_dtype: torch.dtype, gate: _Spec) -> torch.dtype:
@@ -250,45 +284,235 @@ def _mlp_inner_dtype(x_dtype: torch.dtype, gate: _Spec) -> torch.dtype:
     return gate.compute_dtype if gate.backend == "triton" and narrower else x_dtype
 
 
+def _mlp_forward(x: torch.Tensor, specs: tuple[_Spec, ...], params: Sequence[torch.Tensor | None],
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor | None]]:
+    """``down(silu(gate(x)) * up(x))``: [its output], what backward keeps of x (2-D), and g, u and each
+    projection's (xa, dropout keep-mask)."""
+    gate, up, down = specs
+    x2 = x.reshape(-1, x.shape[-1])
+    inner = _mlp_inner_dtype(x.dtype, gate)
+    with torch.autocast(x.device.type, enabled=False):
+        casts = _Casts(x2)
+        g, xa_g, keep_g = _project_forward(x2, gate, *params[0:3], inner, casts)
+        u, xa_u, keep_u = _project_forward(x2, up, *params[3:6], inner, casts)
+        kept = _input_for_backward(x2, casts, (gate, up))
+        del casts
+        y, xa_d, keep_d = _project_forward(swiglu_values(g, u, down.backend), down, *params[6:9], x.dtype)
+    return [y.view(*x.shape[:-1], y.shape[-1])], kept, [g, u, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d]
+
+
+def _mlp_backward(specs: tuple[_Spec, ...], x2: torch.Tensor, x_shape: Sequence[int], x_dtype: torch.dtype,
+                  params: Sequence[torch.Tensor | None], saved: Sequence[torch.Tensor | None],
+                  grads: Sequence[torch.Tensor | None], needs: Sequence[bool],
+                  ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(dx, gradients of params) of :func:`_mlp_forward`, recomputing ``silu(g) * u``; ``needs`` as
+    :func:`_shared_backward`'s."""
+    g, u, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d = saved
+    (grad_y,) = grads
+    gate, up, down = specs
+    with torch.autocast(x2.device.type, enabled=False):
+        h = swiglu_values(g, u, down.backend)
+        dh, *down_grads = _project_backward(grad_y.reshape(-1, grad_y.shape[-1]), _Casts(h), h.dtype, down,
+                                            *params[6:8], xa_d, keep_d, (True, *needs[7:10]), None)
+        del h
+        dg, du = swiglu_gradients(dh, g, u, down.backend, overwrite_grad=True)  # dh is ours: dg goes over it
+        del dh
+        casts = _Casts(x2)
+        dx, *gate_grads = _project_backward(dg, casts, x_dtype, gate, *params[0:2], xa_g, keep_g,
+                                            (needs[0], *needs[1:4]), None)
+        dx, *up_grads = _project_backward(du, casts, x_dtype, up, *params[3:5], xa_u, keep_u,
+                                          (needs[0], *needs[4:7]), dx)
+    return (None if dx is None else dx.view(x_shape)), [*gate_grads, *up_grads, *down_grads]
+
+
 class _LoRA4bitSwiGLU(torch.autograd.Function):
     """``down(silu(gate(x)) * up(x))`` with three 4-bit LoRA projections; saves x, g, u and the [M, r] adapter
     products, and recomputes ``silu(g) * u`` in backward (autograd would keep silu(g), and h for down's adapter)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, specs: tuple[_Spec, _Spec, _Spec], *params: torch.Tensor | None):
-        gate, up, down = specs
-        x2 = x.reshape(-1, x.shape[-1])
-        inner = _mlp_inner_dtype(x.dtype, gate)
-        with torch.autocast(x.device.type, enabled=False):
-            casts = _Casts(x2)
-            g, xa_g, keep_g = _project_forward(x2, gate, *params[0:3], inner, casts)
-            u, xa_u, keep_u = _project_forward(x2, up, *params[3:6], inner, casts)
-            kept = _input_for_backward(x2, casts, (gate, up))
-            del casts
-            y, xa_d, keep_d = _project_forward(swiglu_values(g, u, down.backend), down, *params[6:9], x.dtype)
+        (y,), kept, (g, u, *adapters) = _mlp_forward(x, specs, params)
         ctx.specs, ctx.x_shape, ctx.x_dtype = specs, x.shape, x.dtype
-        ctx.save_for_backward(kept, g, u, *params, xa_g, keep_g, xa_u, keep_u, xa_d, keep_d)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        ctx.save_for_backward(kept, g, u, *params, *adapters)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):
         x2, g, u, *rest = ctx.saved_tensors
-        params, (xa_g, keep_g, xa_u, keep_u, xa_d, keep_d) = rest[:9], rest[9:]
-        gate, up, down = ctx.specs
-        need = ctx.needs_input_grad
-        with torch.autocast(x2.device.type, enabled=False):
-            h = swiglu_values(g, u, down.backend)
-            dh, *down_grads = _project_backward(grad_y.reshape(-1, grad_y.shape[-1]), _Casts(h), h.dtype, down,
-                                                *params[6:8], xa_d, keep_d, (True, *need[8:11]), None)
-            del h
-            dg, du = swiglu_gradients(dh, g, u, down.backend, overwrite_grad=True)  # dh is ours: dg goes over it
-            del dh
-            casts = _Casts(x2)
-            dx, *gate_grads = _project_backward(dg, casts, ctx.x_dtype, gate, *params[0:2], xa_g, keep_g,
-                                                (need[0], *need[2:5]), None)
-            dx, *up_grads = _project_backward(du, casts, ctx.x_dtype, up, *params[3:5], xa_u, keep_u,
-                                              (need[0], *need[5:8]), dx)
-        return (None if dx is None else dx.view(ctx.x_shape)), None, *gate_grads, *up_grads, *down_grads
+        dx, param_grads = _mlp_backward(ctx.specs, x2, ctx.x_shape, ctx.x_dtype, rest[:9], [g, u, *rest[9:]],
+                                        [grad_y], (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]))
+        return dx, None, *param_grads
+
+
+# --------------------------------------------------------------------------------------------------- torch.compile
+
+# Under torch.compile the two ops above run as custom ops: opaque to dynamo, so that what runs (our Python, the Triton
+# launches) is what runs in eager, and what backward keeps is what the autograd Functions keep. Traced instead, AOT
+# autograd re-decides what to save (on CPU it kept every weight's unpacked 4-bit codes: twice the packed weight) and
+# dynamo would trace into the Triton launches. The specs travel as integers and floats (a custom op takes no objects).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS_PER_SPEC = 11
+
+
+def _encode(specs: tuple[_Spec, ...], params: Sequence[torch.Tensor | None],
+            ) -> tuple[list[int], list[float], list[torch.Tensor], list[torch.Tensor]]:
+    """The specs and params as the custom ops take them: integers, floats, the 4-bit weights' tensors and the params
+    that are not None (a list of tensors holds no None where autograd should see its members)."""
+    ints, floats, weights = [], [], []
+    for i, spec in enumerate(specs):
+        w = spec.weight
+        ints += [*w.shape, w.blocksize, w.nested_blocksize, QUANT_TYPES.index(w.quant_type),
+                 _DTYPES.index(spec.compute_dtype), _DTYPES.index(spec.lora_dtype), BACKENDS.index(spec.backend),
+                 NF4_MATMUL_STRATEGIES.index(spec.matmul), int(spec.adapted), int(params[3 * i + 2] is not None)]
+        floats += [spec.scale, spec.dropout]
+        weights += [w.data, w.absmax, *((w.nested_absmax, w.nested_code, w.nested_offset) if w.nested else ())]
+    return ints, floats, weights, [p for p in params if p is not None]
+
+
+def _decode(ints: Sequence[int], floats: Sequence[float], weights: Sequence[torch.Tensor],
+            params: Sequence[torch.Tensor]) -> tuple[tuple[_Spec, ...], list[torch.Tensor | None]]:
+    """:func:`_encode`'s inverse: the specs and the params with their Nones (A, B and bias per projection)."""
+    specs, full, tensors, present = [], [], iter(weights), iter(params)
+    for i in range(len(floats) // 2):
+        out, in_, blocksize, nested_blocksize, quant, compute, lora, backend, matmul, adapted, bias = \
+            ints[_INTS_PER_SPEC * i: _INTS_PER_SPEC * (i + 1)]
+        data, absmax = next(tensors), next(tensors)
+        nested = [next(tensors) for _ in range(3)] if nested_blocksize else [None] * 3  # 0: not nested (from_bnb)
+        weight = Packed4bit(data, (out, in_), QUANT_TYPES[quant], blocksize, absmax, *nested, nested_blocksize)
+        specs.append(_Spec(weight, floats[2 * i], floats[2 * i + 1], _DTYPES[compute], _DTYPES[lora],
+                           BACKENDS[backend], NF4_MATMUL_STRATEGIES[matmul], bool(adapted)))
+        full += [next(present) if adapted else None, next(present) if adapted else None,
+                 next(present) if bias else None]
+    return tuple(specs), full
+
+
+def _kept_specs(mlp: bool, specs: tuple[_Spec, ...]) -> tuple[_Spec, ...]:
+    return specs[:2] if mlp else specs  # the MLP keeps its input for gate and up
+
+
+def _saved_present(mlp: bool, specs: tuple[_Spec, ...]) -> list[bool]:
+    """Which of the forward's saved tensors exist (g and u; xa for an adapter, its keep-mask with dropout)."""
+    adapters = [flag for spec in specs for flag in (spec.adapted, spec.dropout > 0)]
+    return [True, True, *adapters] if mlp else adapters
+
+
+# Seeded (its LoRA dropout draws from torch's generator): a recompute under activation checkpointing replays the
+# forward's random state, as eager checkpointing does, instead of drawing other masks.
+@torch.library.custom_op("lamelm_fast::lora4bit_forward", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,),
+                         schema="(bool mlp, int[] ints, float[] floats, Tensor[] weights, Tensor x, Tensor[] params) "
+                                "-> Tensor[]")
+def _forward_op(mlp: bool, ints: list[int], floats: list[float], weights: list[torch.Tensor], x: torch.Tensor,
+                params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs, what backward keeps of x, and the saved tensors; empty tensors stand for None and for x itself
+    (an op may not return its input: setup_context keeps it)."""
+    specs, full = _decode(ints, floats, weights, params)
+    outs, kept, saved = (_mlp_forward if mlp else _shared_forward)(x, specs, full)
+    if _kept_dtype(x.dtype, _kept_specs(mlp, specs)) == x.dtype:
+        kept = x.new_empty(0)
+    return [*outs, kept, *(x.new_empty(0) if t is None else t for t in saved)]  # (returns may not alias)
+
+
+@_forward_op.register_fake
+def _(mlp: bool, ints: list[int], floats: list[float], weights: list[torch.Tensor], x: torch.Tensor,
+      params: list[torch.Tensor]) -> list[torch.Tensor]:
+    specs, full = _decode(ints, floats, weights, params)
+    rows, width = math.prod(x.shape[:-1]), x.shape[-1]
+
+    def adapter(spec: _Spec, A: torch.Tensor | None, in_features: int) -> list[torch.Tensor]:
+        return [x.new_empty(rows, A.shape[0], dtype=spec.lora_dtype) if spec.adapted else None,
+                x.new_empty(rows, in_features, dtype=torch.bool) if spec.dropout > 0 else None]
+
+    if mlp:
+        gate, up, down = specs
+        inner = _mlp_inner_dtype(x.dtype, gate)
+        outs = [x.new_empty(*x.shape[:-1], down.weight.shape[0])]
+        saved = [x.new_empty(rows, gate.weight.shape[0], dtype=inner),
+                 x.new_empty(rows, up.weight.shape[0], dtype=inner), *adapter(gate, full[0], width),
+                 *adapter(up, full[3], width),
+                 *adapter(down, full[6], gate.weight.shape[0])]
+    else:
+        outs = [x.new_empty(*x.shape[:-1], spec.weight.shape[0]) for spec in specs]
+        saved = [t for i, spec in enumerate(specs) for t in adapter(spec, full[3 * i], width)]
+    kept_dtype = _kept_dtype(x.dtype, _kept_specs(mlp, specs))
+    kept = x.new_empty(rows, width, dtype=kept_dtype) if kept_dtype not in (None, x.dtype) else x.new_empty(0)
+    return [*outs, kept, *(x.new_empty(0) if t is None else t for t in saved)]
+
+
+@torch.library.custom_op("lamelm_fast::lora4bit_backward", mutates_args=(),
+                         schema="(bool mlp, int[] ints, float[] floats, Tensor[] weights, Tensor kept, "
+                                "SymInt[] x_shape, ScalarType x_dtype, Tensor[] params, Tensor[] saved, "
+                                "Tensor?[] grads, bool[] needs) -> Tensor[]")
+def _backward_op(mlp: bool, ints: list[int], floats: list[float], weights: list[torch.Tensor],
+                 kept: torch.Tensor, x_shape: list[int], x_dtype: torch.dtype, params: list[torch.Tensor],
+                 saved: list[torch.Tensor], grads: list[torch.Tensor | None], needs: list[bool]) -> list[torch.Tensor]:
+    """dx and the gradients of ``params``, in their dtypes (autograd casts a Function's gradients to them anyway);
+    empty tensors where ``needs`` says none is wanted."""
+    specs, full = _decode(ints, floats, weights, params)
+    saved = [t if present else None for t, present in zip(saved, _saved_present(mlp, specs), strict=True)]
+    x2 = kept.reshape(-1, x_shape[-1])
+    dx, param_grads = (_mlp_backward if mlp else _shared_backward)(specs, x2, x_shape, x_dtype, full, saved, grads,
+                                                                   needs)
+    if needs[0] and dx is None:  # no output had a gradient
+        dx = kept.new_zeros(x_shape, dtype=x_dtype)
+    param_grads = [(torch.zeros_like(p) if g is None else g.to(p.dtype)) if need else None
+                   for g, p, need in zip(param_grads, full, needs[1:], strict=True) if p is not None]
+    return [kept.new_empty(0) if g is None else g for g in (dx if needs[0] else None, *param_grads)]
+
+
+@_backward_op.register_fake
+def _(mlp: bool, ints: list[int], floats: list[float], weights: list[torch.Tensor], kept: torch.Tensor,
+      x_shape: list[int], x_dtype: torch.dtype, params: list[torch.Tensor], saved: list[torch.Tensor],
+      grads: list[torch.Tensor | None], needs: list[bool]) -> list[torch.Tensor]:
+    _, full = _decode(ints, floats, weights, params)
+    param_needs = [need for p, need in zip(full, needs[1:], strict=True) if p is not None]
+    return [kept.new_empty(x_shape, dtype=x_dtype) if needs[0] else kept.new_empty(0),
+            *(p.new_empty(p.shape) if need else kept.new_empty(0) for p, need in zip(params, param_needs, strict=True))]
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: list[torch.Tensor]) -> None:
+    mlp, ints, floats, weights, x, params = inputs
+    specs, full = _decode(ints, floats, weights, params)
+    n_outs = 1 if mlp else len(specs)
+    kept = x if _kept_dtype(x.dtype, _kept_specs(mlp, specs)) == x.dtype else output[n_outs]
+    ctx.save_for_backward(kept, *weights, *params, *output[n_outs + 1:])
+    ctx.op = (mlp, ints, floats, len(weights), len(params), n_outs, list(x.shape), x.dtype)
+    ctx.needs = [x.requires_grad, *(p is not None and p.requires_grad for p in full)]
+    ctx.set_materialize_grads(False)  # no zeros for the saved tensors, which nothing differentiates
+
+
+def _op_backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple[Any, ...]:
+    mlp, ints, floats, n_weights, n_params, n_outs, x_shape, x_dtype = ctx.op
+    kept, *rest = ctx.saved_tensors
+    weights, params, saved = rest[:n_weights], rest[n_weights: n_weights + n_params], rest[n_weights + n_params:]
+    dx, *param_grads = _backward_op(mlp, ints, floats, weights, kept, x_shape, x_dtype, params, saved,
+                                    list(grads[:n_outs]), ctx.needs)
+    present_needs = [p.requires_grad for p in params]
+    return (None, None, None, [None] * n_weights, dx if ctx.needs[0] else None,
+            [g if need else None for g, need in zip(param_grads, present_needs, strict=True)])
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _run_op(mlp: bool, x: torch.Tensor, specs: tuple[_Spec, ...], params: Sequence[torch.Tensor | None],
+            ) -> list[torch.Tensor]:
+    ints, floats, weights, present = _encode(specs, params)
+    return _forward_op(mlp, ints, floats, weights, x, present)[: 1 if mlp else len(specs)]
+
+
+def _shared_op(x: torch.Tensor, specs: tuple[_Spec, ...], params: Sequence[torch.Tensor | None],
+               ) -> tuple[torch.Tensor, ...]:
+    """:class:`_SharedInputLoRA4bit`'s outputs; the custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return tuple(_run_op(False, x, specs, params))
+    return _SharedInputLoRA4bit.apply(x, specs, *params)
+
+
+def _mlp_op(x: torch.Tensor, specs: tuple[_Spec, ...], params: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """:class:`_LoRA4bitSwiGLU`'s output; the custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _run_op(True, x, specs, params)[0]
+    return _LoRA4bitSwiGLU.apply(x, specs, *params)
 
 
 # --------------------------------------------------------------------------------------------------- public op
@@ -356,7 +580,7 @@ def lora_nf4_linear(x: torch.Tensor, quant_weight: torch.Tensor, quant_state: An
     weight = Packed4bit.from_bnb(quant_weight, quant_state)
     _check_inputs(x, weight, A, B, bias)
     spec = _spec(weight, x, A, scale, dropout, compute_dtype)
-    (y,) = _SharedInputLoRA4bit.apply(x, (spec,), A, B, bias)
+    (y,) = _shared_op(x, (spec,), (A, B, bias))
     return y
 
 
@@ -513,7 +737,7 @@ class _FusedPeftLoRA4bit:
         if fused is None:
             return super().forward(x)
         spec, params = fused
-        (y,) = _SharedInputLoRA4bit.apply(x, (spec,), *params)
+        (y,) = _shared_op(x, (spec,), params)
         return y
 
 
@@ -536,6 +760,8 @@ class _QKVGroup:
         self.__init__(state["members"])
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():  # dynamo follows neither thread-local state nor version counters
+            return None
         local = self._local
         index = next((i for i, member in enumerate(self.members) if member is layer), None)
         if index is None:  # a replica of a member (DataParallel): not this group's module
@@ -597,7 +823,7 @@ class _FusedSwiGLUMLP(SwiGLUMLP):
         fused = [_projection_spec(proj, x) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
         if not is_silu(self.act_fn) or any(f is None for f in fused) or len({f[0].backend for f in fused}) != 1:
             return super().forward(x)
-        return _LoRA4bitSwiGLU.apply(x, tuple(f[0] for f in fused), *(t for f in fused for t in f[1]))
+        return _mlp_op(x, tuple(f[0] for f in fused), [t for f in fused for t in f[1]])
 
 
 def _static_problem_4bit(base: nn.Module) -> str | None:

@@ -19,7 +19,7 @@ import torch
 
 from lamelm_fast.ops.dispatch import resolve_backend
 
-__all__ = ["Packed4bit", "Unsupported4bit", "code_table", "dequantize", "dequantize_reference"]
+__all__ = ["QUANT_TYPES", "Packed4bit", "Unsupported4bit", "code_table", "dequantize", "dequantize_reference"]
 
 # NF4: the 16 quantiles of N(0, 1) scaled to [-1, 1] (QLoRA, Dettmers et al. 2023), as fp32.
 _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -29,21 +29,26 @@ _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0
 # bitsandbytes' own exponent order), divided by the largest. Code 8 is -0.0, as its kernels return it.
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 _BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
+QUANT_TYPES = ("nf4", "fp4")
 
 
 class Unsupported4bit(ValueError):
     """This 4-bit weight is not in a layout our kernels read; the message says what differs."""
 
 
+def _check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise Unsupported4bit(f"4-bit quant_type {quant_type!r} is not nf4 or fp4")
+
+
 @functools.cache
 def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """The 16 fp32 values a 4-bit code stands for (before scaling by its block's absmax)."""
+    _check_quant_type(quant_type)
     if quant_type == "nf4":
         return torch.tensor(_NF4, dtype=torch.float32, device=device)
-    if quant_type == "fp4":
-        magnitudes = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / max(_FP4_MAGNITUDES)
-        return torch.cat([magnitudes, -magnitudes]).to(device)
-    raise Unsupported4bit(f"4-bit quant_type {quant_type!r} is not nf4 or fp4")
+    magnitudes = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / max(_FP4_MAGNITUDES)
+    return torch.cat([magnitudes, -magnitudes]).to(device)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class Packed4bit:
         shape = tuple(quant_state.shape)
         if len(shape) != 2:
             raise Unsupported4bit(f"quant_state.shape {list(shape)} is not 2-D")
-        code_table(quant_state.quant_type, torch.device("cpu"))  # raises on unknown types
+        _check_quant_type(quant_state.quant_type)
         if quant_state.blocksize not in _BLOCKSIZES:
             raise Unsupported4bit(f"blocksize {quant_state.blocksize} is not a power of two in 32..4096")
         data = weight.detach().reshape(-1).view(torch.uint8)

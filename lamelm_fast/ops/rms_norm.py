@@ -17,6 +17,9 @@ backend runs Triton):
   fp32 per row, against HF's several [rows, H] fp32 intermediates. fp64 inputs and rows wider than the kernel's
   limit take the reference (the latter only under ``auto``; an explicit ``triton`` request raises).
 
+Under torch.compile :func:`rms_norm` is the torch formula whatever the backend: inductor fuses it into a kernel of its
+own (a Triton kernel would be opaque to it and break the graph).
+
 :func:`patch_rms_norm` swaps the forward of the RMSNorm modules of the families above (by class, checked against the
 formula once per class) for :func:`rms_norm`, in place.
 """
@@ -124,7 +127,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float
         raise ValueError(f"x and weight must share a device, got {x.device} and {weight.device}")
     if hidden == 0:
         raise ValueError("rms_norm needs a hidden size >= 1")
-    if _backend(x, weight) == "torch":
+    if torch.compiler.is_compiling() or _backend(x, weight) == "torch":  # (compiled: see the module docstring)
         return rms_norm_reference(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight)
 
     x2d = x.reshape(-1, hidden)  # a view whenever the leading dims allow one (row stride passed to the kernel)

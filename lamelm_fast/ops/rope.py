@@ -10,6 +10,9 @@ The torch backend (CPU) runs the eager formula itself.
 
 :func:`patch_rope` makes the attention modules of one model (Llama, Mistral, Qwen2/3, Gemma 1/2/3; under PEFT
 wrappers and gradient checkpointing too) use it, and no other model of the process: see its docstring.
+
+Under torch.compile the eager formula is traced (inductor fuses it into a kernel of its own), and the patch's context
+flag is neither set nor read (dynamo cannot trace a ContextVar).
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     where eager's would be wider (see :func:`_output_dtype`). Anything else, float64, and the torch backend run the
     eager formula.
     """
+    if torch.compiler.is_compiling():  # traced: inductor fuses the formula into a kernel of its own
+        return eager_rotary_embedding(q, k, cos, sin, unsqueeze_dim)
     backend = "torch" if torch.float64 in (q.dtype, k.dtype, cos.dtype) else resolve_backend(q.device)
     tables = _kernel_layout(q, k, cos, sin) if backend != "torch" and unsqueeze_dim == 1 else None
     if tables is None:
@@ -153,6 +158,8 @@ class RotaryEmbeddingAttention:
     calls this forward again, so it sets the flag again)."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo cannot trace a ContextVar; compiled, RoPE is the formula anyway
+            return super().forward(*args, **kwargs)
         token = _ACTIVE.set(True)
         try:
             return super().forward(*args, **kwargs)
@@ -163,7 +170,7 @@ class RotaryEmbeddingAttention:
 def _dispatching(original: Callable) -> Callable:
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if _ACTIVE.get():
+        if not torch.compiler.is_compiling() and _ACTIVE.get():
             return rotary_embedding(q, k, cos, sin, unsqueeze_dim)
         return original(q, k, cos, sin, unsqueeze_dim)
 

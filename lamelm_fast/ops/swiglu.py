@@ -6,6 +6,9 @@ g and u and writes h forward, reads dh, g and u and writes dg and du backward. O
 (``lamelm_fast.kernels.swiglu``) the values equal PyTorch's eager ops, roundings of 16-bit inputs included; the torch
 reference (CPU) runs those eager ops themselves.
 
+Under torch.compile :func:`swiglu` is ``F.silu(gate) * up`` itself: inductor fuses it, and recomputes silu(gate)
+in backward as we do.
+
 :func:`patch_swiglu` makes the MLPs of Llama, Mistral and Qwen2/3 models (under PEFT wrappers too) use it.
 """
 
@@ -77,6 +80,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"swiglu: gate and up must match in shape, dtype and device, got {tuple(gate.shape)} "
                          f"{gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
+    if torch.compiler.is_compiling():  # traced: inductor fuses it and recomputes silu(gate) in backward, as we do
+        return F.silu(gate) * up
     backend = "torch" if gate.dtype == torch.float64 else resolve_backend(gate.device)
     return _SwiGLUFunction.apply(gate, up, backend)
 

@@ -24,6 +24,9 @@ inside it:
   sdpa fallback reads it, so it is built the first time a layer falls back, once per forward, and never when every
   layer runs varlen. Only for families whose code hands the mask to the attention function untouched
   (lamelm_fast.patching.SUPPORTED_MODEL_TYPES): nothing but the wrapped sdpa may receive a :class:`DeferredMask`.
+
+Under torch.compile the mark is not set (dynamo cannot trace a ContextVar): transformers checks packed rows itself,
+without its host read while it traces, and the mask is built at once; the varlen path is unchanged.
 """
 
 from __future__ import annotations
@@ -43,22 +46,26 @@ from lamelm_fast.ops.dispatch import active_autocast_dtype
 PADDING_FREE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-@functools.cache
-def _flash_kernel() -> tuple[Callable[..., torch.Tensor], bool] | None:
-    """torch's varlen flash attention (torch >= 2.10) and whether it takes ``enable_gqa`` (torch >= 2.12 asks for it
-    when k/v have fewer heads; earlier releases pass them to the kernel, which supports it natively)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+# torch's varlen flash attention (torch >= 2.10), and whether it takes ``enable_gqa`` (torch >= 2.12 asks for it when
+# k/v have fewer heads; earlier releases pass them to the kernel, which supports it natively). Module constants, not
+# a cached function: torch.compile traces the cache wrapper away, and the import with it.
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:
+    _varlen_attn = None
+_VARLEN_TAKES_GQA = _varlen_attn is not None and "enable_gqa" in inspect.signature(_varlen_attn).parameters
 
 
 @functools.cache
-def flash_device(device: torch.device) -> bool:
-    """Whether torch's flash kernel runs on this device (a CUDA GPU of compute capability 8.0 or later)."""
+def _flash_capable(device: torch.device) -> bool:
     return (device.type == "cuda" and torch.backends.cuda.is_flash_attention_available()
             and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks while tracing (no CUDA query in the graph) and keeps it
+def flash_device(device: torch.device) -> bool:
+    """Whether torch's flash kernel runs on this device (a CUDA GPU of compute capability 8.0 or later)."""
+    return _flash_capable(device)
 
 
 def flash_runs(device: torch.device, dtype: torch.dtype | None) -> bool:
@@ -79,18 +86,16 @@ def flash_varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            cu_seq_lens_k: torch.Tensor, max_length_q: int, max_length_k: int, scale: float | None,
                            ) -> torch.Tensor:
     """Causal varlen attention over [tokens, heads, head_dim] inputs (k/v may have fewer heads)."""
-    kernel = _flash_kernel()
-    assert kernel is not None
-    varlen_attn, takes_gqa = kernel
-    extra = {"enable_gqa": query.shape[1] != key.shape[1]} if takes_gqa else {}
-    return varlen_attn(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scale,
+    assert _varlen_attn is not None
+    extra = {"enable_gqa": query.shape[1] != key.shape[1]} if _VARLEN_TAKES_GQA else {}
+    return _varlen_attn(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scale,
                        window_size=(-1, 0), **extra)
 
 
 def varlen_supported(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
                      kwargs: dict[str, Any]) -> bool:
     """Whether :func:`flash_varlen_attention` can compute this call of the sdpa attention function."""
-    if any(kwargs.get(name) is None for name in PADDING_FREE_KWARGS) or _flash_kernel() is None:
+    if any(kwargs.get(name) is None for name in PADDING_FREE_KWARGS) or _varlen_attn is None:
         return False
     if not flash_runs(query.device, attention_dtype(query, key, value)):
         return False
@@ -138,7 +143,7 @@ def _deferred(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
         # with a static cache made outside the model's forward and handed back to it) are built at once, as before.
         deferrable = (kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip") is False
                       and kwargs.get("q_offset") == 0 and kwargs.get("kv_length") == kwargs.get("q_length"))
-        if not deferrable or _PACKED_ROWS.get() is None:
+        if not deferrable or torch.compiler.is_compiling() or _PACKED_ROWS.get() is None:
             return sdpa_mask(*args, **kwargs)
         return DeferredMask(functools.partial(sdpa_mask, *args, **kwargs))
 
@@ -152,6 +157,8 @@ class _PackedRowsDecoder:
     included, which forward hooks do not see) resets it."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo cannot trace a ContextVar; see the module docstring
+            return super().forward(*args, **kwargs)
         token = _PACKED_ROWS.set(_packed_rows(args, kwargs))
         try:
             return super().forward(*args, **kwargs)
@@ -168,7 +175,7 @@ def mark_padding_free_forwards(decoder: nn.Module) -> None:
 
 def _packed_by_word(find: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
     def find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
-        rows = _PACKED_ROWS.get()
+        rows = None if torch.compiler.is_compiling() else _PACKED_ROWS.get()
         if rows in (None, "unsaid"):
             return find(position_ids)
         if rows == "plain":
@@ -223,4 +230,4 @@ def patch_varlen_attention() -> bool:
         ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] = _deferred(current_mask)
     if not hasattr(masking_utils.find_packed_sequence_indices, "lamelm_packed_by_word"):
         masking_utils.find_packed_sequence_indices = _packed_by_word(masking_utils.find_packed_sequence_indices)
-    return _flash_kernel() is not None
+    return _varlen_attn is not None

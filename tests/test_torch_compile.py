@@ -1,0 +1,311 @@
+"""torch.compile over a model patched by apply_kernels: the compiled model's loss and every gradient equal the same
+patched model's in eager, call after call (new tokens, new shapes, packed rows with new boundaries, train and eval),
+in one graph with one deliberate break, at the loss, however deep the model.
+
+How the ops meet the compiler: RMSNorm, SwiGLU and RoPE trace their torch formulas (inductor fuses them); the
+4-bit LoRA ops run as custom ops (opaque: what runs and what backward keeps are eager's); the fused cross-entropy is
+one deliberate graph break. Most tests compile with ``aot_eager`` (dynamo's graphs and AOT autograd's forward/backward
+split, where every problem above showed; no C++ build, so the file stays near a minute on 2 cores); one compiles with
+inductor, which needs a C++ compiler on CPU (skipped without one).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_err, tiny_llama_config
+from lamelm_fast import apply_kernels
+from lamelm_fast.ops.dispatch import use_backend
+
+
+def _cpp_compiler() -> str | None:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return shutil.which(get_cpp_compiler())
+    except Exception:  # noqa: BLE001 - no compiler found, or an inductor without this helper
+        return shutil.which("g++")
+
+
+pytestmark = pytest.mark.slow
+needs_cpp_compiler = pytest.mark.skipif(_cpp_compiler() is None, reason="inductor's CPU backend needs a C++ compiler")
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler() -> Iterator[None]:
+    """Compiled from scratch: inductor's on-disk caches key a graph by its code, not by the custom ops' registration
+    (a cached partition of an older op's graph would be reused), and each test starts with no compiled frame."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+    torch._dynamo.reset()
+
+
+def llama(layers: int = 2) -> torch.nn.Module:
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config(VOCAB, num_hidden_layers=layers)).train()
+
+
+def batch(shape: tuple[int, int], seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, shape, generator=generator)
+    labels = input_ids.clone()
+    labels[:, :3] = -100  # a prompt without loss
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def packed(lengths: list[int], seed: int, flash_kwargs: bool = True) -> dict[str, torch.Tensor]:
+    """One packed row as HF's DataCollatorWithFlattening makes it: positions restarting at each sequence, the first
+    token of each without loss, and (``flash_kwargs``) the padding-free arguments."""
+    from transformers import DataCollatorWithFlattening
+
+    generator = torch.Generator().manual_seed(seed)
+    features = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=generator).tolist()} for n in lengths]
+    return dict(DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(features, return_tensors="pt"))
+
+
+def loss_and_grads(model: torch.nn.Module, call: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``call(**inputs)``'s loss and the gradients it leaves on ``model``'s parameters (``call`` is the model or its
+    compiled form, which shares them)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)  # the same LoRA dropout masks for both
+    loss = call(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_compiled_equals_eager(model: torch.nn.Module, compiled: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                                 tolerance: float = 1e-5) -> None:
+    loss, grads = loss_and_grads(model, compiled, inputs)
+    want_loss, want_grads = loss_and_grads(model, model, inputs)
+    assert rel_err(loss, want_loss) < tolerance
+    assert grads.keys() == want_grads.keys() and want_grads
+    for name, grad in grads.items():
+        assert rel_err(grad, want_grads[name]) < tolerance, name
+
+
+def compile_model(model: torch.nn.Module, backend: str = "aot_eager") -> torch.nn.Module:
+    return torch.compile(model, backend=backend)
+
+
+def test_patched_llama_compiled_equals_eager_across_calls() -> None:
+    """The fused loss, RMSNorm, SwiGLU and RoPE: new tokens, new shapes, HF Trainer's ``num_items_in_batch`` given
+    and not, an evaluation in between (the model's own loss, no gradients) and training again. (On the Triton
+    backend the compiled graph is the same: RMSNorm, SwiGLU and RoPE trace their formulas, the loss is eager.)"""
+    model = llama()
+    report = apply_kernels(model)
+    assert report.cross_entropy and report.rms_norms == 5 and report.swiglu_mlps == 2 and report.rope_attentions == 2
+    compiled = compile_model(model)
+    assert_compiled_equals_eager(model, compiled, batch((2, 13), seed=0))
+    assert_compiled_equals_eager(model, compiled, batch((2, 13), seed=1))
+    assert_compiled_equals_eager(model, compiled, {**batch((3, 7), seed=2), "num_items_in_batch": torch.tensor(9)})
+    model.eval()
+    with torch.no_grad():
+        inputs = batch((2, 13), seed=3)
+        got, want = compiled(**inputs), model(**inputs)
+        assert rel_err(got.loss, want.loss) < 1e-5 and rel_err(got.logits, want.logits) < 1e-5
+    model.train()
+    assert_compiled_equals_eager(model, compiled, batch((2, 13), seed=4))
+
+
+@needs_cpp_compiler
+def test_inductor_compiled_step_equals_eager() -> None:
+    """Inductor itself: its kernels for the traced RMSNorm, SwiGLU and RoPE formulas (and the rest of the model)
+    give eager's loss and gradients, the fused loss running in eager between its two graphs."""
+    model = llama()
+    apply_kernels(model)
+    assert_compiled_equals_eager(model, compile_model(model, backend="inductor"), batch((2, 13), seed=0))
+
+
+def test_packed_rows_compiled_equals_eager() -> None:
+    """Packed rows with new sequence boundaries at every call (one shape: a mask kept from an earlier call would
+    attend across sequences), with the padding-free arguments and with positions alone."""
+    model = llama()
+    apply_kernels(model)
+    compiled = compile_model(model)
+    first = packed([7, 9, 4], seed=0)
+    with torch.no_grad():  # the test has teeth: attention across the packed sequences changes the loss
+        across = model(input_ids=first["input_ids"], labels=first["labels"]).loss
+        assert rel_err(across, model(**first).loss) > 1e-4  # (the tolerance below is 1e-5)
+    assert_compiled_equals_eager(model, compiled, first)
+    assert_compiled_equals_eager(model, compiled, packed([3, 12, 5], seed=1))
+    assert_compiled_equals_eager(model, compiled, packed([5, 6, 4, 8], seed=2, flash_kwargs=False))
+
+
+def test_hf_trainer_with_torch_compile_trains_as_without(tmp_path: Path) -> None:
+    """``TrainingArguments(torch_compile=True)`` over a patched model, on packed rows (DataCollatorWithFlattening,
+    new sequence boundaries at every step; the Trainer passes ``num_items_in_batch``): the same losses and weights as
+    without."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    generator = torch.Generator().manual_seed(0)
+    rows = Dataset.from_dict({"input_ids": [torch.randint(1, VOCAB, (n,), generator=generator).tolist()
+                                            for n in (5, 9, 7, 7, 10, 4)]})
+    runs = []
+    for compiled in (False, True):
+        model = llama()
+        apply_kernels(model)
+        args = TrainingArguments(str(tmp_path / str(compiled)), max_steps=3,
+                                 per_device_train_batch_size=2, learning_rate=1e-2, optim="sgd", logging_steps=1,
+                                 train_sampling_strategy="sequential", save_strategy="no", report_to=[], use_cpu=True,
+                                 disable_tqdm=True,
+                                 # (a backend named turns compiling on: name it only then)
+                                 **({"torch_compile_backend": "aot_eager"} if compiled else {}))
+        trainer = Trainer(model=model, args=args, train_dataset=rows,
+                          data_collator=DataCollatorWithFlattening(return_flash_attn_kwargs=True))
+        torch._dynamo.utils.counters.clear()
+        trainer.train()
+        assert bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == compiled  # it did compile
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (losses, weights), (compiled_losses, compiled_weights) = runs
+    assert len(losses) == 3 and compiled_losses == pytest.approx(losses, rel=1e-5)
+    for name, weight in weights.items():
+        assert rel_err(compiled_weights[name], weight) < 1e-6, name
+
+
+def one_graph_and_the_loss(explanation: object) -> bool:
+    """dynamo's explanation shows the whole model in one graph and one break, the deliberate one at the fused loss
+    (which it leaves to eager: see lamelm_fast.patching.lm_head_loss)."""
+    reasons = [reason.user_stack[-1] for reason in explanation.break_reasons]
+    return (explanation.graph_count == 1 and len(reasons) == 1
+            and reasons[0].filename.endswith("patching.py") and "lm_head_loss" in reasons[0].line)
+
+
+def test_one_graph_and_one_break_at_the_loss_whatever_the_depth() -> None:
+    for layers in (2, 4):
+        model = llama(layers)
+        apply_kernels(model)
+        torch._dynamo.reset()
+        assert one_graph_and_the_loss(torch._dynamo.explain(model)(**batch((2, 13), seed=0))), layers
+
+
+# --------------------------------------------------------------------------------------------------- QLoRA
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    from test_lora4bit_model import VOCAB as QLORA_VOCAB
+    from transformers import LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-compile-4bit")
+    torch.manual_seed(0)
+    # in_features multiples of the blocksize, as test_lora4bit_model's (bitsandbytes' CPU kernel needs it)
+    LlamaForCausalLM(tiny_llama_config(QLORA_VOCAB, intermediate_size=128)).save_pretrained(path)
+    return path
+
+
+def qlora_batch(shape: tuple[int, int], seed: int) -> dict[str, torch.Tensor]:
+    from test_lora4bit_model import VOCAB as QLORA_VOCAB
+
+    ids = torch.randint(1, QLORA_VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def kept_weights(model: torch.nn.Module, call: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[tuple]:
+    """The shapes of what one training step keeps for backward that has a 4-bit weight's element count and is not
+    the model's own storage: a dequantized weight or its unpacked codes (traced by AOT autograd instead of opaque,
+    the 4-bit ops kept the codes of every weight)."""
+    import bitsandbytes as bnb
+
+    sizes = {m.weight.quant_state.shape.numel() for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: list[tuple] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel() in sizes and tensor.untyped_storage().data_ptr() not in own:
+            kept.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_and_grads(model, call, inputs)
+    return kept
+
+
+def _specs_and_params(case: str, device: str) -> tuple[bool, tuple, list[torch.Tensor | None]]:
+    """(mlp, specs, params) of a 4-bit op: one projection with a bias; q/k/v with a bare, not double-quantized k;
+    one with dropout; an MLP with a bare down projection; an MLP on the Triton path with fp16 compute (its g and u
+    in fp16, its input and output fp32)."""
+    import bitsandbytes.functional as bnb_functional
+
+    from lamelm_fast.ops.lora4bit import _Spec
+    from lamelm_fast.ops.quant4bit import Packed4bit
+
+    def spec(out: int, inp: int, *, nested: bool = True, dropout: float = 0.0, adapted: bool = True,
+             backend: str = "torch", compute: torch.dtype = torch.float32) -> _Spec:
+        quantized = bnb_functional.quantize_4bit(torch.randn(out, inp, device=device), blocksize=64,
+                                                 compress_statistics=nested, quant_type="nf4")
+        return _Spec(Packed4bit.from_bnb(*quantized), 0.5, dropout, compute, torch.float32, backend, "auto", adapted)
+
+    def lora(out: int, inp: int, bias: bool = False) -> list[torch.Tensor | None]:
+        made = [torch.randn(4, inp, device=device), torch.randn(out, 4, device=device),
+                torch.randn(out, device=device) if bias else None]
+        return [t if t is None else t.requires_grad_() for t in made]
+
+    triton = {"backend": "triton", "compute": torch.float16}
+    return {
+        "projection with bias": (False, (spec(32, 64),), lora(32, 64, bias=True)),
+        "q/k/v, bare k": (False, (spec(32, 64), spec(16, 64, nested=False, adapted=False), spec(16, 64)),
+                          [*lora(32, 64), None, None, None, *lora(16, 64)]),
+        "dropout": (False, (spec(32, 64, dropout=0.3),), lora(32, 64)),
+        "mlp, bare down": (True, (spec(96, 64), spec(96, 64), spec(64, 96, adapted=False)),
+                           [*lora(96, 64), *lora(96, 64), None, None, None]),
+        "mlp, triton fp16": (True, (spec(96, 64, **triton), spec(96, 64, **triton), spec(64, 96, **triton)),
+                             [*lora(96, 64), *lora(96, 64), *lora(64, 96)]),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["projection with bias", "q/k/v, bare k", "dropout", "mlp, bare down",
+                                  "mlp, triton fp16"])
+def test_the_4bit_custom_ops_pass_opcheck(case: str) -> None:
+    """torch.library.opcheck: the fake (meta) outputs match the real ones, the autograd registration and the schema
+    hold, and AOT autograd with dynamic shapes reproduces eager's outputs and gradients."""
+    pytest.importorskip("bitsandbytes")
+    from lamelm_fast.ops import lora4bit
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    mlp, specs, params = _specs_and_params(case, device)
+    ints, floats, weights, present = lora4bit._encode(specs, params)
+    x = torch.randn(2, 5, 64, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.lamelm_fast.lora4bit_forward.default, (mlp, ints, floats, weights, x, present))
+
+
+@pytest.mark.parametrize(("targets", "dropout", "checkpointing", "backend"), [
+    (None, 0.1, False, "torch"),  # every projection adapted: q/k/v and MLP ops, LoRA dropout
+    (["q_proj", "v_proj"], 0.0, False, "triton"),  # PEFT's default targets: bare k_proj and MLP projections
+    (None, 0.1, True, "torch"),  # non-reentrant gradient checkpointing: the recompute replays the dropout masks
+])
+def test_qlora_compiled_equals_eager(quantized_dir: Path, targets: list[str] | None, dropout: float,
+                                     checkpointing: bool, backend: str) -> None:
+    """PEFT LoRA over bitsandbytes NF4 layers with the fused 4-bit ops: compiled equals eager, step after step; the
+    compiled step keeps no dequantized weight for backward (the ops are opaque to AOT autograd's partitioner)."""
+    from test_lora4bit_model import TARGETS, qlora_model
+
+    model = qlora_model(quantized_dir, dropout=dropout, checkpointing=checkpointing, targets=targets or TARGETS)
+    model.train()
+    report = apply_kernels(model)
+    assert report.cross_entropy and report.lora_layers == (2 * len(targets) if targets else 2 * len(TARGETS))
+    compiled = compile_model(model)
+    first = targets is None and not checkpointing  # the one case that counts graphs and what backward keeps
+    with use_backend(backend):
+        if first:
+            assert one_graph_and_the_loss(torch._dynamo.explain(model)(**qlora_batch((2, 13), seed=0)))
+            torch._dynamo.reset()
+        assert_compiled_equals_eager(model, compiled, qlora_batch((2, 13), seed=0))
+        if first:  # (a second call: the compiled graph is reused; the other cases change nothing for it)
+            assert_compiled_equals_eager(model, compiled, qlora_batch((2, 13), seed=1))
+            assert kept_weights(model, compiled, qlora_batch((2, 13), seed=3)) == []
