@@ -71,6 +71,9 @@ class TrainConfig:
     kernels: Literal["auto", "cuda", "triton", "torch"] = field(default="auto", metadata=_help(
         "fused-op backend: auto = CUDA extension, else Triton on a GPU, else the torch reference (on CPU); "
         "auto also honours the LAMELM_KERNELS environment variable"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile each decoder layer (inductor; one graph shared by the layers, dynamic shapes); the fused loss "
+        "runs as it is. The first training step and the first evaluation include compiling (left out of tokens/s)"))
     distributed: Literal["auto", "ddp", "fsdp"] = field(default="auto", metadata=_help(
         "under torchrun: ddp (a full replica per GPU) or fsdp (FSDP2, weights, gradients and optimizer state "
         "sharded); auto = fsdp when DDP would fill over half of a GPU with them, else ddp"))

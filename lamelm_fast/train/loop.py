@@ -41,6 +41,7 @@ from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import SkipStreak, TrainingStopped
 from lamelm_fast.train.model import (
     CausalLMLoss,
+    compile_decoder_layers,
     load_model,
     load_model_config,
     load_tokenizer,
@@ -221,6 +222,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         checkpoint.load_weights(resume.path, loaded.model)  # before wrapping: FSDP shards what is loaded
     total_params, trainable_params = loaded.parameter_counts()
     model, wrap_note = dist.wrap(CausalLMLoss(loaded.model, loaded.autocast_dtype), config)
+    if config.compile:  # after wrapping: see compile_decoder_layers
+        notes.append(compile_decoder_layers(loaded.model, device, build_mask_first=not loaded.varlen_attention))
     optimizer = make_optimizer(loaded.model, config)
     order = DataOrder(len(train_set), config.per_device_train_batch_size * dist.world_size, config.shuffle,
                       config.seed)
@@ -252,7 +255,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                      + ("; summary.json still covers the whole run" if "report" in state else ""))
     report = TrainingReport(logger, loaded.model, model_config, device, attended_length(train_set), bool(eval_set),
                             config.peak_tflops, config.early_stopping_patience, config.max_consecutive_skipped_steps,
-                            dist.sum, dist.world_size)
+                            dist.sum, dist.world_size, compiled=config.compile)
     best_checkpoint, stopped_early = None, False
     if state is not None:  # the summary and the health checks continue the whole run, not only this segment
         notes.append(report.resume(state.get("report"), position.step))

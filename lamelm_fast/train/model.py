@@ -19,7 +19,7 @@ from torch import nn
 from lamelm_fast import patching
 from lamelm_fast.metrics.throughput import logical_numel
 from lamelm_fast.ops.dispatch import resolve_backend
-from lamelm_fast.ops.varlen_attention import flash_device
+from lamelm_fast.ops.varlen_attention import DeferredMask, flash_device
 from lamelm_fast.train.activation_checkpointing import enable_activation_checkpointing
 from lamelm_fast.train.config import ConfigError, TrainConfig, first_line
 from lamelm_fast.train.data import Batch
@@ -96,6 +96,7 @@ class LoadedModel:
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: run in the weights' dtype
     notes: list[str] = field(default_factory=list)  # what was decided and why, for the startup banner
+    varlen_attention: bool = False  # packed rows run varlen flash attention: no layer builds an attention mask
 
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -235,8 +236,9 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     report = patching.apply_kernels(model, cross_entropy=False, lora=config.finetune == "qlora")
     if config.finetune == "qlora":
         notes.append(f"fused 4-bit LoRA kernels on {report.lora_layers} layers")
+    varlen = (config.packing and config.attn_implementation == "sdpa" and report.varlen_attention
+              and autocast_dtype is not None and flash_device(device))
     if config.packing and config.attn_implementation == "sdpa":
-        varlen = report.varlen_attention and autocast_dtype is not None and flash_device(device)
         notes.append("packed batches: " + ("varlen flash attention, each sequence attending only to itself" if varlen
                                            else "sdpa over a block-diagonal mask (varlen flash attention needs a "
                                            "CUDA GPU of compute capability 8.0+, bf16 compute and torch >= 2.10)"))
@@ -244,7 +246,7 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         where = "Triton kernels" if resolve_backend(device) == "triton" else "their torch reference"
         notes.append(f"fused layers ({where}): RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
                      f"SwiGLU x{report.swiglu_mlps}")
-    return LoadedModel(model, device, autocast_dtype, notes)
+    return LoadedModel(model, device, autocast_dtype, notes, varlen)
 
 
 def narrow_frozen_lookup_weights(model: nn.Module, loaded_dtypes: dict[int, torch.dtype]) -> int:
@@ -281,6 +283,52 @@ def keep_bnb_storage_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+# torch.compile's backend for --compile; tests set "aot_eager" (dynamo and AOT autograd, no C++ build).
+COMPILE_BACKEND = "inductor"
+
+
+def _built_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    """A packed row's deferred attention mask, built before the layer's compiled forward (see compile_decoder_layers);
+    once built, every later layer gets the same tensor."""
+    mask = kwargs.get("attention_mask")
+    return (args, {**kwargs, "attention_mask": mask.get()}) if isinstance(mask, DeferredMask) else None
+
+
+def compile_decoder_layers(model: nn.Module, device: torch.device, build_mask_first: bool) -> str:
+    """``torch.compile`` each decoder layer's forward in place; returns the banner's note.
+
+    Layers, not the decoder: identical layers share one graph (compile time does not grow with depth; the decoder as
+    one graph took 2.3x longer at 8 layers than at 2 on CPU), and HF's frozen-embedding hook that LoRA with gradient
+    checkpointing adds (``requires_grad_`` on an output) stays out of the graph, where it broke it. The layer's
+    ``forward`` (an instance attribute: state-dict keys unchanged) includes HF's activation checkpointing and its
+    policy, and is compiled after DDP/FSDP2 wrapped the model (FSDP2's own subclass of the layer re-wraps ``forward``);
+    module hooks (FSDP2's, the mask's below) run in eager around it, which ``layer.compile()`` would trace.
+    ``dynamic=True``: packed and padded batches change length every step, so one dynamic graph from the first step
+    rather than a static one and a recompile at the second.
+    Where attention runs over a mask (no varlen flash attention), the mask the decoder defers is built in eager
+    before the first layer: built inside a checkpointed, compiled layer it was a side effect that broke the graph.
+    The fused loss runs as it is, in eager (``patching.lm_head_loss``)."""
+    if COMPILE_BACKEND == "inductor" and device.type == "cpu":
+        from torch._inductor import cpp_builder, exc
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            raise ConfigError("--compile on the CPU needs a C++ compiler for inductor's kernels: install g++ (or set "
+                              "CXX), or drop --compile") from None
+    decoder = patching.causal_lm(model).get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ConfigError(f"--compile compiles the decoder layers and {type(decoder).__name__} has no .layers list: "
+                          "drop --compile")
+    for layer in layers:
+        if build_mask_first:
+            layer.register_forward_pre_hook(_built_mask, with_kwargs=True)
+        layer.forward = torch.compile(layer.forward, backend=COMPILE_BACKEND, dynamic=True)
+    return (f"torch.compile ({COMPILE_BACKEND}) of the {len(layers)} decoder layers, one graph for all; the first "
+            "training step and the first evaluation include compiling, left out of tokens/s and MFU")
 
 
 def lm_head(model: nn.Module) -> nn.Module:

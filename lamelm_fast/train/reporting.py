@@ -97,6 +97,33 @@ class WindowMetrics:
                 "skipped_steps": skipped}
 
 
+class CompileClock:
+    """Host seconds spent in torch.compile (dynamo's compile callbacks, which also cover a backward compiled at its
+    first call): taken out of the training window's time, so that tokens/s and MFU measure training, as they leave
+    out evaluation. Read on the host: no device sync."""
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._started = 0.0
+        torch._dynamo.callback_handler.register_start_callback(self._start)
+        torch._dynamo.callback_handler.register_end_callback(self._end)
+
+    def _start(self, args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _end(self, args: Any) -> None:
+        self._seconds += time.perf_counter() - self._started
+
+    def take(self) -> float:
+        """Seconds compiled since the last call."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def close(self) -> None:
+        torch._dynamo.callback_handler.remove_start_callback(self._start)
+        torch._dynamo.callback_handler.remove_end_callback(self._end)
+
+
 class SilentLogger:
     """Stands in for the RunLogger on ranks other than 0: under torchrun only rank 0 prints and writes files."""
 
@@ -197,8 +224,10 @@ class TrainingReport:
     def __init__(self, logger: RunLogger | SilentLogger, model: nn.Module, model_config: Any, device: torch.device,
                  attended_length: float, has_eval: bool, peak_tflops: float | None,
                  early_stopping_patience: int | None, max_consecutive_skipped_steps: int = 0,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction, world_size: int = 1) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduction, world_size: int = 1,
+                 compiled: bool = False) -> None:
         self.logger = logger
+        self.compile_clock = CompileClock() if compiled else None
         self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
         self.reduce = reduce
         self.device = device
@@ -237,6 +266,8 @@ class TrainingReport:
 
     def end_step(self, window: WindowMetrics, batches: list[Batch], step: int) -> None:
         window.end_step()
+        if self.compile_clock is not None:
+            window.started += self.compile_clock.take()  # tokens/s measures training, not compiling
         self.tokens += sum(batch.num_tokens for batch in batches)
         self.target_tokens += sum(batch.num_targets for batch in batches)
         self.samples += sum(batch.num_sequences for batch in batches)
@@ -278,6 +309,8 @@ class TrainingReport:
         self.logger.eval_row(row)  # redraws the plots: part of the evaluation's time too
         self.logger.sample_rows(step, samples)
         window.started += time.perf_counter() - started  # tokens/s measures training, not evaluation
+        if self.compile_clock is not None:
+            self.compile_clock.take()  # compiling for evaluation: already left out with it
         self._warn(self.health.on_eval_row(row))
         return self.health.best_eval is not previous_best and self.health.best_eval is not None
 
@@ -335,4 +368,6 @@ class TrainingReport:
     def close(self) -> None:
         if self.gpu is not None:
             self.gpu.stop()
+        if self.compile_clock is not None:
+            self.compile_clock.close()
         self.logger.close()

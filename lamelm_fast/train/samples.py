@@ -39,6 +39,7 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int] | None:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # layers compiled by --compile would recompile layer by layer for a KV cache
 def generate_samples(model: nn.Module, examples: list[Example], tokenizer: Any,
                      autocast_dtype: torch.dtype | None) -> list[dict[str, Any]]:
     """One row per example: the prompt, the model's greedy completion and the reference, as text."""
