@@ -150,3 +150,35 @@ def test_consecutive_skipped_steps_stop_the_run_at_a_logging_step(
     assert [(row["step"], row["skipped_steps"]) for row in train_rows] == [(2, 0), (4, 2), (6, 4)]
     assert all(row["loss"] == row["loss"] for row in train_rows)  # finite losses all along: only gradients broke
     assert [row["check"] for row in rows if row["type"] == "warning"] == ["nonfinite_gradients"]
+
+
+@pytest.mark.parametrize("at_step", [2, 3], ids=["before the last step", "in the last step"])
+def test_a_stop_request_saves_and_says_resume_unless_the_run_is_complete(
+        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], at_step: int) -> None:
+    """SIGTERM during a step: the run saves after it and says how to resume; during the last step there is nothing
+    left to resume, so the run ends as a complete one (its summary written, exit 0, no resume advice)."""
+    import os
+    import signal
+
+    real_step = FusedAdamW.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # (handled by the loop: it finishes the step)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedAdamW, "step", step)
+    run = tmp_path / "run"
+    cfg = config(tiny_model_dir, small_alpaca, run, max_steps=3)
+    if at_step < 3:
+        with pytest.raises(TrainingStopped, match=f"SIGTERM at step {at_step}: saved .*--resume-from-checkpoint"):
+            train(cfg)
+        assert list_checkpoints(run) == [run / f"checkpoint-{at_step}"] and not (run / "summary.json").exists()
+    else:
+        result = train(cfg)
+        assert result.global_step == 3 and result.summary and (run / "summary.json").is_file()
+        assert list_checkpoints(run) == [run / "checkpoint-3"]
+    assert "SIGTERM: stopping after the current step and saving a checkpoint" in capsys.readouterr().err

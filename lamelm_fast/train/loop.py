@@ -357,7 +357,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                 stopping = dist.any(stop.signal_name is not None)  # every rank stops after the same step
                 if (config.save_steps and step % config.save_steps == 0) or final or stopping:
                     save(step)
-                if stopping:
+                if stopping and not final:  # at the last step the run is complete: it ends as one
                     raise TrainingStopped(
                         f"{stop.signal_name or 'a signal to another rank'} at step {step}: saved {result.checkpoint}; "
                         f"resume with the same command plus --resume-from-checkpoint {result.checkpoint}",
