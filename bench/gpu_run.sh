@@ -4,7 +4,7 @@
 #   bench/gpu_run.sh OUTDIR [STAGE ...]      default: tests ops
 #
 # Stages, run in the order given:
-#   tests   the `gpu`-marked tests but the convergence runs
+#   tests   the `gpu`-marked tests but the convergence runs and torch.compile's (stage compile-tests)
 #   convergence   the trainer with its kernels against the torch references, 40 steps each of full / LoRA / QLoRA
 #   ops     the op benchmarks: ce adamw layers nf4 (each is also a stage of its own)
 #   layers  the fused layers around the matmuls: norm (RMSNorm) swiglu rope, and attention over packed rows
@@ -13,6 +13,10 @@
 #           LAMELM_BENCH_MAX_CONTEXT=1 the max-context probe; qlora / full run one half each (the probe goes with
 #           qlora) when 200 steps of both do not fit one call.
 #   checkpointing   our QLoRA step under the two checkpointing policies (full, keep_attention), short and long rows
+#   compile-tests   tests/test_torch_compile.py's `gpu` tests: compiled equals eager with inductor under bf16
+#           autocast, varlen attention, QLoRA's custom ops, CUDA graphs (~3-4 min: each test compiles from scratch)
+#   compile   the Llama-3.2-1B training step, HF and apply_kernels, eager and compiled (two cold inductor compiles of
+#           the 1B model: ~3-5 min); with compile-tests it may not fit one call, the budget then skips what is left
 # The whole script keeps inside LAMELM_GPU_BUDGET_S seconds (default 560, under the device command's 10 minutes):
 # each stage gets at most its own cap and what is left, is interrupted (SIGINT: pytest still reports) when it runs
 # over, and a stage with less than 30 s left is skipped. Results are written after every measured row, so a stage
@@ -23,7 +27,7 @@
 # the results JSON + Markdown (bench/results format: copy the JSON to bench/results/, then run
 # `python bench/report.py --readme README.md`), device.txt, install.log and run.log (every stage's output).
 set -uo pipefail
-OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope attention nf4] [e2e|qlora full] [checkpointing]}
+OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope attention nf4] [e2e|qlora full] [checkpointing] [compile-tests] [compile]}
 shift
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
 BUDGET=${LAMELM_GPU_BUDGET_S:-560}
@@ -67,7 +71,7 @@ BENCH=(python3 -m pytest -q --benchmark-only -p no:cacheprovider)
 for name in "${STAGES[@]}"; do
   case $name in
     tests) stage tests 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider \
-             --ignore tests/test_convergence_gpu.py ;;
+             --ignore tests/test_convergence_gpu.py --ignore tests/test_torch_compile.py ;;
     convergence) stage convergence 240 python3 -m pytest -q -m gpu tests/test_convergence_gpu.py -p no:cacheprovider ;;
     ops) stage ce 150 "${BENCH[@]}" bench/test_cross_entropy.py
          stage adamw 90 "${BENCH[@]}" bench/test_adamw.py
@@ -86,8 +90,11 @@ for name in "${STAGES[@]}"; do
     e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py -k "not checkpointing_policy" ;;
     qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name and not checkpointing_policy" ;;
     checkpointing) stage checkpointing 240 "${BENCH[@]}" bench/test_end_to_end.py -k checkpointing_policy ;;
+    compile-tests) stage compile-tests 300 python3 -m pytest -q -m gpu tests/test_torch_compile.py \
+                     -p no:cacheprovider ;;
+    compile) stage compile 420 "${BENCH[@]}" bench/test_compile.py ;;
     *) echo "unknown stage $name: choose from tests convergence ops ce adamw layers norm swiglu rope attention nf4 e2e" \
-            "qlora full checkpointing"; exit 2 ;;
+            "qlora full checkpointing compile-tests compile"; exit 2 ;;
   esac
 done
 exit $status

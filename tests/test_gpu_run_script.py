@@ -58,3 +58,17 @@ def test_spent_budget_skips_and_unknown_stage_is_refused(fake_gpu_path: dict[str
     assert "== ce: skipped, the time budget is spent" in (tmp_path / "a" / "run.log").read_text()
     unknown = run_script(fake_gpu_path, tmp_path / "b", "warp-speed")
     assert unknown.returncode == 2 and "unknown stage warp-speed" in unknown.stdout
+
+
+def test_the_usage_and_the_refusal_name_every_stage() -> None:
+    """A stage added to the script's ``case`` is named where a user looks for it: its usage line and its answer to an
+    unknown stage (both list every stage, and only stages)."""
+    text = SCRIPT.read_text()
+    cases = text.split("case $name in")[1].split("esac")[0]
+    stages = {name.strip() for label in re.findall(r"^ {4}([a-z0-9| -]+)\)", cases, re.MULTILINE)
+              for name in label.split("|")}
+    usage = text.split("usage: bench/gpu_run.sh OUTDIR")[1].split("}")[0]
+    refusal = text.split("unknown stage $name: choose from")[1].split("exit 2")[0]
+    assert "compile" in stages
+    assert set(re.findall(r"[a-z0-9-]+", usage)) == stages
+    assert set(re.findall(r"[a-z0-9-]+", refusal)) == stages
