@@ -4,9 +4,8 @@ in one graph with one deliberate break, at the loss, however deep the model.
 
 How the ops meet the compiler: RMSNorm, SwiGLU and RoPE trace their torch formulas (inductor fuses them); the
 4-bit LoRA ops run as custom ops (opaque: what runs and what backward keeps are eager's); the fused cross-entropy is
-one deliberate graph break. Most tests compile with ``aot_eager`` (dynamo's graphs and AOT autograd's forward/backward
-split, where every problem above showed; no C++ build, so the file stays near a minute on 2 cores); one compiles with
-inductor, which needs a C++ compiler on CPU (skipped without one).
+one deliberate graph break. On CPU the tests compile with ``aot_eager`` (dynamo's graphs and AOT autograd's
+forward/backward split, where every problem above showed; inductor's C++ build would take minutes of CI's 2 cores).
 
 On a GPU (``-m gpu``; bench/gpu_run.sh's ``compile-tests`` stage) the same tests run as the trainer runs there: inductor
 and its Triton kernels, fp32 weights under bf16 autocast, the Triton backend of our ops, torch's varlen flash kernel
@@ -16,7 +15,6 @@ for packed rows (counted where it runs); plus the custom ops' opcheck on CUDA te
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -29,18 +27,7 @@ from conftest import rel_err, tiny_llama_config
 from lamelm_fast import apply_kernels
 from lamelm_fast.ops.dispatch import use_backend
 
-
-def _cpp_compiler() -> str | None:
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return shutil.which(get_cpp_compiler())
-    except Exception:  # noqa: BLE001 - no compiler found, or an inductor without this helper
-        return shutil.which("g++")
-
-
 pytestmark = pytest.mark.slow
-needs_cpp_compiler = pytest.mark.skipif(_cpp_compiler() is None, reason="inductor's CPU backend needs a C++ compiler")
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 VOCAB = 97
@@ -173,15 +160,6 @@ def test_patched_llama_compiled_equals_eager_across_calls(setting: Setting) -> N
     assert_compiled_equals_eager(model, compiled, batch((2, 13), seed=4), setting)
 
 
-@needs_cpp_compiler
-def test_inductor_compiled_step_equals_eager() -> None:
-    """Inductor itself: its kernels for the traced RMSNorm, SwiGLU and RoPE formulas (and the rest of the model)
-    give eager's loss and gradients, the fused loss running in eager between its two graphs."""
-    model = llama()
-    apply_kernels(model)
-    assert_compiled_equals_eager(model, compile_model(model, backend="inductor"), batch((2, 13), seed=0))
-
-
 VARLEN_OPS = ("torch_attn::_varlen_attn", "torch_attn::_varlen_attn_backward")  # what flash_varlen_attention runs
 
 
@@ -247,18 +225,27 @@ def one_graph_and_the_loss(explanation: object) -> bool:
             and reasons[0].filename.endswith("patching.py") and "lm_head_loss" in reasons[0].line)
 
 
+def compiled_in_one_graph_and_the_loss() -> bool:
+    """:func:`one_graph_and_the_loss` from dynamo's counters (cleared before): what the compiled calls since then
+    made, without explain's tracing pass of its own."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return (counters["stats"]["unique_graphs"] == 1 and bool(breaks)
+            and all("lm_head_loss" in reason for reason in breaks))
+
+
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_one_graph_and_one_break_at_the_loss_whatever_the_depth(setting: Setting) -> None:
     """Plain rows and packed ones with the padding-free arguments (on a GPU under autocast: varlen attention inside
     the graph)."""
-    for layers in (2, 4):
+    for layers, inputs in ((2, batch((2, 13), seed=0)), (2, packed([7, 9, 4], seed=0)), (3, batch((2, 13), seed=0))):
         model = llama(layers, setting)
         apply_kernels(model)
-        for inputs in (batch((2, 13), seed=0), packed([7, 9, 4], seed=0)):
-            torch._dynamo.reset()
-            with setting.autocast():
-                explanation = torch._dynamo.explain(model)(**setting.on_device(inputs))
-            assert one_graph_and_the_loss(explanation), (layers, list(inputs))
+        torch._dynamo.reset()
+        with setting.autocast():
+            explanation = torch._dynamo.explain(model)(**setting.on_device(inputs))
+        assert one_graph_and_the_loss(explanation), (layers, list(inputs))
 
 
 @pytest.mark.gpu
@@ -392,10 +379,9 @@ LORA_OPS = ("lamelm_fast::lora4bit_forward", "lamelm_fast::lora4bit_backward")
 @pytest.mark.parametrize(("targets", "dropout", "checkpointing", "backend", "setting"), [
     # every projection adapted: q/k/v and MLP ops, LoRA dropout
     pytest.param(None, 0.1, False, "torch", CPU, id="all-dropout-cpu"),
-    # PEFT's default targets: bare k_proj and MLP projections
-    pytest.param(["q_proj", "v_proj"], 0.0, False, "triton", CPU, id="qv-cpu"),
-    # non-reentrant gradient checkpointing: the recompute replays the dropout masks
-    pytest.param(None, 0.1, True, "torch", CPU, id="all-dropout-checkpointing-cpu"),
+    # PEFT's default targets (bare k_proj and MLP projections), non-reentrant gradient checkpointing: the recompute
+    # replays the dropout masks
+    pytest.param(["q_proj", "v_proj"], 0.1, True, "torch", CPU, id="qv-dropout-checkpointing-cpu"),
     # the GPU's QLoRA: bitsandbytes' CUDA storage, bf16 compute, the Triton kernels inside the custom ops
     pytest.param(None, 0.1, False, "triton", GPU, id="all-dropout-cuda", marks=ON_GPU),
     pytest.param(["q_proj", "v_proj"], 0.1, True, "triton", GPU, id="qv-dropout-checkpointing-cuda", marks=ON_GPU),
@@ -414,17 +400,16 @@ def test_qlora_compiled_equals_eager(quantized_dir: Path, targets: list[str] | N
     report = apply_kernels(model)
     assert report.cross_entropy and report.lora_layers == 2 * len(targets)
     compiled = compile_model(model, setting.backend)
-    first = targets == TARGETS and not checkpointing  # the case that counts graphs and what backward keeps
+    first = targets == TARGETS and not checkpointing  # the case that checks what backward keeps
     ops = model.get_base_model().config.num_hidden_layers * (
         1 + sum(name in ("q_proj", "k_proj", "v_proj", "o_proj") for name in targets))
     with use_backend(backend):
-        if first:
-            with setting.autocast():
-                explanation = torch._dynamo.explain(model)(**setting.on_device(qlora_batch((2, 13), seed=0)))
-            assert one_graph_and_the_loss(explanation)
-            torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         inputs = qlora_batch((2, 13), seed=0)
         assert_compiled_equals_eager(model, compiled, inputs, setting)
+        # (With checkpointing, the hook that enable_input_require_grads puts on the embedding calls requires_grad_ on
+        # an intermediate, which breaks the graph there too: transformers' code, not ours.)
+        assert compiled_in_one_graph_and_the_loss() or checkpointing
         assert step_events(model, compiled, inputs, setting, LORA_OPS) == {
             "lamelm_fast::lora4bit_forward": ops * (2 if checkpointing else 1), "lamelm_fast::lora4bit_backward": ops}
         if first:  # (a second call: the compiled graph is reused; the other cases change nothing for it)
