@@ -7,6 +7,7 @@ tests/test_torch_compile.py compiles the patched model with inductor itself.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def test_the_compile_clock_counts_compiling_only() -> None:
         assert clock.take() > 0
         compiled(torch.randn(4, requires_grad=True)).sum().backward()  # the same graph: nothing compiled
         assert clock.take() == 0
+        assert clock.total > 0  # (what the summary reports)
     finally:
         clock.close()
         torch._dynamo.reset()
@@ -101,6 +103,8 @@ def test_full_fine_tuning_compiled_trains_as_eager(tmp_path: Path, tiny_model_di
     # layer's input): none per step, shape or layer.
     assert _graphs() <= 3
     assert "note: torch.compile (aot_eager) of the 2 decoder layers" in capsys.readouterr().out
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("eager", "compiled")]
+    assert "segment_compile_seconds" not in summaries[0] and summaries[1]["segment_compile_seconds"] > 0
     _assert_same_run(compiled, eager, "model.safetensors")
 
 

@@ -104,6 +104,7 @@ class CompileClock:
 
     def __init__(self) -> None:
         self._seconds = 0.0
+        self.total = 0.0  # seconds compiled in this process, for the summary
         self._started = 0.0
         torch._dynamo.callback_handler.register_start_callback(self._start)
         torch._dynamo.callback_handler.register_end_callback(self._end)
@@ -112,7 +113,9 @@ class CompileClock:
         self._started = time.perf_counter()
 
     def _end(self, args: Any) -> None:
-        self._seconds += time.perf_counter() - self._started
+        seconds = time.perf_counter() - self._started
+        self._seconds += seconds
+        self.total += seconds
 
     def take(self) -> float:
         """Seconds compiled since the last call."""
@@ -357,6 +360,8 @@ class TrainingReport:
             "segment_first_step": self.first_step,
             "segment_runtime_seconds": runtime,
             "segment_tokens_per_second": segment_tokens_per_second,
+            # --compile: the runtime above includes it (the logged rows' tokens/s do not)
+            **({"segment_compile_seconds": self.compile_clock.total} if self.compile_clock is not None else {}),
             # Measured on this process's device: earlier segments may have run on another one.
             "mfu": mfu(segment_tokens_per_second, self.flops_per_token, self.peak_flops),
             "peak_memory_gb": peak_memory_gb(self.device),
