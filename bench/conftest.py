@@ -7,6 +7,7 @@ it; on CPU (small sizes, so the suite never rots) results go to ``$LAMELM_BENCH_
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -44,11 +45,13 @@ def peaks(device: torch.device) -> dict[str, float]:
 def _versions() -> dict[str, Any]:
     versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                                 "cuda": torch.version.cuda}
-    for name in ("triton", "transformers", "peft", "bitsandbytes", "liger_kernel"):
+    # From the installed distributions' metadata: liger_kernel has no __version__.
+    for name, distribution in (("triton", "triton"), ("transformers", "transformers"), ("peft", "peft"),
+                               ("bitsandbytes", "bitsandbytes"), ("liger_kernel", "liger-kernel")):
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # absent or broken: recorded as absent
-            versions[name] = None
+            versions[name] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:  # absent, or installed under another name (pytorch-triton)
+            versions[name] = getattr(sys.modules.get(name), "__version__", None)
     return versions
 
 

@@ -23,6 +23,8 @@ from matplotlib.figure import Figure
 # Per suite: the columns that identify a case (its size), and the measured columns worth a table.
 SIZE_KEYS = ("projection", "direction", "activations", "hidden", "width", "vocab", "tokens", "variant", "case",
              "params", "tensors", "dtype", "shape", "seq_len", "batch", "steps")
+# Diagnostic suites (which of two strategies wins where): REPORT.md has them, the README's block would drown in them.
+README_LEFT_OUT = ("nf4_matmul_strategy",)
 README_START = "<!-- gpu-results: written by bench/report.py --readme -->"
 README_END = "<!-- /gpu-results -->"
 
@@ -82,6 +84,17 @@ def plot_suite(suite: str, rows: list[dict[str, Any]], out: Path) -> Path | None
     return path
 
 
+def latest_per_suite(runs: list[dict[str, Any]]) -> dict[str, dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]]:
+    """Per device, per suite: the latest run (``runs`` sorted by date) that measured it, and its rows. One GPU session
+    records its suites over several device calls, each a run of its own: the latest run alone would hide the rest."""
+    latest: dict[str, dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
+    for run in runs:
+        for suite in dict.fromkeys(row["suite"] for row in run["results"]):
+            rows = [row for row in run["results"] if row["suite"] == suite]
+            latest.setdefault(run["device"], {})[suite] = (run, rows)
+    return latest
+
+
 def render(runs: list[dict[str, Any]], out: Path) -> str:
     lines = ["# Benchmark results", "",
              "Written by `python bench/report.py` from the JSON files beside it; each file is one device and day, "
@@ -89,21 +102,20 @@ def render(runs: list[dict[str, Any]], out: Path) -> str:
              "below 1 is faster (time) or smaller (memory); `speedup_*` above 1 is faster.", ""]
     if not runs:
         return "\n".join([*lines, "No results recorded yet.", ""])
-    latest: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        latest[run["device"]] = run
-    for device, run in latest.items():
-        versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v)
-        peaks = run.get("peaks", {})
-        lines += [f"## Latest on {device}: {run['date'][:10]}, commit {run.get('commit')}", "", versions, ""]
-        if peaks:
-            lines += [f"Measured peaks: {peaks.get('matmul_flops', 0) / 1e12:.3g} TFLOP/s "
-                      f"{peaks.get('matmul_dtype', '')} matmul, "
-                      f"{peaks.get('copy_bytes_per_second', 0) / 1e9:.0f} GB/s copy.", ""]
-        suites = list(dict.fromkeys(row["suite"] for row in run["results"]))
-        for suite in suites:
-            rows = [row for row in run["results"] if row["suite"] == suite]
-            lines += [f"### {suite}", "", *table(rows), ""]
+    for device, suites in latest_per_suite(runs).items():
+        lines += [f"## Latest on {device}", ""]
+        for run in {id(run): run for run, _ in suites.values()}.values():
+            versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v)
+            peaks = run.get("peaks", {})
+            measured = ", ".join(suite for suite, (r, _) in suites.items() if r is run)
+            lines += [f"- Run {run['date'][:19]}, commit {run.get('commit')}: {measured}. {versions}."]
+            if peaks:
+                lines[-1] += (f" Measured peaks: {peaks.get('matmul_flops', 0) / 1e12:.3g} TFLOP/s "
+                              f"{peaks.get('matmul_dtype', '')} matmul, "
+                              f"{peaks.get('copy_bytes_per_second', 0) / 1e9:.0f} GB/s copy.")
+        lines.append("")
+        for suite, (run, rows) in suites.items():
+            lines += [f"### {suite}", "", f"Run {run['date'][:19]}.", "", *table(rows), ""]
             plot = plot_suite(f"{device.replace(' ', '-')}-{suite}", rows, out)
             if plot is not None:
                 lines += [f"![{suite}]({plot.name})", ""]
@@ -117,20 +129,26 @@ def _is_ratio(key: str) -> bool:
 
 
 def readme_block(runs: list[dict[str, Any]]) -> str:
-    """The README's results block: per suite of the latest GPU run, its size columns, ratios and final losses."""
+    """The README's results block: per suite, the latest GPU run of the latest GPU device that measured it, with its
+    size columns, ratios and final losses."""
     gpu_runs = [run for run in runs if not run["device"].lower().startswith("cpu")]
     if not gpu_runs:
         return ("**Latest GPU results: none recorded yet.** The CPU runs only prove that the suite works; "
                 "`bench/gpu_run.sh` records GPU numbers.")
-    run = gpu_runs[-1]
-    lines = [f"**Latest GPU results: {run['device']}, {run['date'][:10]}, commit {str(run.get('commit'))[:10]}** "
+    device = gpu_runs[-1]["device"]
+    suites = latest_per_suite(gpu_runs)[device]
+    used = [run for run in gpu_runs if any(run is r for r, _ in suites.values())]
+    dates = ", ".join(dict.fromkeys(run["date"][:10] for run in used))
+    commits = ", ".join(dict.fromkeys(str(run.get("commit"))[:10] for run in used))
+    lines = [f"**Latest GPU results: {device}, {dates}, commit {commits}** "
              f"(every column: [bench/results/REPORT.md](bench/results/REPORT.md)). Ratios are ours / theirs for "
              "`time_vs_*` and `memory_*` (below 1 is better), theirs / ours for `speedup_*` (above 1 is better); "
              "`*_fraction` is the share of the device's measured peak.", ""]
-    for suite in dict.fromkeys(row["suite"] for row in run["results"]):
+    for suite, (_, rows) in suites.items():
+        if suite in README_LEFT_OUT:
+            continue
         rows = [{k: v for k, v in row.items() if k in SIZE_KEYS or k in ("in", "out") or _is_ratio(k)
-                 or k.endswith("final_loss") or k.endswith("max_context")}
-                for row in run["results"] if row["suite"] == suite]
+                 or k.endswith("final_loss") or k.endswith("max_context")} for row in rows]
         lines += [f"*{suite}*", "", *table(rows), ""]
     return "\n".join(lines).rstrip()
 
