@@ -205,7 +205,8 @@ def _chunked_pass(
         if need_hidden:
             torch.mm(dlogits.to(hidden.dtype), weight, out=grad_hidden[start:end])
         if need_weight and single_chunk:
-            grad_weight = torch.mm(dlogits.t(), hidden_chunk.to(dlogits.dtype))
+            # In the input dtype as grad_hidden is: the torch path's fp32 product would be a V x H fp32 temporary.
+            grad_weight = torch.mm(dlogits.t().to(hidden.dtype), hidden_chunk)
         elif need_weight:
             _accumulate_product(grad_weight, dlogits.t(), hidden_chunk)
         if need_bias:
