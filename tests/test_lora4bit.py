@@ -202,7 +202,10 @@ def test_bf16_triton_equals_peft_cuda(tokens: int, strategy: str) -> None:
     grad_out = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
     with use_backend("triton"), use_nf4_matmul(strategy):
         ours = run(module, x, grad_out)
-    assert_same(ours, run(ref_layer, x, grad_out), tol=2e-2)
+    # PEFT may give the adapter of a bf16-compute Linear4bit bf16 weights (seen on an H100 with peft 0.21), ours are
+    # fp32: the gradients are compared as values, in our dtype.
+    ref = {name: grad.to(ours[name].dtype) for name, grad in run(ref_layer, x, grad_out).items()}
+    assert_same(ours, ref, tol=2e-2)
 
 
 def test_qkv_group_only_shares_outputs_for_the_same_input() -> None:
