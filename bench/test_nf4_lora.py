@@ -105,7 +105,10 @@ def _autocast(device: torch.device):
 
 
 def _auto_choices(row: dict[str, object], in_features: int, out_features: int, tokens: int) -> None:
-    """What ``auto`` decided for this row's forward and input-gradient products (absent: not decided by timing)."""
+    """What ``auto`` decided for this row's forward and input-gradient products (absent: not decided)."""
+    if tokens >= nf4_matmul.DEQUANT_FROM_ROWS:
+        row["auto_forward"] = row["auto_input_grad"] = "dequant (untimed, rows rule)"
+        return
     for key, choice in nf4_matmul.CACHE.items():
         shape = (out_features, in_features) if key.weight_transposed else (in_features, out_features)
         if key.m_bucket == nf4_matmul.m_bucket(tokens) and (key.p, key.q) == shape:

@@ -284,6 +284,27 @@ def test_auto_does_not_time_under_the_interpreter(launches: dict[str, int], monk
     assert len(nf4_matmul.CACHE) == 0
 
 
+def test_auto_takes_dequant_untimed_from_the_row_threshold(launches: dict[str, int],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training shapes (DEQUANT_FROM_ROWS rows and more) go to dequant without a trial, also where auto could time;
+    one row fewer still follows the timing rule (here, off CUDA: fused)."""
+    monkeypatch.setattr(nf4_matmul, "_can_time", lambda a: True)
+    monkeypatch.setattr(nf4_matmul, "time_strategies", lambda *a, **k: pytest.fail("timed a training shape"))
+    assert nf4_matmul.DEQUANT_FROM_ROWS == 2048  # the H100's measured crossover; a small one keeps the interpreter fast
+    rows = 37
+    monkeypatch.setattr(nf4_matmul, "DEQUANT_FROM_ROWS", rows)
+    w = _weight(24, 64, 64)
+    a = torch.randn(rows, 64)
+    with use_backend("triton"):
+        out = nf4_matmul.matmul_4bit_lora(a, w, strategy="auto")
+    assert launches == {"fused": 0, "dequant": 1} and len(nf4_matmul.CACHE) == 0
+    assert rel_err(out.double(), _expected(a, w, True, None, 1.0, None, None)) < 1e-5
+    monkeypatch.setattr(nf4_matmul, "_can_time", lambda a: False)
+    with use_backend("triton"):
+        nf4_matmul.matmul_4bit_lora(a[: rows - 1], w, strategy="auto")
+    assert launches == {"fused": 1, "dequant": 1}
+
+
 def test_faster_keeps_fused_unless_dequant_wins_by_the_margin() -> None:
     margin = nf4_matmul.DEQUANT_MARGIN
     assert nf4_matmul.faster({"fused": 1.0, "dequant": 0.5}) == "dequant"
@@ -353,7 +374,7 @@ def test_auto_on_real_shapes_matches_fused_and_leaves_live_outputs_alone(in_feat
     nothing; the dequant path keeps no buffer once it returns. bf16 compute from bf16 or fp32 activations (the
     trainer's: fp32 results written by cuBLAS directly), overwriting and accumulating."""
     torch.manual_seed(0)
-    M, rank = 4096, 16
+    M, rank = 1024, 16  # under DEQUANT_FROM_ROWS: auto times these
     q, state = bnb.functional.quantize_4bit(torch.randn(out_features, in_features, device="cuda") / 30,
                                             blocksize=64, compress_statistics=True, quant_type="nf4")
     w = Packed4bit.from_bnb(q, state)
@@ -379,7 +400,7 @@ def test_auto_on_real_shapes_matches_fused_and_leaves_live_outputs_alone(in_feat
                 assert rel_err(got[strategy], got["fused"]) < 1e-2, (strategy, weight_transposed, activations)
     assert len(nf4_matmul.CACHE) == 2 * len(combos)
     monkeypatch.setattr(nf4_matmul, "time_strategies", lambda *a, **k: pytest.fail("measured a cached shape"))
-    rows = 3000  # the bucket of 4096
+    rows = 700  # the bucket of 1024
     a = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
     lora = (torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16),
             torch.randn(rank, out_features, device="cuda", dtype=torch.bfloat16))

@@ -7,7 +7,10 @@ the call, one cuBLAS GEMM that carries the LoRA term too. The fused kernel reads
 no buffer, so it wins while the weight traffic matters (few rows); cuBLAS should win where the in-register
 dequantization cannot hide behind the tensor cores (many rows). Where the crossover lies is measured, not assumed:
 
-``auto`` (the default; ``LAMELM_NF4_MATMUL``, see :mod:`lamelm_fast.ops.dispatch`): on a GPU, the first call of each
+``auto`` (the default; ``LAMELM_NF4_MATMUL``, see :mod:`lamelm_fast.ops.dispatch`): from
+:data:`DEQUANT_FROM_ROWS` rows on, ``dequant`` without a trial (measured on an H100, bench/results 2026-11-23: dequant
+won every shape and direction there, by 1.2x to 14x, and a trial would compile the fused kernel's autotuning
+configurations for nothing at the first training step). Below it, on a GPU, the first call of each
 :class:`ShapeKey` (rows bucketed to a power of two, as Triton's autotuner buckets them) times both strategies with
 CUDA events, on scratch outputs, and keeps the faster for the rest of the process. No timing under Triton's
 interpreter, off CUDA, during CUDA-graph capture or while torch.compile traces: there ``auto`` is ``fused`` (or a
@@ -29,8 +32,8 @@ import torch
 from lamelm_fast.kernels import nf4_lora
 from lamelm_fast.ops.dispatch import triton_interpreted
 
-__all__ = ["STRATEGIES", "ShapeKey", "StrategyCache", "faster", "m_bucket", "matmul_4bit_lora", "shape_key",
-           "time_strategies"]
+__all__ = ["DEQUANT_FROM_ROWS", "STRATEGIES", "ShapeKey", "StrategyCache", "faster", "m_bucket", "matmul_4bit_lora",
+           "shape_key", "time_strategies"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,9 @@ STRATEGIES = ("fused", "dequant")
 # dequant must beat fused by this fraction: its weight buffer (2 bytes per weight, plus a result buffer when the
 # output dtype differs) costs memory, and a near-tie in timing is noise.
 DEQUANT_MARGIN = 0.03
+# From this many rows on, auto takes dequant untimed (see the module's docstring): the training shapes (thousands of
+# tokens per step) never build the fused kernel; decoding, evaluation and small batches still measure.
+DEQUANT_FROM_ROWS = 2048
 WARMUP, REPEATS = 1, 5  # per strategy, interleaved; the warm-up also runs Triton's own autotuning
 
 
@@ -162,7 +168,9 @@ def matmul_4bit_lora(a: torch.Tensor, w: Any, *, strategy: str, dtype: torch.dty
     own cast into its GEMM operand and asks for none."""
     dtype = a.dtype if dtype is None else dtype
     args = {"weight_transposed": weight_transposed, "lora": lora, "scale": scale, "bias": bias}
-    if strategy == "auto":
+    if strategy == "auto" and a.shape[0] >= DEQUANT_FROM_ROWS:
+        strategy = "dequant"
+    elif strategy == "auto":
         key = shape_key(a, w, dtype=dtype, weight_transposed=weight_transposed, out=out, accumulate=accumulate,
                         lora=lora is not None)
         if _can_time(a):
