@@ -1,9 +1,13 @@
 """Timing and memory measurement shared by every benchmark suite.
 
-CUDA: CUDA events around each call, after warm-up, median of many repeats; peak memory from
-``torch.cuda.max_memory_allocated`` above what was allocated before the call. CPU: ``time.perf_counter`` (the suite
-still runs on CPU at small sizes so it never rots; CPU numbers are not GPU claims). Device peaks (dense bf16 matmul
-FLOP/s and copy bandwidth) are measured, not looked up, so rooflines compare against this device on this day.
+CUDA: CUDA events around each call, after warm-up, median of many repeats, each call queued behind a device-side
+sleep that outlasts its launching (otherwise an op that takes less device time than the host needs to launch it
+times the host: the first GPU session's small rows were flat at 0.3-2 ms whatever their size); the host's launch
+time is recorded beside it (``host_median_ms``: above the device time, the op is launch-bound in eager). Peak
+memory from ``torch.cuda.max_memory_allocated`` above what was allocated before the call. CPU:
+``time.perf_counter`` (the suite still runs on CPU at small sizes so it never rots; CPU numbers are not GPU
+claims). Device peaks (dense bf16 matmul FLOP/s and copy bandwidth) are measured, not looked up, so rooflines
+compare against this device on this day.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Measurement:
     p80_ms: float
     repeats: int
     peak_memory_bytes: int | None  # above the memory allocated before the call; None on CPU
+    host_median_ms: float  # the host's time in the call (CUDA: launching it; CPU: the same as median_ms)
 
     @property
     def peak_mb(self) -> float | None:
@@ -42,14 +47,43 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+_HOLD_CAP_MS = 50.0  # the longest device-side sleep before a timed call
+
+
+@functools.cache
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """Clock cycles of ``torch.cuda._sleep`` per millisecond on ``device``, measured."""
+    cycles = 5_000_000
+    with torch.cuda.device(device):
+        torch.cuda._sleep(cycles)  # the first launch loads the kernel
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / start.elapsed_time(end)
+
+
+def _hold_the_queue(device: torch.device, host_ms: float) -> None:
+    """Device work outlasting ``host_ms`` of launching (twice over, plus 50 us), queued before the start event: the
+    timed calls' kernels wait behind it instead of the device waiting for them."""
+    torch.cuda._sleep(int(_sleep_cycles_per_ms(device) * (2 * host_ms + 0.05)))
+
+
 def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 5, repeats: int = 30,
             setup: Callable[[], Any] | None = None) -> Measurement:
     """Time ``fn()`` (after ``setup()``, which is not timed) and its peak memory on ``device``."""
+    warmup_host_ms = []
     for _ in range(warmup):
         if setup is not None:
             setup()
+        began = time.perf_counter()
         fn()
+        warmup_host_ms.append((time.perf_counter() - began) * 1e3)
+    # Fixed before timing: a call that syncs inside would otherwise wait out the sleep and lengthen the next one.
+    hold_ms = min(statistics.median(warmup_host_ms) if warmup_host_ms else 1.0, _HOLD_CAP_MS)
     times: list[float] = []
+    host_times: list[float] = []
     peak: int | None = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -65,8 +99,11 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 5, rep
         for _ in range(repeats):
             if setup is not None:
                 setup()
+            _hold_the_queue(device, hold_ms)
             start.record()
+            began = time.perf_counter()
             fn()
+            host_times.append((time.perf_counter() - began) * 1e3)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -77,7 +114,9 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 5, rep
             began = time.perf_counter()
             fn()
             times.append((time.perf_counter() - began) * 1e3)
-    return Measurement(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), repeats, peak)
+        host_times = times
+    return Measurement(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), repeats, peak,
+                       statistics.median(host_times))
 
 
 def measure_into(row: dict[str, Any], name: str, fn: Callable[[], Any], device: torch.device,
@@ -91,6 +130,8 @@ def measure_into(row: dict[str, Any], name: str, fn: Callable[[], Any], device: 
         torch.cuda.empty_cache()
         return None
     row[f"{name}_ms"] = measured.median_ms
+    if device.type == "cuda":
+        row[f"{name}_host_ms"] = measured.host_median_ms
     if measured.peak_mb is not None:
         row[f"{name}_peak_mb"] = measured.peak_mb
     return measured
