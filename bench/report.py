@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 
 # Per suite: the columns that identify a case (its size), and the measured columns worth a table.
 SIZE_KEYS = ("projection", "direction", "activations", "hidden", "width", "vocab", "tokens", "variant", "case",
-             "params", "tensors", "dtype", "shape", "seq_len", "batch", "steps")
+             "params", "tensors", "dtype", "shape", "seq_len", "seq", "batch", "steps", "heads", "kv_heads", "head_dim",
+             "mean_length", "sequences", "cos_dtype", "weight_grad", "master_weights")
 # Diagnostic suites (which of two strategies wins where): REPORT.md has them, the README's block would drown in them.
 README_LEFT_OUT = ("nf4_matmul_strategy",)
 README_START = "<!-- gpu-results: written by bench/report.py --readme -->"
