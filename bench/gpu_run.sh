@@ -51,6 +51,9 @@ else
   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUTDIR/install.log" 2>&1 \
     || { echo "project install failed, see install.log"; tail -20 "$OUTDIR/install.log"; exit 1; }
 fi
+# Every stage imports the installed package: stop here, not in each stage, if it is not the one installed from here.
+python3 -c "import lamelm_fast.kernels" 2>>"$OUTDIR/install.log" \
+  || { echo "lamelm_fast.kernels does not import (PYTHONPATH=${PYTHONPATH:-}), see install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/device.txt"
 
 status=0
