@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ForkedCli
 from lamelm_fast.train.cli import parse_config
 from lamelm_fast.train.config import ConfigError, TrainConfig, resolve, validate
 
@@ -68,7 +69,7 @@ def test_the_python_api_gets_the_same_checks_and_coercion_as_the_cli(tmp_path: P
     assert checked(TrainConfig()) == TrainConfig()
 
 
-def test_names_from_other_tools_get_our_name_as_the_hint(tmp_path: Path) -> None:
+def test_names_from_other_tools_get_our_name_as_the_hint(tmp_path: Path, cli: ForkedCli) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("lr: 1.0e-3\n")
     with pytest.raises(ConfigError, match=r"unknown setting 'lr' \(did you mean learning_rate\?\)"):
@@ -76,7 +77,7 @@ def test_names_from_other_tools_get_our_name_as_the_hint(tmp_path: Path) -> None
     path.write_text("batch_size: 8\n")
     with pytest.raises(ConfigError, match=r"did you mean per_device_train_batch_size\?"):
         parse_config(["--config", str(path)])
-    result = run_cli("--lr", "1e-3", cwd=tmp_path)  # not a prefix of --lr-scheduler-type
+    result = cli.run("--lr", "1e-3", cwd=tmp_path)  # not a prefix of --lr-scheduler-type
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown flag --lr (did you mean --learning-rate?) (see --help)"
 
@@ -92,6 +93,8 @@ def test_resolve_picks_model_dependent_defaults_once() -> None:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """In a fresh interpreter. (The error cases run in conftest's ForkedCli: the same, without ~4 s of imports each;
+    one of them here too.)"""
     return subprocess.run([sys.executable, "-m", "lamelm_fast.train", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
 
@@ -106,9 +109,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_cli_bad_input_exits_2_with_one_line(case: str, tmp_path: Path) -> None:
+def test_cli_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, cli: ForkedCli) -> None:
     args, message = BAD_INPUTS[case]
-    result = run_cli(*args, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    result = cli.run(*args, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -122,42 +125,47 @@ def test_cli_bad_input_exits_2_with_one_line(case: str, tmp_path: Path) -> None:
     ('{"prompt": "a", "answer": "b"}\n', "cannot tell the dataset format"),
     ("\n\n", "has no records"),
     ('{"messages": [{"role": "robot", "content": "x"}]}\n', "messages[0] has unknown role 'robot'"),
-    ('{"instruction": "' + "explain " * 20 + '", "output": "x"}\n', "every label in"),  # truncated away
+    # truncated away: found after loading the model and tokenizing, the most a failing run does; in a fresh
+    # interpreter, so that nothing its imports print escapes the check either
+    pytest.param('{"instruction": "' + "explain " * 20 + '", "output": "x"}\n', "every label in", id="fresh-process"),
 ])
-def test_bad_dataset_exits_2_naming_file_line_field(content: str, message: str, tmp_path: Path) -> None:
+def test_bad_dataset_exits_2_naming_file_line_field(content: str, message: str, tmp_path: Path,
+                                                    request: pytest.FixtureRequest) -> None:
     (tmp_path / "data.jsonl").write_text(content)
-    result = run_cli("--dataset", "data.jsonl", "--max-seq-length", "8", "--output-dir", "run", cwd=tmp_path)
+    args = ("--dataset", "data.jsonl", "--max-seq-length", "8", "--output-dir", "run")
+    fresh = request.node.callspec.id == "fresh-process"
+    result = run_cli(*args, cwd=tmp_path) if fresh else request.getfixturevalue("cli").run(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_help_lists_every_field() -> None:
-    result = subprocess.run([sys.executable, "-m", "lamelm_fast.train", "--help"], capture_output=True, text=True,
-                            timeout=120)
+def test_help_lists_every_field(cli: ForkedCli) -> None:
+    result = cli.run("--help", timeout=120)
     assert result.returncode == 0
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in result.stdout
 
 
-def test_embedded_default_trains_from_the_cli(tmp_path: Path) -> None:
-    """`make train` in small: no --model, no --dataset; the banner explains the choice, the loss falls."""
-    result = run_cli("--max-steps", "40", "--output-dir", "run", cwd=tmp_path)
+def test_embedded_default_trains_from_the_cli(
+        embedded_default_cli_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    """`make train` in small: no --model, no --dataset; the banner explains the choice, the loss falls. (The run is
+    shared with test_reporting.py: conftest's embedded_default_cli_run.)"""
+    result, run = embedded_default_cli_run
     assert result.returncode == 0, result.stderr
     assert "full fine-tuning of embedded tiny Llama" in result.stdout and "trained in full" in result.stdout
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["type"] == "train"]
-    assert [row["step"] for row in train_rows] == [10, 20, 30, 40]
+    assert [row["step"] for row in train_rows] == list(range(5, 61, 5))
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.8
     assert rows[-1]["type"] == "eval" and rows[-1]["val_loss"] < 7.0  # ln(4096) = 8.3 at random init
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 40 and (tmp_path / "run" / "checkpoint-40" / "model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 60 and (run / "checkpoint-60" / "model.safetensors").is_file()
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "lamelm_fast.train", "--logging-steps", "1", "--output-dir",
-                                "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path, cli: ForkedCli) -> None:
+    process = cli.popen("--logging-steps", "1", "--output-dir", "run", cwd=tmp_path)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
@@ -236,15 +244,22 @@ runpy.run_module("lamelm_fast.train", run_name="__main__", alter_sys=True)
 @pytest.mark.parametrize("point", ["torch", "load_model", "prepare_datasets", "workers", "_banner"],
                          ids=["importing torch", "loading the model", "tokenizing the data",
                               "tokenizing in worker processes", "run directory made"])
-def test_ctrl_c_before_training_is_one_line_and_leaves_nothing_in_the_way(point: str, tmp_path: Path) -> None:
+def test_ctrl_c_before_training_is_one_line_and_leaves_nothing_in_the_way(point: str, tmp_path: Path,
+                                                                          request: pytest.FixtureRequest) -> None:
     """Ctrl-C in a terminal signals the whole process group: forked tokenizing workers too, which must neither print
     tracebacks of their own nor outlive the run."""
     from lamelm_fast.train.checkpoint import check_output_dir
 
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-c", BLOCKING_TRAINER, point, "--max-steps", "1", "--output-dir",
-                                str(run)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group, as a terminal gives a command
+    args = (point, "--max-steps", "1", "--output-dir", str(run))
+    # Each in its own process group, as a terminal gives a command. Before torch's import: a fresh interpreter; the
+    # other points come after the imports, which conftest's ForkedCli skips.
+    if point == "torch":
+        process = subprocess.Popen([sys.executable, "-c", BLOCKING_TRAINER, *args], cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    else:
+        process = request.getfixturevalue("cli").popen(*args, script=BLOCKING_TRAINER, cwd=tmp_path,
+                                                       new_session=True)
     try:
         for _ in range(2 if point == "workers" else 1):
             assert process.stdout.readline() == "blocked\n"

@@ -6,10 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_jsonl
+from conftest import ForkedCli, write_jsonl
 from lamelm_fast.train import ConfigError, TrainConfig
 from lamelm_fast.train.cli import parse_config
 from lamelm_fast.train.config import validate
@@ -197,28 +194,24 @@ def test_out_of_range_flag_values_are_one_line_errors_naming_the_flag(name: str,
     assert parsed is None or math.isfinite(parsed), (name, value, parsed)
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}
-    return subprocess.run([sys.executable, "-m", "lamelm_fast.train", *argv], capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
 @pytest.mark.parametrize("argv, expected", [
     (["--learning-rate", "nan"], "learning_rate must be a number >= 0"),
     (["--num-train-epochs", "inf"], "set num_train_epochs to a finite number > 0"),
     (["--per-device-train-batch-size", "0"], "per_device_train_batch_size must be >= 1"),
 ])
-def test_cli_rejects_out_of_range_values_with_exit_2_and_one_line(argv: list[str], expected: str) -> None:
-    completed = run_cli(*argv)
+def test_cli_rejects_out_of_range_values_with_exit_2_and_one_line(argv: list[str], expected: str,
+                                                                  cli: ForkedCli) -> None:
+    completed = cli.run(*argv)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == [completed.stderr.strip()] and expected in completed.stderr
 
 
-def test_cli_names_the_file_line_and_field_of_a_bad_record(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_cli_names_the_file_line_and_field_of_a_bad_record(tmp_path: Path, tiny_model_dir: Path,
+                                                           cli: ForkedCli) -> None:
     path = tmp_path / "chat.jsonl"
     path.write_bytes(b'{"messages": [{"role": "user", "content": "hi"}]}\n'
                      b'{"messages": [{"role": "wizard", "content": "hi"}]}\n')
-    completed = run_cli("--model", str(tiny_model_dir), "--dataset", str(path), "--output-dir", str(tmp_path / "o"))
+    completed = cli.run("--model", str(tiny_model_dir), "--dataset", str(path), "--output-dir", str(tmp_path / "o"))
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.strip() == (f"error: {path}:2: messages[0] has unknown role 'wizard'; use one of "
                                         f"{', '.join(CHAT_ROLES)}")

@@ -6,23 +6,32 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import embedded_records, write_jsonl
+from conftest import ForkedCli, embedded_records, write_jsonl
 
 CLOSED = "http://127.0.0.1:9"
 
 
-def run_cli(args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_ENDPOINT": CLOSED, "HF_HUB_CACHE": str(cache), "PYTHONSAFEPATH": "1"}
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The private cache, one for the module: the hub ids the tests leave out of it are not in it."""
+    return tmp_path_factory.mktemp("hub") / "cache"
+
+
+@pytest.fixture(scope="module")
+def cli_off_the_hub(tmp_path_factory: pytest.TempPathFactory, hub_cache: Path) -> Iterator[ForkedCli]:
+    """The CLI as a user runs it (conftest's ForkedCli), in the environment above: huggingface_hub reads it when
+    imported, so the server that imports it once for every command has it."""
+    env = {**os.environ, "HF_ENDPOINT": CLOSED, "HF_HUB_CACHE": str(hub_cache), "PYTHONSAFEPATH": "1"}
     env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, "-m", "lamelm_fast.train", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    forked = ForkedCli(tmp_path_factory.mktemp("cli-off-the-hub"), env)
+    yield forked
+    forked.close()
 
 
 def cache_model(model_dir: Path, cache: Path, repo_id: str) -> None:
@@ -34,27 +43,28 @@ def cache_model(model_dir: Path, cache: Path, repo_id: str) -> None:
     (repo / "refs" / "main").write_text(revision)
 
 
-def test_an_uncached_hub_id_fails_at_once_with_the_fix(tmp_path: Path) -> None:
-    result = run_cli(["--model", "some-org/not-downloaded", "--max-steps", "1", "--output-dir",
-                      str(tmp_path / "run")], tmp_path / "cache")
+def test_an_uncached_hub_id_fails_at_once_with_the_fix(tmp_path: Path, cli_off_the_hub: ForkedCli,
+                                                        hub_cache: Path) -> None:
+    result = cli_off_the_hub.run("--model", "some-org/not-downloaded", "--max-steps", "1", "--output-dir",
+                                 str(tmp_path / "run"))
     assert result.returncode != 0
     assert "Retrying" not in result.stderr  # no round of retries before the answer
     assert (f"could not load a tokenizer for 'some-org/not-downloaded': it is not in the local Hugging Face cache "
-            f"({tmp_path / 'cache'}) and {CLOSED} cannot be reached") in result.stderr
+            f"({hub_cache}) and {CLOSED} cannot be reached") in result.stderr
     assert "hf download some-org/not-downloaded" in result.stderr
-    dataset = run_cli(["--dataset", "some-org/not-downloaded-set", "--max-steps", "1", "--output-dir",
-                       str(tmp_path / "run")], tmp_path / "cache")
+    dataset = cli_off_the_hub.run("--dataset", "some-org/not-downloaded-set", "--max-steps", "1", "--output-dir",
+                                  str(tmp_path / "run"))
     assert "Retrying" not in dataset.stderr
     assert "could not load dataset 'some-org/not-downloaded-set': it is not in the local Hugging Face cache" \
         in dataset.stderr
 
 
-def test_a_cached_hub_id_trains_from_the_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
-    cache_model(tiny_model_dir, tmp_path / "cache", "some-org/tiny-llama")
+def test_a_cached_hub_id_trains_from_the_cache(tmp_path: Path, tiny_model_dir: Path, cli_off_the_hub: ForkedCli,
+                                               hub_cache: Path) -> None:
+    cache_model(tiny_model_dir, hub_cache, "some-org/tiny-llama")
     data = write_jsonl(tmp_path / "d.jsonl", embedded_records(8))
-    result = run_cli(["--model", "some-org/tiny-llama", "--dataset", str(data), "--finetune", "lora",
-                      "--max-steps", "2", "--eval-split-ratio", "0", "--output-dir", str(tmp_path / "run")],
-                     tmp_path / "cache")
+    result = cli_off_the_hub.run("--model", "some-org/tiny-llama", "--dataset", str(data), "--finetune", "lora",
+                                 "--max-steps", "2", "--eval-split-ratio", "0", "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     assert "Retrying" not in result.stderr
     assert f"some-org/tiny-llama loaded from the local Hugging Face cache: {CLOSED} cannot be reached" \

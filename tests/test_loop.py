@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -126,9 +124,10 @@ def hf_mean_loss(model, examples, tokenizer) -> float:
 
 
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])
-def test_saved_adapter_loads_in_peft_and_reproduces_val_loss(tmp_path: Path, tiny_model_dir: Path,
-                                                             finetune: str) -> None:
-    """QLoRA goes through the CLI exactly as a user types it: bitsandbytes 4-bit on the CPU."""
+def test_saved_adapter_loads_in_peft_and_reproduces_val_loss(tmp_path: Path, tiny_model_dir: Path, finetune: str,
+                                                             request: pytest.FixtureRequest) -> None:
+    """QLoRA goes through the CLI exactly as a user types it (run by conftest's ForkedCli): bitsandbytes 4-bit on the
+    CPU."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -138,9 +137,9 @@ def test_saved_adapter_loads_in_peft_and_reproduces_val_loss(tmp_path: Path, tin
     config = base_config(tmp_path, tiny_model_dir, dataset, **settings)
     if finetune == "qlora":
         flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
-        command = [sys.executable, "-m", "lamelm_fast.train", "--model", str(tiny_model_dir), "--dataset",
-                   str(dataset), "--max-seq-length", "128", "--output-dir", config.output_dir, "--seed", "5", *flags]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        completed = request.getfixturevalue("cli").run(  # conftest's ForkedCli
+            "--model", str(tiny_model_dir), "--dataset", str(dataset), "--max-seq-length", "128", "--output-dir",
+            config.output_dir, "--seed", "5", *flags, timeout=600)
         assert completed.returncode == 0, completed.stderr
         assert "QLoRA: NF4 + double quantization, float32 compute" in completed.stdout
         assert "fused 4-bit LoRA kernels on 14 layers" in completed.stdout  # 2 layers x 7 projections

@@ -60,8 +60,10 @@ def loss_and_grads(model: torch.nn.Module, **kwargs: object) -> tuple[torch.Tens
     return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+# Every family's patched loss on the torch reference; on the Triton kernel (interpreted on CPU: ~2.5 s a family) the
+# two losses the families ask of it, which differ only in Gemma's softcap: same sizes, same kernel code otherwise.
+@pytest.mark.parametrize(("model_type", "backend"), [*((model_type, "torch") for model_type in CONFIGS),
+                                                     ("llama", "triton"), ("gemma2", "triton")])
 def test_fused_loss_equals_the_models_own(model_type: str, backend: str) -> None:
     reference, ours = pair(model_type)
     report = apply_kernels(ours, lora=False)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import embedded_records, write_jsonl
+from conftest import ForkedCli, embedded_records, write_jsonl
 from lamelm_fast.train import TrainConfig, TrainingStopped, train
 
 
@@ -27,11 +26,12 @@ def warning_checks(run_dir: Path) -> list[str]:
     return [row["check"] for row in rows if row["type"] == "warning"]
 
 
-def test_healthy_run_writes_every_file_and_warns_nothing(tmp_path: Path) -> None:
-    # The embedded default's own recipe, shortened: no false alarms on a healthy run.
-    result = train(TrainConfig(max_steps=60, logging_steps=5, eval_steps=20, output_dir=str(tmp_path / "run"),
-                               quiet=True))
-    run = result.run_dir
+def test_healthy_run_writes_every_file_and_warns_nothing(
+        embedded_default_cli_run: tuple[subprocess.CompletedProcess, Path]) -> None:
+    # The embedded default's own recipe, shortened: no false alarms on a healthy run. (The run is shared with
+    # test_config.py's CLI test: conftest's embedded_default_cli_run.)
+    completed, run = embedded_default_cli_run
+    assert completed.returncode == 0, completed.stderr
     assert warning_checks(run) == []
     arrays = json.loads((run / "training_metrics.json").read_text())
     assert arrays["steps"] == list(range(5, 61, 5))
@@ -42,7 +42,8 @@ def test_healthy_run_writes_every_file_and_warns_nothing(tmp_path: Path) -> None
     summary = json.loads((run / "summary.json").read_text())
     assert summary["warnings"] == 0 and summary["peak_memory_gb"] > 0.05 and summary["mfu"] is None  # CPU
     assert summary["tokens_per_second"] > 0 and summary["final_loss"] < summary["first_loss"]
-    rows = [r for r in result.history if r["type"] == "train"]
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert len(rows) == 12
     assert all(r["gpu_util"] is None if "gpu_util" in r else True for r in rows)
     assert all(0 < r["token_accuracy"] < 1 and r["samples_per_second"] > 0 for r in rows)
 
@@ -108,13 +109,12 @@ def test_planted_nan_stops_with_exit_1_and_keeps_the_last_good_checkpoint(
     assert sorted(p.name for p in Path(config.output_dir).glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_json_lines_mode_and_tensorboard(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+def test_json_lines_mode_and_tensorboard(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path,
+                                         cli: ForkedCli) -> None:
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "lamelm_fast.train", "--model", str(tiny_model_dir), "--dataset",
-               str(small_alpaca), "--finetune", "full", "--max-steps", "4", "--logging-steps", "2",
-               "--eval-split-ratio", "0.2", "--log-format", "json", "--report-to", "tensorboard",
-               "--output-dir", str(run)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    completed = cli.run("--model", str(tiny_model_dir), "--dataset", str(small_alpaca), "--finetune", "full",
+                        "--max-steps", "4", "--logging-steps", "2", "--eval-split-ratio", "0.2", "--log-format",
+                        "json", "--report-to", "tensorboard", "--output-dir", str(run))
     assert completed.returncode == 0, completed.stderr
     rows = [json.loads(line) for line in completed.stdout.splitlines()]  # every stdout line is JSON
     assert [r["type"] for r in rows] == ["train", "train", "eval", "summary"]

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import as_saved_by_an_older_version, chat_records, set_clock, write_jsonl
+from conftest import ForkedCli, as_saved_by_an_older_version, chat_records, embedded_records, set_clock, write_jsonl
 from lamelm_fast.train import ConfigError, TrainConfig, TrainingStopped, loop, train
 from lamelm_fast.train import checkpoint as checkpoint_module
 from lamelm_fast.train.checkpoint import find_resume_checkpoint, load_training_state, verify_checkpoint
@@ -40,27 +38,35 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+# `python -m lamelm_fast.train ARGS` with as many intra-op threads as the tests' own process (the losses of a step
+# depend on how its sums are split), given as the first argument.
+THREADS_AS_GIVEN = """
+import runpy, sys
+import torch
+
+torch.set_num_threads(int(sys.argv.pop(1)))
+runpy.run_module("lamelm_fast.train", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.slow
 def test_kill_9_at_a_random_step_then_resume_latest_equals_an_uninterrupted_run(
-        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+        tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path, cli: ForkedCli) -> None:
     reference = train(config(tiny_model_dir, small_alpaca, tmp_path / "reference"))
     expected = {row["step"]: row["loss"] for row in reference.history if row["type"] == "train"}
 
     kill_at = random.randrange(2, 11)  # any step: the kill may land in a step, a log write or a checkpoint write
     run_dir = tmp_path / "killed"
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in SETTINGS.items()]
-    command = [sys.executable, "-m", "lamelm_fast.train", "--model", str(tiny_model_dir), "--dataset",
-               str(small_alpaca), "--output-dir", str(run_dir), "--log-format", "json", *flags]
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    process = cli.popen(str(torch.get_num_threads()), "--model", str(tiny_model_dir), "--dataset", str(small_alpaca),
+                        "--output-dir", str(run_dir), "--log-format", "json", *flags, script=THREADS_AS_GIVEN)
     try:
-        for line in process.stdout:
+        while line := process.stdout.readline():
             if json.loads(line).get("step") == kill_at:
                 process.send_signal(signal.SIGKILL)
                 break
     finally:
-        process.kill()
-        process.wait(timeout=60)
+        process.kill()  # (and waited for)
     assert process.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
 
     resumed = train(config(tiny_model_dir, small_alpaca, run_dir, resume_from_checkpoint="latest"))
@@ -77,10 +83,32 @@ def test_kill_9_at_a_random_step_then_resume_latest_equals_an_uninterrupted_run(
     assert [row["step"] for row in rows if row["type"] == "train"] == sorted(expected), f"killed at step {kill_at}"
 
 
+@pytest.fixture(scope="module")
+def shared_alpaca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "alpaca.jsonl", embedded_records(48))
+
+
 @pytest.fixture
-def three_checkpoints(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path) -> Path:
-    train(config(tiny_model_dir, small_alpaca, tmp_path / "run", max_steps=3))
-    return tmp_path / "run"
+def small_alpaca(shared_alpaca: Path) -> Iterator[Path]:
+    """conftest's small_alpaca as one file for the module (the run of three_checkpoints_once was trained on it, and a
+    resume on another path names the path as a changed setting), its records restored after each test."""
+    records = shared_alpaca.read_bytes()
+    yield shared_alpaca
+    shared_alpaca.write_bytes(records)
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints_once(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                           shared_alpaca: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("three-checkpoints") / "run"
+    train(config(tiny_model_dir, shared_alpaca, run_dir, max_steps=3))
+    return run_dir
+
+
+@pytest.fixture
+def three_checkpoints(tmp_path: Path, three_checkpoints_once: Path, small_alpaca: Path) -> Path:
+    """A run of 3 steps on ``small_alpaca``, a checkpoint at each: the test's own copy of the module's one run."""
+    return shutil.copytree(three_checkpoints_once, tmp_path / "run")
 
 
 def test_a_damaged_checkpoint_is_detected_and_latest_resumes_from_the_previous_one(

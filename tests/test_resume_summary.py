@@ -180,12 +180,21 @@ def test_an_uninterrupted_run_says_nothing_of_segments(uninterrupted) -> None:
     assert analysis["segments"]["text"] == "" and "last segment" not in analysis["throughput"]["text"]
 
 
+# LR 0: "not learning" from the 5th window on.
+NOT_LEARNING = dict(learning_rate=0.0, eval_split_ratio=0.0, max_steps=12, save_steps=6)
+
+
+@pytest.fixture(scope="module")
+def not_learning(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dataset: Path):
+    """The uninterrupted run of NOT_LEARNING, read (and copied) by the tests, never changed."""
+    return train(config(dataset, tiny_model_dir, tmp_path_factory.mktemp("not-learning") / "full", **NOT_LEARNING))
+
+
 @pytest.mark.parametrize("in_place", [True, False], ids=["in place", "checkpoint copied to a new directory"])
 def test_a_warning_of_the_first_segment_is_counted_once(tmp_path: Path, tiny_model_dir: Path, dataset: Path,
-                                                        in_place: bool) -> None:
-    # LR 0: "not learning" from the 5th window on; the resumed health checks know it was said already.
-    settings = dict(learning_rate=0.0, eval_split_ratio=0.0, max_steps=12, save_steps=6)
-    full = train(config(dataset, tiny_model_dir, tmp_path / "full", **settings))
+                                                        not_learning, in_place: bool) -> None:
+    # The resumed health checks know the warning was said already.
+    settings, full = NOT_LEARNING, not_learning
     assert [(row["step"], row["check"]) for row in full.history if row["type"] == "warning"] == [(5, "not_learning")]
     interrupted(full.run_dir, tmp_path / "resumed", 6, in_place)
     resumed = train(config(dataset, tiny_model_dir, tmp_path / "resumed", resume_from_checkpoint="latest",
@@ -300,12 +309,18 @@ def test_a_step_cut_short_by_out_of_memory_leaves_the_saved_window_whole(tmp_pat
 EXTENDABLE = dict(max_steps=4, save_steps=2, lr_scheduler_type="constant", warmup_ratio=0.0)
 
 
+@pytest.fixture(scope="module")
+def longer(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, dataset: Path):
+    """EXTENDABLE's run to step 6 in one go, read by the tests, never changed."""
+    return train(config(dataset, tiny_model_dir, tmp_path_factory.mktemp("longer") / "run",
+                        **{**EXTENDABLE, "max_steps": 6}))
+
+
 @pytest.mark.parametrize("in_place", [True, False], ids=["in place", "checkpoint copied to a new directory"])
 def test_a_finished_run_extended_keeps_its_final_evaluation(tmp_path: Path, tiny_model_dir: Path, dataset: Path,
-                                                            in_place: bool) -> None:
+                                                            longer, in_place: bool) -> None:
     """The final checkpoint is saved after the final evaluation, so a finished run extended from it (a higher
     --max-steps) logs the evaluation at its old final step, and its totals count it: as the longer run does."""
-    longer = train(config(dataset, tiny_model_dir, tmp_path / "longer", **{**EXTENDABLE, "max_steps": 6}))
     finished = train(config(dataset, tiny_model_dir, tmp_path / "finished", **EXTENDABLE))
     run_dir = finished.run_dir if in_place else tmp_path / "elsewhere"
     if not in_place:
