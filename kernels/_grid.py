@@ -1,4 +1,9 @@
-"""Grid sizes shared by the kernels whose programs loop over their share of the work (persistent grids)."""
+"""Grid sizes and launch arithmetic shared by the launch functions.
+
+``cdiv`` and ``next_power_of_2`` are plain integer functions for host code: ``triton.cdiv`` and
+``triton.next_power_of_2`` are constexpr functions (Triton 3.x) that unwrap every argument through the compiler's
+constexpr machinery, a few microseconds per call, and a training step makes a few thousand such calls.
+"""
 
 from __future__ import annotations
 
@@ -18,3 +23,13 @@ def persistent_programs(device: torch.device, per_sm: int, elsewhere: int) -> in
     if device.type != "cuda":
         return elsewhere
     return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n``, and 0 for 0, as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lamelm_fast.kernels._grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
@@ -112,7 +114,7 @@ def _scale_inplace_kernel(x_ptr, n, scale_ptr, BLOCK: tl.constexpr):
 
 def _block_v(vocab: int, element_size: int) -> int:
     # 16 KB of logits per iteration keeps enough loads in flight without spilling the fp32 working set.
-    return min(triton.next_power_of_2(vocab), 16384 // element_size)
+    return min(next_power_of_2(vocab), 16384 // element_size)
 
 
 def cross_entropy_rows(
@@ -155,4 +157,4 @@ def scale_inplace(x: torch.Tensor, scale: torch.Tensor) -> None:
         return
     assert x.is_contiguous()
     block = 4096
-    _scale_inplace_kernel[(triton.cdiv(n, block),)](x, n, scale, BLOCK=block, num_warps=8)
+    _scale_inplace_kernel[(cdiv(n, block),)](x, n, scale, BLOCK=block, num_warps=8)

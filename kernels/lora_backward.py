@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lamelm_fast.kernels._grid import persistent_programs
+from lamelm_fast.kernels._grid import cdiv, next_power_of_2, persistent_programs
 from lamelm_fast.ops.dispatch import triton_interpreted
 
 __all__ = ["MAX_RANK", "lora_output_grad"]
@@ -94,15 +94,15 @@ def _plan(M: int, N: int, block_m: int, block_n: int, programs: int,
 
     Partials cost ~``groups * M + (programs / groups) * N`` fp32 rows of r (gb per column group, dy^T xa per row
     program), least at ``groups = sqrt(programs * N / M)``."""
-    chunks, tiles = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
+    chunks, tiles = cdiv(N, block_n), cdiv(M, block_m)
     if groups is None:
         groups = round(math.sqrt(programs * N / M))
     groups = max(1, min(groups, chunks, programs))
-    group_n = triton.cdiv(chunks, groups) * block_n
-    groups = triton.cdiv(N, group_n)
+    group_n = cdiv(chunks, groups) * block_n
+    groups = cdiv(N, group_n)
     row_programs = max(1, min(tiles, programs // groups))
-    tiles_per_program = triton.cdiv(tiles, row_programs)
-    return groups, group_n, triton.cdiv(tiles, tiles_per_program), tiles_per_program
+    tiles_per_program = cdiv(tiles, row_programs)
+    return groups, group_n, cdiv(tiles, tiles_per_program), tiles_per_program
 
 
 def lora_output_grad(grad: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, *, lora_dtype: torch.dtype,
@@ -140,7 +140,7 @@ def lora_output_grad(grad: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, *, l
         grad, grad.stride(0), B, B.stride(0), B.stride(1), xa, xa.stride(0), xa.stride(1), gb, db,
         M, N, rank, group_n, tiles_per_program,
         GB_PARTIAL=gb_partial, PRECISION="ieee" if lora_dtype == torch.float32 else "tf32",
-        RANK_PAD=max(16, triton.next_power_of_2(rank)), **tiles,
+        RANK_PAD=max(16, next_power_of_2(rank)), **tiles,
     )
     if gb_partial:
         gb = gb.sum(0).to(lora_dtype)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lamelm_fast.kernels._grid import cdiv, next_power_of_2
 from lamelm_fast.ops.dispatch import triton_interpreted
 
 __all__ = ["GEMV_MAX_ROWS", "dequant_matmul_4bit_lora", "dequantize_4bit", "lora_placement", "matmul_4bit_lora"]
@@ -249,7 +250,7 @@ def dequantize_4bit(w: Any, out: torch.Tensor) -> torch.Tensor:
                          f"strides {out.stride()}")
     ptrs, flags = _weight_args(w)
     block_r, block_c = (16, 64) if triton_interpreted() else (32, 128)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    grid = (cdiv(rows, block_r), cdiv(cols, block_c))
     # No fused multiply-add: the nested scale must be rounded after the multiply, as bitsandbytes rounds it.
     _dequantize_kernel[grid](*ptrs, out, rows, cols, out.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, **flags,
                              enable_fp_fusion=False)
@@ -291,21 +292,21 @@ def matmul_4bit_lora(a: torch.Tensor, w: Any, *, weight_transposed: bool = True,
     switches = {**flags, "WEIGHT_TRANSPOSED": weight_transposed, "HAS_LORA": lora is not None,
                 "HAS_BIAS": bias is not None, "ACCUMULATE": accumulate}
     if M <= GEMV_MAX_ROWS:
-        grid = (triton.cdiv(P, _GEMV_TILES["BLOCK_P"]), M)
+        grid = (cdiv(P, _GEMV_TILES["BLOCK_P"]), M)
         _gemv_kernel[grid](*args, P, Q, w.shape[1], rank, scale, *strides, **switches,
-                           RANK_PAD=triton.next_power_of_2(max(rank, 1)), **_GEMV_TILES)
+                           RANK_PAD=next_power_of_2(max(rank, 1)), **_GEMV_TILES)
         return out
     # fp32 operands multiply in IEEE fp32, not TF32: the fp32 path is the exact one (CPU parity, tests).
-    switches.update(RANK_PAD=max(16, triton.next_power_of_2(rank)),
+    switches.update(RANK_PAD=max(16, next_power_of_2(rank)),
                     PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                     LORA_PRECISION="ieee" if left.dtype == torch.float32 and a.dtype == torch.float32 else "tf32")
-    scalars = (M, P, Q, w.shape[1], rank, scale, triton.next_power_of_2(M))
+    scalars = (M, P, Q, w.shape[1], rank, scale, next_power_of_2(M))
     if triton_interpreted():
         tiles = _INTERPRETER_TILES
-        grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(P, tiles["BLOCK_P"]),)
+        grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(P, tiles["BLOCK_P"]),)
         _matmul_kernel[grid](*args, *scalars, *strides, **switches, **tiles)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(P, meta["BLOCK_P"]),)
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(P, meta["BLOCK_P"]),)
         _matmul_tuned[grid](*args, *scalars, *strides, **switches)
     return out
 
@@ -339,12 +340,13 @@ def _concatenated(a: torch.Tensor, w: Any, weight_transposed: bool, lora: tuple[
     if lora is not None:
         rank = lora[0].shape[1]
         lhs[:, Q:Q + rank] = lora[0]
-        rhs[Q:Q + rank] = lora[1] * scale  # scaled in the adapter's dtype, rounded once
+        torch.mul(lora[1], scale, out=rhs[Q:Q + rank])  # scaled in the adapter's dtype, rounded once
     if bias is not None:
         lhs[:, Q + rank] = 1
         rhs[Q + rank] = bias
-    lhs[:, Q + terms:] = 0  # both sides: garbage times zero can be NaN
-    rhs[Q + terms:] = 0
+    if width > Q + terms:  # both sides: garbage times zero can be NaN (no padding: no ops to launch)
+        lhs[:, Q + terms:].zero_()
+        rhs[Q + terms:].zero_()
     return lhs, rhs
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lamelm_fast.kernels._grid import persistent_programs
+from lamelm_fast.kernels._grid import cdiv, next_power_of_2, persistent_programs
 
 # The widest row one program holds in registers: a row is read once, never re-read from memory. 32768 fp32 values are
 # 32 per thread per tensor at 32 warps; wider rows would spill, and no causal LM has them (Llama 3.1 405B: 16384).
@@ -121,7 +121,7 @@ def _launch_config(n_cols: int) -> tuple[int, int, int]:
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm kernels hold a row of at most {MAX_HIDDEN} elements in registers, got a hidden "
                          f"size of {n_cols}; use the torch backend for wider rows")
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     rows = max(1, _TILE_ELEMENTS // block)
     elements = block * rows
     num_warps = 32 if elements >= 32768 else 16 if elements >= 8192 else 8 if elements >= 2048 else 4
@@ -157,7 +157,7 @@ def rms_norm_forward(
         return
     if rstd is not None and (rstd.shape != (n_rows,) or rstd.dtype != torch.float32 or not rstd.is_contiguous()):
         raise ValueError(f"rstd must be a contiguous fp32 [{n_rows}] tensor")
-    _rms_norm_forward_kernel[(triton.cdiv(n_rows, rows),)](
+    _rms_norm_forward_kernel[(cdiv(n_rows, rows),)](
         x, x.stride(0), weight, out, out.stride(0), rstd if rstd is not None else out,
         n_rows, n_cols, float(eps),
         OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, STORE_RSTD=rstd is not None,
@@ -194,11 +194,11 @@ def rms_norm_backward(
         raise ValueError(f"rstd must be a contiguous fp32 [{n_rows}] tensor")
     if n_rows == 0 or (grad_x is None and not weight_grad):
         return torch.zeros(n_cols, dtype=torch.float32, device=x.device) if weight_grad else None
-    tiles = triton.cdiv(n_rows, rows)
+    tiles = cdiv(n_rows, rows)
     if weight_grad:
         programs = persistent_programs(x.device, _PROGRAMS_PER_SM, elsewhere=_PROGRAMS_PER_SM)
-        tiles_per_program = triton.cdiv(tiles, min(tiles, programs))
-        programs = triton.cdiv(tiles, tiles_per_program)
+        tiles_per_program = cdiv(tiles, min(tiles, programs))
+        programs = cdiv(tiles, tiles_per_program)
         partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     else:  # no reduction across rows: one tile per program, as many programs as the GPU can take
         tiles_per_program, programs, partial = 1, tiles, rstd

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lamelm_fast.kernels._grid import cdiv, next_power_of_2
+
 MAX_TILE = 1024  # elements of one half tile, [BLOCK_H, BLOCK_HALF]: a program moves 2 x this per tensor
 NUM_WARPS = 4
 
@@ -95,7 +97,7 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, seq_len, 
 
 
 def _block_heads(heads: int, block_half: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(heads, 1)), MAX_TILE // block_half))
+    return max(1, min(next_power_of_2(max(heads, 1)), MAX_TILE // block_half))
 
 
 def _launch(x_q: torch.Tensor, x_k: torch.Tensor | None, out_q: torch.Tensor, out_k: torch.Tensor | None,
@@ -108,9 +110,9 @@ def _launch(x_q: torch.Tensor, x_k: torch.Tensor | None, out_q: torch.Tensor, ou
     else:
         k_heads = x_k.shape[1]
     half = dim // 2
-    block_half = triton.next_power_of_2(max(half, 1))
+    block_half = next_power_of_2(max(half, 1))
     block_hq, block_hk = _block_heads(q_heads, block_half), _block_heads(k_heads, block_half)
-    q_blocks, k_blocks = triton.cdiv(q_heads, block_hq), triton.cdiv(k_heads, block_hk)
+    q_blocks, k_blocks = cdiv(q_heads, block_hq), cdiv(k_heads, block_hk)
     tokens = batch * seq_len
     if tokens == 0 or half == 0 or q_blocks + k_blocks == 0:
         return

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lamelm_fast.kernels._grid import cdiv
+
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps, i.e. 16-byte (and wider) accesses
 NUM_WARPS = 8
 
@@ -49,7 +51,7 @@ def _swiglu_backward_kernel(grad_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_p
 
 
 def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+    return (cdiv(n, BLOCK),)
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:

@@ -62,3 +62,13 @@ def test_nf4_matmul_setting_reads_the_environment_and_names_it(monkeypatch: pyte
     with pytest.raises(ValueError, match="LAMELM_NF4_MATMUL"):
         with dispatch.use_nf4_matmul("fastest"):
             pass
+
+
+def test_host_launch_arithmetic_equals_tritons() -> None:
+    triton = pytest.importorskip("triton")
+    from lamelm_fast.kernels._grid import cdiv, next_power_of_2
+
+    for n in [0, 1, 2, 3, 63, 64, 65, 1000, 2**31 - 1, 2**31, 2**40 + 7]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in [1, 2, 7, 64, 128]:
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

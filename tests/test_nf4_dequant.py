@@ -151,3 +151,17 @@ def test_layouts_we_cannot_read_are_refused_with_the_reason() -> None:
     q, state = _quantized((8, 64), "nf4", False, 64)
     with pytest.raises(Unsupported4bit, match="packed bytes"):
         Packed4bit.from_bnb(q[:-1], state)
+
+
+def test_a_weight_is_read_once_until_its_storage_changes() -> None:
+    q, state = _quantized((24, 64), "nf4", True, 64)
+    packed = Packed4bit.of(q, state)
+    assert Packed4bit.of(q, state) is packed  # the layers ask at every call: no second read
+    assert torch.equal(dequantize(packed, torch.float32), dequantize(Packed4bit.from_bnb(q, state), torch.float32))
+    moved = q.clone()  # a move or reload: new storage under the same QuantState
+    assert Packed4bit.of(moved, state) is not packed and Packed4bit.of(moved, state).data.data_ptr() == moved.data_ptr()
+    state.absmax = state.absmax.clone()  # QuantState.to() replaces the scales: read again
+    again = Packed4bit.of(moved, state)
+    assert again.absmax is state.absmax
+    with pytest.raises(Unsupported4bit, match="packed bytes"):  # checked as from_bnb checks it
+        Packed4bit.of(q[:-1], state)

@@ -577,7 +577,7 @@ def lora_nf4_linear(x: torch.Tensor, quant_weight: torch.Tensor, quant_state: An
     ``dropout``: probability on the adapter's input (pass 0 outside training). ``compute_dtype``: the base
     matmul's dtype (bitsandbytes' ``compute_dtype``; default x's dtype). Returns x's dtype.
     """
-    weight = Packed4bit.from_bnb(quant_weight, quant_state)
+    weight = Packed4bit.of(quant_weight, quant_state)
     _check_inputs(x, weight, A, B, bias)
     spec = _spec(weight, x, A, scale, dropout, compute_dtype)
     (y,) = _shared_op(x, (spec,), (A, B, bias))
@@ -709,7 +709,7 @@ def _layer_spec(layer: nn.Module, x: torch.Tensor) -> tuple[_Spec, tuple[torch.T
     name = next(n for n in layer.active_adapters if n in layer.lora_A)
     base = layer.get_base_layer()
     try:
-        weight = Packed4bit.from_bnb(base.weight, base.weight.quant_state)
+        weight = Packed4bit.of(base.weight, base.weight.quant_state)
     except Unsupported4bit:
         return None
     dropout = layer.lora_dropout[name]
@@ -789,7 +789,7 @@ def _bare_spec(base: nn.Module, x: torch.Tensor) -> tuple[_Spec, tuple[None, Non
     """A bitsandbytes ``Linear4bit`` without an adapter as the fused MLP runs it: bitsandbytes' own dtypes (its
     compute dtype, x's dtype out; autocast does not reach into its matmul), no LoRA term."""
     try:
-        weight = Packed4bit.from_bnb(base.weight, base.weight.quant_state)
+        weight = Packed4bit.of(base.weight, base.weight.quant_state)
     except Unsupported4bit:
         return None
     compute = _bnb_compute_dtype(base, x)
@@ -828,7 +828,7 @@ class _FusedSwiGLUMLP(SwiGLUMLP):
 
 def _static_problem_4bit(base: nn.Module) -> str | None:
     try:
-        Packed4bit.from_bnb(base.weight, base.weight.quant_state)
+        Packed4bit.of(base.weight, base.weight.quant_state)
     except Unsupported4bit as error:
         return str(error)
     return None

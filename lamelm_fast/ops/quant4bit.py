@@ -30,6 +30,7 @@ _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 _BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
 QUANT_TYPES = ("nf4", "fp4")
+_KEPT_ATTRIBUTE = "_lamelm_packed"  # Packed4bit.of's (key, Packed4bit) on a bitsandbytes QuantState
 
 
 class Unsupported4bit(ValueError):
@@ -106,6 +107,22 @@ class Packed4bit:
         offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=data.device).reshape(())
         return cls(data, shape, quant_state.quant_type, quant_state.blocksize, quant_state.absmax,
                    nested.absmax.float(), nested.code.float(), offset, nested_blocksize)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, quant_state: Any) -> Packed4bit:
+        """:meth:`from_bnb`, read once per weight and kept on its ``QuantState``: the layers ask at every call (twice
+        per step under activation checkpointing), and the checks cost more host time than a launch. The kept one is
+        used while the weight's and the scales' storage are the ones it was read from (a move, a reload or a copy
+        makes new storage: then it is read again)."""
+        if quant_state is None or torch.compiler.is_compiling():  # dynamo traces no data_ptr() nor a setattr
+            return cls.from_bnb(weight, quant_state)
+        key = (weight.device, weight.data_ptr(), weight.numel(), quant_state.absmax.data_ptr())
+        kept = getattr(quant_state, _KEPT_ATTRIBUTE, None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        packed = cls.from_bnb(weight, quant_state)
+        setattr(quant_state, _KEPT_ATTRIBUTE, (key, packed))
+        return packed
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
