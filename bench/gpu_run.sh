@@ -14,6 +14,8 @@
 #           LAMELM_BENCH_MAX_CONTEXT=1 the max-context probe; qlora / full run one half each (the probe goes with
 #           qlora) when 200 steps of both do not fit one call.
 #   checkpointing   our QLoRA step under the two checkpointing policies (full, keep_attention), short and long rows
+#   compiled   QLoRA and full, 40 steps each of the HF Trainer, ours eager and ours with compiled decoder layers
+#           (--compile): does compiling take back the host time of an eager step (~3 min per variant with the compile)
 #   compile-tests   tests/test_torch_compile.py's `gpu` tests: compiled equals eager with inductor under bf16
 #           autocast, varlen attention, QLoRA's custom ops, CUDA graphs (~3-4 min: each test compiles from scratch)
 #   compile   the Llama-3.2-1B training step, HF and apply_kernels, eager and compiled (two cold inductor compiles of
@@ -28,7 +30,7 @@
 # the results JSON + Markdown (bench/results format: copy the JSON to bench/results/, then run
 # `python bench/report.py --readme README.md`), device.txt, install.log and run.log (every stage's output).
 set -uo pipefail
-OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope attention nf4] [e2e|qlora full] [checkpointing] [compile-tests] [compile]}
+OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope attention nf4] [e2e|qlora full] [checkpointing] [compiled] [compile-tests] [compile]}
 shift
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
 BUDGET=${LAMELM_GPU_BUDGET_S:-560}
@@ -93,14 +95,16 @@ for name in "${STAGES[@]}"; do
     norm) stage norm 300 "${BENCH[@]}" bench/test_rms_norm.py ;;
     swiglu) stage swiglu 300 "${BENCH[@]}" bench/test_swiglu.py ;;
     rope) stage rope 300 "${BENCH[@]}" bench/test_rope.py ;;
-    e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py -k "not checkpointing_policy" ;;
-    qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py -k "$name and not checkpointing_policy" ;;
+    e2e) stage e2e 540 "${BENCH[@]}" bench/test_end_to_end.py -k "not checkpointing_policy and not compiled_trainer" ;;
+    qlora | full) stage "$name" 540 "${BENCH[@]}" bench/test_end_to_end.py \
+                    -k "$name and not checkpointing_policy and not compiled_trainer" ;;
+    compiled) stage compiled 540 "${BENCH[@]}" bench/test_end_to_end.py -k compiled_trainer ;;
     checkpointing) stage checkpointing 240 "${BENCH[@]}" bench/test_end_to_end.py -k checkpointing_policy ;;
     compile-tests) stage compile-tests 300 python3 -m pytest -q -m gpu tests/test_torch_compile.py \
                      -p no:cacheprovider ;;
     compile) stage compile 420 "${BENCH[@]}" bench/test_compile.py ;;
     *) echo "unknown stage $name: choose from tests convergence ops ce adamw layers norm swiglu rope attention nf4 e2e" \
-            "qlora full checkpointing compile-tests compile"; exit 2 ;;
+            "qlora full checkpointing compiled compile-tests compile"; exit 2 ;;
   esac
 done
 exit $status

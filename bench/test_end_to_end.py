@@ -260,18 +260,23 @@ def kernel_time_by_category(run: Callable[[], Any]) -> dict[str, Any]:
         finally:
             hook.remove()
     kernels: dict[str, float] = {}
+    launches = 0  # kernels (on CPU: ops) per step: with checkpointing, a host-bound step's cost is roughly their count
     for event in prof.key_averages():
         on_device = event.device_type == torch.autograd.DeviceType.CUDA
         if ON_GPU and on_device:
             kernels[event.key] = kernels.get(event.key, 0.0) + event.self_device_time_total / 1e3 / PROFILE_ACTIVE
         elif not ON_GPU and event.key.startswith("aten::") and event.self_cpu_time_total > 0:
             kernels[event.key] = kernels.get(event.key, 0.0) + event.self_cpu_time_total / 1e3 / PROFILE_ACTIVE
+        else:
+            continue
+        launches += event.count
     by_category = dict.fromkeys((name for name, _ in KERNEL_CATEGORIES), 0.0)
     for name, ms in kernels.items():
         category = next(c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE))
         by_category[category] += ms
     top = sorted(kernels.items(), key=lambda item: -item[1])[:10]
-    return {"step_kernel_ms": sum(kernels.values()), **{f"{c}_ms": ms for c, ms in by_category.items()},
+    return {"step_kernel_ms": sum(kernels.values()), "kernels_per_step": launches / PROFILE_ACTIVE,
+            **{f"{c}_ms": ms for c, ms in by_category.items()},
             "top_kernels": [f"{ms:.3f} ms {name[:100]}" for name, ms in top]}
 
 
@@ -331,6 +336,38 @@ def test_without_checkpointing(benchmark, tmp_path_factory: pytest.TempPathFacto
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
     if hf is not None:
         assert abs(row["lamelm_final_loss"] - row["hf_final_loss"]) < 0.1 * row["hf_final_loss"], row
+
+
+@pytest.mark.skipif(not ON_GPU, reason="GPU only: on CPU inductor's first compile takes minutes, and "
+                    "tests/test_train_compile.py runs the compiled trainer there")
+@pytest.mark.parametrize("variant", ["qlora", "full"])
+def test_compiled_trainer(benchmark, tmp_path_factory: pytest.TempPathFactory, tokenizer: Any, variant: str) -> None:
+    """The like-for-like recipe (checkpointing on for both) with our decoder layers compiled (``compile=True``), beside
+    our eager trainer and the HF Trainer in the same run. Where the eager step is host-bound (launch and Python time
+    per op, NOTES-end-to-end.md), compiled layers launch fewer, fused kernels from generated code; the first-step
+    compile lands in ``lamelm_compiled_outside_window_s``, not in tokens/s."""
+    path = model_dir(tmp_path_factory, tokenizer, variant)
+    docs = documents(tokenizer, FASTEST_STEPS * BATCH)
+    data = write_documents(docs, tmp_path_factory.mktemp("compiled-data") / "docs.jsonl")
+    out = tmp_path_factory.mktemp(f"compiled-{variant}")
+    hf = run_hf(path, docs, tokenizer, out / "hf", variant, steps=FASTEST_STEPS)
+    eager = run_ours(path, data, out / "eager", variant, steps=FASTEST_STEPS)
+    compiled = benchmark.pedantic(run_ours, args=(path, data, out / "compiled", variant), rounds=1, iterations=1,
+                                  kwargs={"steps": FASTEST_STEPS, "compile": True})
+    row = compare(variant, eager, hf, steps=FASTEST_STEPS)
+    for key in ("tokens_per_second", "peak_memory_gb", "mfu", "runtime_s"):
+        row[f"lamelm_compiled_{key}"] = compiled[key]
+    row["lamelm_compiled_outside_window_s"] = (compiled["runtime_s"]
+                                               - FASTEST_STEPS * BATCH * SEQ_LEN / compiled["tokens_per_second"])
+    row["speedup_compiled_vs_eager"] = compiled["tokens_per_second"] / eager["tokens_per_second"]
+    row["speedup_compiled_tokens_per_second"] = compiled["tokens_per_second"] / hf["tokens_per_second"]
+    row["memory_ratio_compiled"] = compiled["peak_memory_gb"] / hf["peak_memory_gb"]
+    third = max(1, len(compiled["losses"]) // 3)
+    row["lamelm_compiled_final_loss"] = statistics.mean(compiled["losses"][-third:])
+    row["lamelm_compiled_losses"] = compiled["losses"]
+    harness.record("compiled_trainer", row)
+    benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
+    assert abs(row["lamelm_compiled_final_loss"] - row["hf_final_loss"]) < 0.1 * row["hf_final_loss"], row
 
 
 POLICY_STEPS = 16 if ON_GPU else 8

@@ -116,3 +116,18 @@ def test_a_failing_peer_is_recorded_and_ours_still_measured(monkeypatch: pytest.
 
     with pytest.raises(RuntimeError, match="our kernel failed"):
         harness.measure_against({}, {"lamelm": ours_broken}, torch.device("cpu"), warmup=1, repeats=1)
+
+
+def test_step_host_work_counts_our_launches_per_step() -> None:
+    """bench/step_host_work.py (the host-work counts of bench/NOTES-end-to-end.md) keeps working, and counts what a
+    step launches: with 2 decoder layers, each 4-bit projection's dequantization three times per step (forward,
+    checkpointing's recompute, backward) and each adapter's output-gradient kernel once."""
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "step_host_work.py"), "--layers", "2", "--steps",
+                                "2", "--trainers", "lamelm"], capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    line = completed.stdout.strip().splitlines()[-1]
+    ops, launches = (float(part.split()[0]) for part in line.split(":")[1].split(",")[:2])
+    assert ops > 100, line
+    dequantizations, output_grads = 2 * 7 * 3, 2 * 7  # 7 projections per layer
+    assert launches > dequantizations + output_grads, line
