@@ -211,6 +211,9 @@ def _chunked_pass(
             _accumulate_product(grad_weight, dlogits.t(), hidden_chunk)
         if need_bias:
             grad_bias += dlogits.sum(dim=0, dtype=compute_dtype)
+        # Freed before the next chunk's matmul allocates (and before grad_weight's conversion after the last): the
+        # loop's names would otherwise keep a second chunk of logits alive at the peak.
+        del logits, dlogits
 
     return _PassResult(
         losses,
