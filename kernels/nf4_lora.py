@@ -329,17 +329,17 @@ def _concatenated(a: torch.Tensor, w: Any, weight_transposed: bool, lora: tuple[
     M, Q = a.shape
     P = w.shape[0] if weight_transposed else w.shape[1]
     width = -(-(Q + terms) // 8) * 8
+    rank = 0 if lora is None else lora[0].shape[1]
     lhs = torch.empty(M, width, dtype=dtype, device=a.device)
-    lhs[:, :Q] = a  # the cast to the compute dtype, which the other paths pay as a pass of its own, lands here
+    # One op writes a and the LoRA input side by side; a's cast to the compute dtype, which the other paths pay as a
+    # pass of its own, lands here.
+    torch.cat([a] if lora is None else [a, lora[0]], dim=1, out=lhs if width == Q + rank else lhs[:, :Q + rank])
     # Forward: W [P, Q] in the first Q columns of a [P, width] buffer (read transposed); input gradient: W [Q, P] in
     # the first Q rows of a [width, P] buffer. Either way rhs is the [width, P] operand.
     weight = torch.empty((P, width) if weight_transposed else (width, P), dtype=dtype, device=a.device)
     dequantize_4bit(w, weight[:, :Q] if weight_transposed else weight[:Q])
     rhs = weight.t() if weight_transposed else weight
-    rank = 0
     if lora is not None:
-        rank = lora[0].shape[1]
-        lhs[:, Q:Q + rank] = lora[0]
         torch.mul(lora[1], scale, out=rhs[Q:Q + rank])  # scaled in the adapter's dtype, rounded once
     if bias is not None:
         lhs[:, Q + rank] = 1

@@ -115,6 +115,18 @@ def test_dequant_strategy_equals_fused_and_the_exact_sum(shape: tuple, weight_tr
         assert rel_err(results[name].double(), results["fused"].double()) < tol, name
 
 
+def test_concatenated_operand_without_padding() -> None:
+    """A reduction plus LoRA rank that fills whole 16-byte rows (59 + 5 = 64): the operand is written in one op with
+    no zero columns, in both directions."""
+    w = _weight(45, 59, 64)
+    for weight_transposed, inner, outer in ((True, 59, 45), (False, 45, 59)):
+        rank = 64 - inner if weight_transposed else 3  # input gradient: 45 + 3 = 48, also whole rows
+        a, left, right = torch.randn(13, inner), torch.randn(13, rank), torch.randn(rank, outer)
+        ours = nf4_lora.dequant_matmul_4bit_lora(a, w, weight_transposed=weight_transposed, lora=(left, right),
+                                                 scale=0.7, placement="concat")
+        assert rel_err(ours.double(), _expected(a, w, weight_transposed, (left, right), 0.7, None, None)) < 1e-5
+
+
 def test_dequant_strategy_without_lora_or_out() -> None:
     w = _weight(45, 70, 64)
     a = torch.randn(11, 70)
