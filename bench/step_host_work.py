@@ -12,13 +12,16 @@ per training step:
   trainer's losses are garbage here (its divergence check is switched off), and only the counts mean anything.
 
 Per-step counts are the difference between a run of 2 x ``--steps`` and one of ``--steps``, divided by ``--steps``:
-setup and the first step's one-off work cancel. Ours runs the Triton backend with ``LAMELM_NF4_MATMUL=dequant`` (what
-``auto`` picks at the GPU's 8192 tokens per step). HF runs bitsandbytes' CPU kernels, which differ from its GPU path
-in a few ops per projection. ``--time`` also prints the wall milliseconds per step (median of the logged windows
-after the first, as the bench takes tokens/s; ours without its kernels' compute): noisy on a shared 2-core machine,
-compare runs taken back to back.
+setup and the first step's one-off work cancel. Ours runs the Triton backend with ``LAMELM_NF4_MATMUL=dequant``
+(what ``auto`` picks at the GPU's 8192 tokens per step) in its GPU dtypes (bf16 autocast and 4-bit compute). HF runs
+bitsandbytes' CPU kernels in fp32, which differ from its GPU path in a few ops per projection.
 
-    PYTHONSAFEPATH=1 .venv/bin/python bench/step_host_work.py [--layers 16] [--steps 10] [--time]
+``--sources N``: the N commonest (op, call site) pairs of our step, the call site being the innermost frame in
+lamelm_fast (or the first one outside torch): where to cut next. ``--time``: also the wall milliseconds per step
+(median of the logged windows after the first, as the bench takes tokens/s; ours without its kernels' compute),
+noisy on a shared 2-core machine: compare runs taken back to back.
+
+    PYTHONSAFEPATH=1 .venv/bin/python bench/step_host_work.py [--layers 16] [--steps 10] [--sources 30] [--time]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -44,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s modules, as pytest puts them on the path
 import test_end_to_end as e2e  # noqa: E402
 
-from lamelm_fast.train import reporting  # noqa: E402
+from lamelm_fast.train import loop, model, reporting  # noqa: E402
 
 SEQ_LEN = 16  # tokens per row: 4 x 16 per step, so what is left of the CPU's own compute is small next to dispatch
 LAUNCHES: collections.Counter[str] = collections.Counter()
@@ -55,13 +59,25 @@ def _skip_kernel(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) 
 
 
 class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, sources: bool = False) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.sources: collections.Counter[tuple[str, str]] | None = collections.Counter() if sources else None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if self.sources is not None:
+            self.sources[name, _call_site()] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _call_site() -> str:
+    """The innermost frame in lamelm_fast, else the innermost outside torch and this file."""
+    frames = traceback.extract_stack()[:-3]
+    ours = [f for f in frames if "/lamelm_fast/" in f.filename or "/kernels/" in f.filename]
+    frame = (ours or [f for f in frames if "/torch/" not in f.filename and __file__ not in f.filename] or frames)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
 
 
 def _keep_going(log_train: Any) -> Any:
@@ -69,6 +85,24 @@ def _keep_going(log_train: Any) -> Any:
         log_train(self, *args, **kwargs)  # logged as usual; a NaN loss of the skipped kernels does not stop the run
 
     return log_train_without_stopping
+
+
+def _as_on_a_gpu() -> None:
+    """Our QLoRA in its GPU dtypes (on CPU the trainer computes in fp32): bf16 4-bit compute under bf16 autocast over
+    fp32 activations, so the ops run the casts and the paths they take on a GPU."""
+    quantized_load_kwargs, load_model = model.quantized_load_kwargs, loop.load_model
+
+    def bf16_compute(device: torch.device) -> dict[str, Any]:
+        kwargs = quantized_load_kwargs(device)
+        kwargs["quantization_config"].bnb_4bit_compute_dtype = torch.bfloat16
+        return kwargs
+
+    def under_autocast(*args: Any, **kwargs: Any) -> model.LoadedModel:
+        loaded = load_model(*args, **kwargs)
+        loaded.autocast_dtype = torch.bfloat16
+        return loaded
+
+    model.quantized_load_kwargs, loop.load_model = bf16_compute, under_autocast
 
 
 def _model(layers: int, folder: Path, tokenizer: Any) -> Path:
@@ -87,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=16, help="decoder layers (Llama-3.2-1B: 16)")
     parser.add_argument("--steps", type=int, default=10, help="steps of the short run (the long one: twice as many)")
+    parser.add_argument("--sources", type=int, default=0, metavar="N",
+                        help="also print our step's N commonest (op, call site) pairs")
     parser.add_argument("--time", action="store_true", help="also print wall milliseconds per step")
     parser.add_argument("--trainers", nargs="+", default=["lamelm", "hf"], choices=["lamelm", "hf"])
     args = parser.parse_args(argv)
 
     interpreter.InterpretedFunction.run = _skip_kernel
     reporting.TrainingReport.log_train = _keep_going(reporting.TrainingReport.log_train)
+    _as_on_a_gpu()
     from lamelm_fast.train.config import TrainConfig
     from lamelm_fast.train.model import load_tokenizer
 
@@ -112,17 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         counts = []
         for steps in (args.steps, 2 * args.steps):
             LAUNCHES.clear()
-            with _CountOps() as mode:
-                result = run(trainer, steps, work / f"{trainer}-{steps}")
-            counts.append((sum(mode.ops.values()), sum(LAUNCHES.values())))
-        (ops_short, launches_short), (ops_long, launches_long) = counts
-        line = (f"{trainer:>7}: {(ops_long - ops_short) / args.steps:8.1f} aten ops, "
+            with _CountOps(sources=bool(args.sources) and trainer == "lamelm") as mode:
+                run(trainer, steps, work / f"{trainer}-{steps}")
+            counts.append((mode, sum(LAUNCHES.values())))
+        (short, launches_short), (long, launches_long) = counts
+        line = (f"{trainer:>7}: {(sum(long.ops.values()) - sum(short.ops.values())) / args.steps:8.1f} aten ops, "
                 f"{(launches_long - launches_short) / args.steps:6.1f} Triton launches")
         if args.time:  # a run without the dispatch mode: its own overhead would dominate the timing
             timed = run(trainer, 2 * args.steps, work / f"{trainer}-timed")
             line += f", {e2e.BATCH * SEQ_LEN / timed['tokens_per_second'] * 1e3:6.1f} ms (windows' median)"
         lines.append(line)
-        del result
+        if short.sources is not None:
+            per_step = {key: (long.sources[key] - short.sources[key]) / args.steps for key in long.sources}
+            for (op, site), count in sorted(per_step.items(), key=lambda item: -item[1])[:args.sources]:
+                lines.append(f"    {count:7.1f}  {op:32} {site}")
     print("\n".join(lines))  # after the trainers' own logs
     return 0
 
