@@ -194,21 +194,21 @@ def run_hf(path: Path, docs: list[str], tokenizer: Any, out: Path, variant: str,
             "losses": [row["loss"] for row in rows], "steps": [row["step"] for row in rows]}
 
 
+def trainer_columns(name: str, result: dict[str, Any], steps: int) -> dict[str, Any]:
+    """One trainer's columns of a row, prefixed with ``name``: rates, memory, MFU, runtime, losses."""
+    third = max(1, len(result["losses"]) // 3)
+    return {**{f"{name}_{key}": result[key] for key in ("tokens_per_second", "peak_memory_gb", "mfu", "runtime_s")},
+            # The runtime the logged windows' rate leaves out: first-step compiles and autotuning, data loading.
+            f"{name}_outside_window_s": result["runtime_s"] - steps * BATCH * SEQ_LEN / result["tokens_per_second"],
+            f"{name}_final_loss": statistics.mean(result["losses"][-third:]), f"{name}_losses": result["losses"]}
+
+
 def compare(variant: str, ours: dict[str, Any], hf: dict[str, Any], steps: int = STEPS) -> dict[str, Any]:
-    row: dict[str, Any] = {"variant": variant, "steps": steps, "seq_len": SEQ_LEN, "batch": BATCH}
-    for name, result in (("lamelm", ours), ("hf", hf)):
-        for key in ("tokens_per_second", "peak_memory_gb", "mfu", "runtime_s"):
-            row[f"{name}_{key}"] = result[key]
-        # The runtime the logged windows' rate leaves out: first-step compiles and autotuning, data loading.
-        row[f"{name}_outside_window_s"] = result["runtime_s"] - steps * BATCH * SEQ_LEN / result["tokens_per_second"]
+    row: dict[str, Any] = {"variant": variant, "steps": steps, "seq_len": SEQ_LEN, "batch": BATCH,
+                           **trainer_columns("lamelm", ours, steps), **trainer_columns("hf", hf, steps)}
     row["speedup_tokens_per_second"] = ours["tokens_per_second"] / hf["tokens_per_second"]
     if ours["peak_memory_gb"] is not None:
         row["memory_ratio"] = ours["peak_memory_gb"] / hf["peak_memory_gb"]
-    third = max(1, len(ours["losses"]) // 3)
-    row["lamelm_final_loss"] = statistics.mean(ours["losses"][-third:])
-    row["hf_final_loss"] = statistics.mean(hf["losses"][-third:])
-    row["lamelm_losses"] = ours["losses"]
-    row["hf_losses"] = hf["losses"]
     row["loss_steps"] = ours["steps"]
     return row
 
@@ -354,17 +354,11 @@ def test_compiled_trainer(benchmark, tmp_path_factory: pytest.TempPathFactory, t
     eager = run_ours(path, data, out / "eager", variant, steps=FASTEST_STEPS)
     compiled = benchmark.pedantic(run_ours, args=(path, data, out / "compiled", variant), rounds=1, iterations=1,
                                   kwargs={"steps": FASTEST_STEPS, "compile": True})
-    row = compare(variant, eager, hf, steps=FASTEST_STEPS)
-    for key in ("tokens_per_second", "peak_memory_gb", "mfu", "runtime_s"):
-        row[f"lamelm_compiled_{key}"] = compiled[key]
-    row["lamelm_compiled_outside_window_s"] = (compiled["runtime_s"]
-                                               - FASTEST_STEPS * BATCH * SEQ_LEN / compiled["tokens_per_second"])
+    row = {**compare(variant, eager, hf, steps=FASTEST_STEPS),
+           **trainer_columns("lamelm_compiled", compiled, FASTEST_STEPS)}
     row["speedup_compiled_vs_eager"] = compiled["tokens_per_second"] / eager["tokens_per_second"]
     row["speedup_compiled_tokens_per_second"] = compiled["tokens_per_second"] / hf["tokens_per_second"]
     row["memory_ratio_compiled"] = compiled["peak_memory_gb"] / hf["peak_memory_gb"]
-    third = max(1, len(compiled["losses"]) // 3)
-    row["lamelm_compiled_final_loss"] = statistics.mean(compiled["losses"][-third:])
-    row["lamelm_compiled_losses"] = compiled["losses"]
     harness.record("compiled_trainer", row)
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
     assert abs(row["lamelm_compiled_final_loss"] - row["hf_final_loss"]) < 0.1 * row["hf_final_loss"], row

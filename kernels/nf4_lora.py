@@ -328,7 +328,7 @@ def _concatenated(a: torch.Tensor, w: Any, weight_transposed: bool, lora: tuple[
     whose reduction runs ``terms`` entries past a's columns (rounded up to keep 16-byte rows; zeros there)."""
     M, Q = a.shape
     P = w.shape[0] if weight_transposed else w.shape[1]
-    width = -(-(Q + terms) // 8) * 8
+    width = cdiv(Q + terms, 8) * 8
     rank = 0 if lora is None else lora[0].shape[1]
     lhs = torch.empty(M, width, dtype=dtype, device=a.device)
     # One op writes a and the LoRA input side by side; a's cast to the compute dtype, which the other paths pay as a
