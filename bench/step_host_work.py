@@ -19,9 +19,11 @@ bitsandbytes' CPU kernels in fp32, which differ from its GPU path in a few ops p
 ``--sources N``: the N commonest (op, call site) pairs of our step, the call site being the innermost frame in
 lamelm_fast (or the first one outside torch): where to cut next. ``--time``: also the wall milliseconds per step
 (median of the logged windows after the first, as the bench takes tokens/s; ours without its kernels' compute),
-noisy on a shared 2-core machine: compare runs taken back to back.
+noisy on a shared 2-core machine: compare runs taken back to back. ``--policy keep_attention``: our trainer under
+that checkpointing policy.
 
     PYTHONSAFEPATH=1 .venv/bin/python bench/step_host_work.py [--layers 16] [--steps 10] [--sources 30] [--time]
+        [--policy full|keep_attention]
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also print our step's N commonest (op, call site) pairs")
     parser.add_argument("--time", action="store_true", help="also print wall milliseconds per step")
     parser.add_argument("--trainers", nargs="+", default=["lamelm", "hf"], choices=["lamelm", "hf"])
+    parser.add_argument("--policy", default="full", choices=["full", "keep_attention"],
+                        help="our trainer's gradient_checkpointing_policy")
     args = parser.parse_args(argv)
 
     interpreter.InterpretedFunction.run = _skip_kernel
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(trainer: str, steps: int, out: Path) -> dict[str, Any]:
         if trainer == "lamelm":
-            return e2e.run_ours(path, data, out, "qlora", seq_len=SEQ_LEN, steps=steps)
+            return e2e.run_ours(path, data, out, "qlora", seq_len=SEQ_LEN, steps=steps,
+                                gradient_checkpointing_policy=args.policy)
         return e2e.run_hf(path, docs, tokenizer, out, "qlora", seq_len=SEQ_LEN, steps=steps)
 
     lines = [f"per training step, QLoRA, {args.layers} layers, batch {e2e.BATCH} x {SEQ_LEN} tokens, CPU"]

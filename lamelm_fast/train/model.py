@@ -203,7 +203,7 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
                                  f"{saved / 1e9:.2f} GB less, the same numbers")
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model, config.gradient_checkpointing_policy,
-                                            config.gradient_checkpointing_every_n_layers)
+                                            config.gradient_checkpointing_every_n_layers, config.compile)
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=_lora_targets(config), task_type="CAUSAL_LM")
         try:
@@ -224,7 +224,7 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
                             "micro-batches" if config.gradient_accumulation_steps > 1 else ""))
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model, config.gradient_checkpointing_policy,
-                                            config.gradient_checkpointing_every_n_layers)
+                                            config.gradient_checkpointing_every_n_layers, config.compile)
     if config.gradient_checkpointing:
         every = config.gradient_checkpointing_every_n_layers
         which = "every decoder layer" if every == 1 else f"decoder layers 0, {every}, {2 * every}..."
