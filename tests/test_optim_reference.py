@@ -348,6 +348,25 @@ def test_params_without_grad_are_untouched(backend: str) -> None:
     assert all(opt.state[p]["step"].item() == 3 for p in model.parameters() if p is not model.kernel)
 
 
+def test_step_bumps_the_version_of_the_params_it_updates(backend: str) -> None:
+    """As torch.optim.AdamW's in-place ops do, whatever writes the params (our kernels write through pointers):
+    autograd then refuses a backward through a graph saved before the step instead of silently using the new
+    weights, and a cache keyed on a param's version sees the change."""
+    model = TinyModel()
+    opt = FusedAdamW(model.groups(), max_grad_norm=MAX_GRAD_NORM)
+    fake_backward(model, 0, skip_grad_of="kernel")
+    before = {name: p._version for name, p in model.named_parameters()}
+    opt.step()
+    assert {name: p._version > before[name] for name, p in model.named_parameters()} == {
+        name: name != "kernel" for name in before}
+    for optimizer in (opt, torch.optim.AdamW(model.groups())):
+        saved = (model.weight * model.weight).sum()  # its backward reads the weight as it was
+        fake_backward(model, 1)
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+
+
 class NoHostSync(TorchDispatchMode):
     """Fails on aten._local_scalar_dense, which .item(), bool(tensor) and float(tensor) dispatch to."""
 

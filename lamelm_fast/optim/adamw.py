@@ -404,6 +404,9 @@ class FusedAdamW(torch.optim.Optimizer):
             squares = _global_squares(partials, slices, buckets)
             norm = backend.finalize(work, squares, self.skipped_steps)
             backend.update(work, buckets, self.param_groups, norm, self.seed)
+            # The kernels write the params through pointers, which autograd does not see: bump their versions as
+            # torch.optim.AdamW's in-place ops do (a graph saved before the step then refuses to run backward).
+            torch.autograd.graph.increment_version(work.params)
         finally:
             work.grads = []  # the plan keeps `work` until the next step: it must not keep the gradients alive
         self.grad_norm = norm
