@@ -17,10 +17,9 @@ is traced, not dispatched op by op: there torch's selective checkpointing, which
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from contextvars import ContextVar
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import torch
@@ -97,15 +96,15 @@ class _AttentionRegion:
     without entering it: the region's other ops dispatch as usual."""
 
     def __init__(self, mode: _KeptAttention) -> None:
-        self.mode, self.tokens = mode, []
+        self.mode = mode
 
     def __enter__(self) -> None:
         _catch_attention_in_functions()
         self.mode.position = 0  # a second backward (retain_graph) recomputes from the first kept output again
-        self.tokens.append(_ATTENTION_MODE.set(self.mode))
+        self.token = _ATTENTION_MODE.set(self.mode)
 
     def __exit__(self, *exc: object) -> None:
-        _ATTENTION_MODE.reset(self.tokens.pop())
+        _ATTENTION_MODE.reset(self.token)
 
 
 def _keep_attention_contexts() -> tuple[_AttentionRegion, _AttentionRegion]:
@@ -114,7 +113,7 @@ def _keep_attention_contexts() -> tuple[_AttentionRegion, _AttentionRegion]:
 
 
 def _in_attention_mode(attention: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(attention)  # its attributes too: lamelm's varlen wrapper recognises itself through this one
+    @wraps(attention)  # its attributes too: lamelm's varlen wrapper recognises itself through this one
     def attention_in_mode(*args: Any, **kwargs: Any) -> Any:
         mode = None if torch.compiler.is_compiling() else _ATTENTION_MODE.get()
         if mode is None:
