@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -16,7 +17,7 @@ from test_nf4_dequant import eager_bitsandbytes  # noqa: E402, F401  (autouse fi
 
 from lamelm_fast.ops import LoRALinear4bit, lora_nf4_linear  # noqa: E402
 from lamelm_fast.ops.dispatch import use_backend, use_nf4_matmul  # noqa: E402
-from lamelm_fast.ops.lora4bit import patch_peft_lora4bit  # noqa: E402
+from lamelm_fast.ops.lora4bit import patch_peft_lora4bit, reuse_adapter_casts  # noqa: E402
 
 TOL = 1e-5  # fp32 compute on CPU
 
@@ -164,6 +165,84 @@ def test_cpu_autocast_follows_peft_dtypes() -> None:
         ref = run(ref_layer, x, grad_out)
     assert ours["y"].dtype == torch.float32
     assert_same(ours, ref, tol=1e-2)  # bf16 matmuls: same dtypes, not the same summation order
+
+
+class _Casts(TorchDispatchMode):
+    """Counts the casts to ``dtype`` of tensors shaped like one of ``shapes``."""
+
+    def __init__(self, shapes: set[torch.Size], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shapes, self.dtype, self.count = shapes, dtype, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten._to_copy and out.dtype == self.dtype and out.shape in self.shapes:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_adapter_gradients_are_written_in_the_adapter_dtype(backend: str) -> None:
+    """fp32 A and B, half-precision products: the op that scales each adapter gradient writes it in fp32. A gradient
+    in the products' dtype would make autograd cast it (one more launch per adapter weight per step)."""
+    ref_layer = peft_layer(64, 48)
+    layer = copy.deepcopy(ref_layer)
+    patch_peft_lora4bit(_Holder(layer))
+    torch.manual_seed(6)
+    x, grad_out = torch.randn(16, 64), torch.randn(16, 48)
+    dtype = torch.bfloat16 if backend == "torch" else torch.float16  # (the interpreter's bf16 tl.dot is garbage)
+    adapters = {layer.lora_A["default"].weight.shape, layer.lora_B["default"].weight.shape}
+    with torch.autocast("cpu", dtype=dtype), use_backend(backend):
+        x_in = x.detach().clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y = layer(x_in)
+        with _Casts(adapters, torch.float32) as casts:
+            y.backward(grad_out)
+    assert casts.count == 0
+    assert layer.lora_A["default"].weight.grad.dtype == layer.lora_B["default"].weight.grad.dtype == torch.float32
+    ours = {"y": y.detach(), "x": x_in.grad, "A": layer.lora_A["default"].weight.grad,
+            "B": layer.lora_B["default"].weight.grad, "bias": layer.get_base_layer().bias.grad}
+    with torch.autocast("cpu", dtype=dtype):
+        assert_same(ours, run(ref_layer, x, grad_out), tol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_reused_adapter_casts_are_made_once_per_step_and_again_after_a_change(backend: str) -> None:
+    """A checkpointed step uses each adapter weight in its forward, its recompute and its backward. Inside
+    reuse_adapter_casts each weight is cast once, with bit-identical results; a weight changed in place in the block
+    is cast again."""
+    layer = peft_layer(64, 48)
+    patch_peft_lora4bit(_Holder(layer))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.manual_seed(6)
+    x, grad_out = torch.randn(16, 64), torch.randn(16, 48)
+    dtype = torch.bfloat16 if backend == "torch" else torch.float16  # (the interpreter's bf16 tl.dot is garbage)
+
+    def step() -> dict[str, torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_(True)
+        y = torch.utils.checkpoint.checkpoint(layer, x_in, use_reentrant=False)
+        y.backward(grad_out)
+        return {"y": y.detach(), "x": x_in.grad, "A": A.grad, "B": B.grad}
+
+    with torch.autocast("cpu", dtype=dtype), use_backend(backend):
+        with _Casts({A.shape, B.shape}, dtype) as casts:
+            want = step()
+        # forward and recompute: A and B; backward: A, and on the torch path B (Triton casts it in registers)
+        assert casts.count == (6 if backend == "torch" else 5)
+        with reuse_adapter_casts(), _Casts({A.shape, B.shape}, dtype) as casts:
+            got = step()
+            assert casts.count == 2
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+        with reuse_adapter_casts():
+            step()
+            with torch.no_grad():
+                A.mul_(0.5)
+            got = step()
+        want = step()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
 
 
 def test_layers_peft_must_run_are_left_to_it(caplog: pytest.LogCaptureFixture) -> None:

@@ -27,11 +27,12 @@ projections then run as three ops, since the group's pending outputs are Python 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ from lamelm_fast.ops.dispatch import (
 from lamelm_fast.ops.quant4bit import QUANT_TYPES, Packed4bit, Unsupported4bit, dequantize_reference
 from lamelm_fast.ops.swiglu import SwiGLUMLP, is_silu, is_swiglu_mlp, swiglu_gradients, swiglu_values
 
-__all__ = ["LoRALinear4bit", "lora_nf4_linear", "patch_peft_lora4bit"]
+__all__ = ["LoRALinear4bit", "lora_nf4_linear", "patch_peft_lora4bit", "reuse_adapter_casts"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,45 @@ class _Casts:
         return self._made[dtype]
 
 
+# (data_ptr, dtype, shape, strides, target dtype) -> (source tensor, its version, cast); None: no reuse
+_adapter_casts: dict[tuple[Any, ...], tuple[torch.Tensor, int, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def reuse_adapter_casts() -> Iterator[None]:
+    """Within this block each adapter weight is cast to the adapter dtype once (QLoRA under autocast: fp32 A and B to
+    bf16), not at every use. A training step uses them in the forward, the checkpointed recompute and the backward:
+    five casts per projection become two (~340 launches fewer per step at Llama-3.2-1B's 112 projections).
+
+    For one step's forwards and backwards, which do not change the weights: the optimizer step belongs outside. A
+    weight changed in place inside is cast again (its version moved), except through ``.data`` or a raw pointer,
+    which leave no trace. The casts are freed at the end (~2 bytes per adapter parameter meanwhile)."""
+    global _adapter_casts
+    outer = _adapter_casts
+    if outer is None:
+        _adapter_casts = {}
+    try:
+        yield
+    finally:
+        _adapter_casts = outer
+
+
+def _adapter_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)``, made once per :func:`reuse_adapter_casts` block. Keyed by the bytes' address and layout,
+    not the tensor object: backward sees the parameters as the detached aliases that autograd and checkpointing save.
+    The entry holds the weight, so no other tensor can take its memory while the cast is reused."""
+    cache = _adapter_casts
+    if cache is None or weight.dtype == dtype:
+        return weight.to(dtype)
+    key = (weight.data_ptr(), weight.dtype, weight.shape, weight.stride(), dtype)
+    entry = cache.get(key)
+    if entry is not None and entry[1] == weight._version:
+        return entry[2]
+    cast = weight.to(dtype)
+    cache[key] = (weight, weight._version, cast)
+    return cast
+
+
 def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
                      out_dtype: torch.dtype, casts: _Casts | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -146,20 +186,20 @@ def _project_forward(x: torch.Tensor, spec: _Spec, A: torch.Tensor, B: torch.Ten
         return _base_matmul(x, spec, weight_transposed=True, out_dtype=out_dtype, bias=bias, casts=casts), None, None
     x_lora = casts.to(spec.lora_dtype)
     keep = _dropout_mask(x_lora, spec.dropout)
-    xa = _apply_dropout(x_lora, keep, spec.dropout) @ A.to(spec.lora_dtype).t()
-    y = _base_matmul(x, spec, weight_transposed=True, out_dtype=out_dtype, lora=(xa, B.to(spec.lora_dtype).t()),
-                     bias=bias, casts=casts)
+    xa = _apply_dropout(x_lora, keep, spec.dropout) @ _adapter_cast(A, spec.lora_dtype).t()
+    right = _adapter_cast(B, spec.lora_dtype).t()
+    y = _base_matmul(x, spec, weight_transposed=True, out_dtype=out_dtype, lora=(xa, right), bias=bias, casts=casts)
     return y, xa, keep
 
 
 def _adapter_output_grads(grad: torch.Tensor, spec: _Spec, B: torch.Tensor, xa: torch.Tensor, need_gb: bool,
                           need_b: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The adapter products that read the output gradient: ``gb = g @ B`` [M, r] and ``dB = s * g^T @ xa`` [out, r],
-    both in the adapter dtype, with ``g = grad.to(adapter dtype)``; None where not needed.
+    """The adapter products that read the output gradient: ``gb = g @ B`` [M, r] in the adapter dtype and
+    ``dB = s * g^T @ xa`` [out, r] in B's, with ``g = grad.to(adapter dtype)``; None where not needed.
 
     Triton, both needed: one kernel reads grad once and rounds it in registers (``kernels/lora_backward.py``); dB is
-    scaled and rounded once from its fp32 sum. Torch (and ranks over the kernel's maximum): the cast written out, then
-    two matmuls, as PEFT does.
+    scaled from its fp32 sum and rounded once, to B's dtype. Torch (and ranks over the kernel's maximum): the cast
+    written out, then two matmuls, as PEFT does.
     """
     if spec.backend == "triton" and need_gb and need_b:
         from lamelm_fast.kernels import lora_backward
@@ -168,11 +208,20 @@ def _adapter_output_grads(grad: torch.Tensor, spec: _Spec, B: torch.Tensor, xa: 
             if grad.shape[1] > 1 and grad.stride(1) != 1:
                 grad = grad.contiguous()
             gb, grad_b = lora_backward.lora_output_grad(grad, B, xa, lora_dtype=spec.lora_dtype)
-            return gb, grad_b.mul_(spec.scale).to(spec.lora_dtype)
+            return gb, grad_b.mul_(spec.scale).to(B.dtype)
     grad_lora = grad.to(spec.lora_dtype)
-    gb = grad_lora @ B.to(spec.lora_dtype) if need_gb else None
-    grad_b = (grad_lora.t() @ xa).mul_(spec.scale) if need_b else None
+    gb = grad_lora @ _adapter_cast(B, spec.lora_dtype) if need_gb else None
+    grad_b = _scaled(grad_lora.t() @ xa, spec.scale, B.dtype) if need_b else None
     return gb, grad_b
+
+
+def _scaled(product: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``product * scale`` in ``dtype``, the parameter's: one op where scaling and then casting would be two, and
+    three with the cast autograd makes when a Function's gradient is not in its input's dtype (QLoRA: fp32 adapters,
+    bf16 products). The multiply rounds to the product's dtype first, as the separate ops did."""
+    if dtype == product.dtype:
+        return product.mul_(scale)
+    return torch.mul(product, scale, out=torch.empty(product.shape, dtype=dtype, device=product.device))
 
 
 def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec: _Spec, A: torch.Tensor,
@@ -185,7 +234,7 @@ def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec:
         if need_x:
             dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, out=dx)
         return dx, None, None, grad.sum(0) if need_bias else None
-    A_l = A.to(spec.lora_dtype)
+    A_l = _adapter_cast(A, spec.lora_dtype)
     gb, grad_b = _adapter_output_grads(grad, spec, B, xa, need_x or need_a, need_b)
     if need_x:
         if keep is None:  # the LoRA term rides in the kernel's epilogue
@@ -194,7 +243,7 @@ def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec:
             dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, out=dx)
             dx += (_apply_dropout(gb @ A_l, keep, spec.dropout) * spec.scale).to(x_dtype)
     x_lora = x.to(spec.lora_dtype) if need_a else None
-    grad_a = (gb.t() @ _apply_dropout(x_lora, keep, spec.dropout)).mul_(spec.scale) if need_a else None
+    grad_a = _scaled(gb.t() @ _apply_dropout(x_lora, keep, spec.dropout), spec.scale, A.dtype) if need_a else None
     grad_bias = grad.sum(0) if need_bias else None
     return dx, grad_a, grad_b, grad_bias
 

@@ -20,6 +20,7 @@ from transformers.utils import logging as transformers_logging
 
 from lamelm_fast.metrics import RunLogger
 from lamelm_fast.ops.dispatch import ENV_VAR, BackendUnavailable, resolve_backend, use_backend
+from lamelm_fast.ops.lora4bit import reuse_adapter_casts
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
 from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, unused_settings, validate
@@ -101,12 +102,13 @@ def evaluate(model: nn.Module, examples: list[Example], config: TrainConfig, pad
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
     correct = torch.zeros((), dtype=torch.float64, device=dist.device)
     targets = 0
-    for batch in iterate_batches(examples, config.per_device_eval_batch_size * dist.world_size, config.packing,
-                                 pad_token_id, dist.shard):
-        loss, batch_correct = model(batch.to(dist.device), None)
-        loss_sum += loss.double()
-        correct += batch_correct.double()
-        targets += batch.num_targets
+    with reuse_adapter_casts():
+        for batch in iterate_batches(examples, config.per_device_eval_batch_size * dist.world_size, config.packing,
+                                     pad_token_id, dist.shard):
+            loss, batch_correct = model(batch.to(dist.device), None)
+            loss_sum += loss.double()
+            correct += batch_correct.double()
+            targets += batch.num_targets
     model.train(was_training)
     count = torch.tensor(float(targets), dtype=torch.float64, device=dist.device)
     total, right, targets = dist.sum(torch.stack([loss_sum, correct, count])).tolist()
@@ -320,7 +322,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                 # Normalise by the label tokens of the whole global window: the split into micro-batches and
                 # ranks is invisible.
                 num_items = sum(train_set[i].num_targets for idx in indices for i in idx)
-                with out_of_memory_guard(step, weights_intact=True):
+                with out_of_memory_guard(step, weights_intact=True), reuse_adapter_casts():
                     for index, batch in enumerate(micro_batches):
                         with dist.gradient_sync(model, sync=index == len(micro_batches) - 1):
                             loss, correct = model(batch.to(device), num_items)
