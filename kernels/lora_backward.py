@@ -48,8 +48,8 @@ def _lora_output_grad_kernel(
     b_ptr, stride_bn, stride_br,  # [N, rank], any float dtype
     xa_ptr, stride_xm, stride_xr,  # [M, rank] in the adapter dtype: its dtype is the one dy is rounded to
     gb_ptr,  # [M, rank] adapter dtype out, or [groups, M, rank] fp32 partials out when GB_PARTIAL
-    db_ptr,  # [row programs, N, rank] fp32 partials of dy^T @ xa out
-    M, N, rank, group_n, tiles_per_program,
+    db_ptr,  # [row programs, N, rank] fp32 partials of scale * dy^T @ xa out
+    M, N, rank, group_n, tiles_per_program, scale,
     GB_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
     RANK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -66,6 +66,7 @@ def _lora_output_grad_kernel(
         xa = tl.load(xa_ptr + rows[:, None] * stride_xm + r[None, :] * stride_xr,
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         gb = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
+        factor = tl.where(i == tiles_per_program - 1, scale, 1.0)  # a program's last row block finishes its slice
         for col0 in range(col_start, col_end, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
             col_ok = cols < col_end
@@ -78,7 +79,7 @@ def _lora_output_grad_kernel(
             slice_mask = col_ok[:, None] & r_ok[None, :]
             db = tl.load(slice_ptr, mask=slice_mask & (i > 0), other=0.0)  # the first row block starts the slice
             db = tl.dot(tl.trans(dy), xa, db, input_precision=PRECISION)
-            tl.store(slice_ptr, db, mask=slice_mask)
+            tl.store(slice_ptr, db * factor, mask=slice_mask)
         # The next row block re-reads the slice that other threads of this program just wrote.
         tl.debug_barrier()
         gb_mask = row_ok[:, None] & r_ok[None, :]
@@ -106,9 +107,11 @@ def _plan(M: int, N: int, block_m: int, block_n: int, programs: int,
 
 
 def lora_output_grad(grad: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, *, lora_dtype: torch.dtype,
-                     programs: int | None = None, groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gb, db)``: ``gb = g @ B`` [M, r] in ``lora_dtype`` and ``db = g^T @ xa`` [N, r] in fp32 (unscaled, not yet
-    rounded), with ``g = grad.to(lora_dtype)``, from one read of ``grad`` [M, N].
+                     scale: float = 1.0, programs: int | None = None,
+                     groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gb, db)``: ``gb = g @ B`` [M, r] in ``lora_dtype`` and ``db = scale * g^T @ xa`` [N, r] in fp32 (not
+    rounded further: dB for an fp32 adapter as it is), with ``g = grad.to(lora_dtype)``, from one read of ``grad``
+    [M, N]. The scale is applied to each program's partial sum, so dB costs no launch of its own.
 
     ``grad``: any float dtype, unit column stride (any row stride). ``B`` [N, r]: any float dtype and strides, cast
     to ``lora_dtype`` in registers. ``xa`` [M, r]: cast to ``lora_dtype`` first if it is not in it. ``r`` <=
@@ -138,7 +141,7 @@ def lora_output_grad(grad: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, *, l
     db = torch.empty(row_programs, N, rank, dtype=torch.float32, device=grad.device)
     _lora_output_grad_kernel[(row_programs, n_groups)](
         grad, grad.stride(0), B, B.stride(0), B.stride(1), xa, xa.stride(0), xa.stride(1), gb, db,
-        M, N, rank, group_n, tiles_per_program,
+        M, N, rank, group_n, tiles_per_program, float(scale),
         GB_PARTIAL=gb_partial, PRECISION="ieee" if lora_dtype == torch.float32 else "tf32",
         RANK_PAD=max(16, next_power_of_2(rank)), **tiles,
     )

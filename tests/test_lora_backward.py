@@ -28,8 +28,10 @@ def reference(grad: torch.Tensor, B: torch.Tensor, xa: torch.Tensor,
 
 
 def check(grad: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, lora_dtype: torch.dtype, **grid: int) -> None:
-    gb, db = lora_backward.lora_output_grad(grad, B, xa, lora_dtype=lora_dtype, **grid)
+    scale = 1.7  # LoRA's alpha / r, applied to db by the kernel
+    gb, db = lora_backward.lora_output_grad(grad, B, xa, lora_dtype=lora_dtype, scale=scale, **grid)
     want_gb, want_db = reference(grad, B, xa, lora_dtype)
+    want_db *= scale
     assert gb.shape == want_gb.shape and gb.dtype == lora_dtype
     assert db.shape == want_db.shape and db.dtype == torch.float32
     # fp32 accumulation of exactly rounded operands: fp32-level error. A gradient not rounded to fp16 first would

@@ -198,7 +198,7 @@ def _adapter_output_grads(grad: torch.Tensor, spec: _Spec, B: torch.Tensor, xa: 
     ``dB = s * g^T @ xa`` [out, r] in B's, with ``g = grad.to(adapter dtype)``; None where not needed.
 
     Triton, both needed: one kernel reads grad once and rounds it in registers (``kernels/lora_backward.py``); dB is
-    scaled from its fp32 sum and rounded once, to B's dtype. Torch (and ranks over the kernel's maximum): the cast
+    scaled in it and rounded once from its fp32 sum, to B's dtype. Torch (and ranks over the kernel's maximum): the cast
     written out, then two matmuls, as PEFT does.
     """
     if spec.backend == "triton" and need_gb and need_b:
@@ -207,8 +207,8 @@ def _adapter_output_grads(grad: torch.Tensor, spec: _Spec, B: torch.Tensor, xa: 
         if B.shape[1] <= lora_backward.MAX_RANK:
             if grad.shape[1] > 1 and grad.stride(1) != 1:
                 grad = grad.contiguous()
-            gb, grad_b = lora_backward.lora_output_grad(grad, B, xa, lora_dtype=spec.lora_dtype)
-            return gb, grad_b.mul_(spec.scale).to(B.dtype)
+            gb, grad_b = lora_backward.lora_output_grad(grad, B, xa, lora_dtype=spec.lora_dtype, scale=spec.scale)
+            return gb, grad_b.to(B.dtype)
     grad_lora = grad.to(spec.lora_dtype)
     gb = grad_lora @ _adapter_cast(B, spec.lora_dtype) if need_gb else None
     grad_b = _scaled(grad_lora.t() @ xa, spec.scale, B.dtype) if need_b else None
