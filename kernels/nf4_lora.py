@@ -92,16 +92,37 @@ def _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_p
 @triton.jit
 def _dequantize_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, out_ptr,
                        n_rows, n_cols, stride_out,
+                       extra_ptr, extra_rows, extra_cols, stride_er, stride_ec, extra_row0, extra_col0, extra_scale,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCKSIZE: tl.constexpr,
                        NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_COLS: tl.constexpr,
-                       ROW_BLOCKS: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col0 = tl.program_id(1) * BLOCK_C
-    values = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, rows, col0,
-                           n_rows, n_cols, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, EVEN_COLS, ROW_BLOCKS)
-    cols = col0 + tl.arange(0, BLOCK_C)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
-             values.to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+                       ROW_BLOCKS: tl.constexpr, HAS_EXTRA: tl.constexpr):
+    """W into out's top-left corner; with HAS_EXTRA, the programs past W's row tiles write ``extra_scale * extra``
+    at (extra_row0, extra_col0), tile by tile (the scaled LoRA rows of a concatenated GEMM operand: no launch of
+    their own)."""
+    row_tiles = tl.cdiv(n_rows, BLOCK_R)
+    if HAS_EXTRA:
+        is_extra = tl.program_id(0) >= row_tiles
+    else:
+        is_extra = False
+    if is_extra:
+        tile = (tl.program_id(0) - row_tiles) * tl.num_programs(1) + tl.program_id(1)
+        tiles_c = tl.cdiv(extra_cols, BLOCK_C)
+        rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)  # tiles past the block: rows past its end, masked
+        cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows < extra_rows)[:, None] & (cols < extra_cols)[None, :]
+        values = tl.load(extra_ptr + rows.to(tl.int64)[:, None] * stride_er + cols[None, :] * stride_ec, mask=mask,
+                         other=0.0).to(tl.float32) * extra_scale
+        tl.store(out_ptr + (extra_row0 + rows).to(tl.int64)[:, None] * stride_out + (extra_col0 + cols)[None, :],
+                 values.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        col0 = tl.program_id(1) * BLOCK_C
+        values = _dequant_tile(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, table_ptr, rows, col0,
+                               n_rows, n_cols, BLOCK_R, BLOCK_C, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, EVEN_COLS,
+                               ROW_BLOCKS)
+        cols = col0 + tl.arange(0, BLOCK_C)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
+                 values.to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
 
 
 @triton.jit
@@ -241,19 +262,35 @@ def _weight_args(w: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return ptrs, flags
 
 
-def dequantize_4bit(w: Any, out: torch.Tensor) -> torch.Tensor:
+def dequantize_4bit(w: Any, out: torch.Tensor, *, extra: torch.Tensor | None = None,
+                    extra_at: tuple[int, int] = (0, 0), extra_scale: float = 1.0) -> torch.Tensor:
     """Write the ``[R, C]`` weight into ``out`` (its dtype): fp32 code value times fp32 block scale, rounded once.
-    ``out``'s rows may be strided (a column slice of a wider buffer); its elements within a row are not."""
+    ``out``'s rows may be strided (a column slice of a wider buffer); its elements within a row are not.
+
+    ``extra`` (any float dtype and strides): also write ``extra_scale * extra`` (fp32, rounded once) into ``out`` at
+    row and column ``extra_at``, in the same launch. ``out`` is then the whole buffer, W in its top-left corner."""
     rows, cols = w.shape
-    if tuple(out.shape) != (rows, cols) or (cols > 1 and out.stride(1) != 1):
-        raise ValueError(f"out must be [{rows}, {cols}] with unit column stride, got {list(out.shape)} "
-                         f"strides {out.stride()}")
+    if extra is None:
+        extent, fits = (rows, cols), tuple(out.shape) == (rows, cols)
+    else:
+        extent = (max(rows, extra_at[0] + extra.shape[0]), max(cols, extra_at[1] + extra.shape[1]))
+        fits = out.dim() == 2 and out.shape[0] >= extent[0] and out.shape[1] >= extent[1]
+    if not fits or (out.shape[1] > 1 and out.stride(1) != 1):
+        need = (f"{list(extent)}" if extra is None else
+                f"at least {list(extent)} (the weight, and the {list(extra.shape)} extra at {list(extra_at)})")
+        raise ValueError(f"out must be {need} with unit column stride, got {list(out.shape)} strides {out.stride()}")
     ptrs, flags = _weight_args(w)
     block_r, block_c = (16, 64) if triton_interpreted() else (32, 128)
-    grid = (cdiv(rows, block_r), cdiv(cols, block_c))
+    grid_r, grid_c = cdiv(rows, block_r), cdiv(cols, block_c)
+    extra_args = (out, 0, 0, 0, 0, 0, 0, 1.0)  # (unused without an extra)
+    if extra is not None:
+        extra_tiles = cdiv(extra.shape[0], block_r) * cdiv(extra.shape[1], block_c)
+        grid_r += cdiv(extra_tiles, grid_c)
+        extra_args = (extra, *extra.shape, *extra.stride(), *extra_at, float(extra_scale))
     # No fused multiply-add: the nested scale must be rounded after the multiply, as bitsandbytes rounds it.
-    _dequantize_kernel[grid](*ptrs, out, rows, cols, out.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, **flags,
-                             enable_fp_fusion=False)
+    _dequantize_kernel[(grid_r, grid_c)](*ptrs, out, rows, cols, out.stride(0), *extra_args, BLOCK_R=block_r,
+                                         BLOCK_C=block_c, **flags, HAS_EXTRA=extra is not None,
+                                         enable_fp_fusion=False)
     return out
 
 
@@ -337,10 +374,12 @@ def _concatenated(a: torch.Tensor, w: Any, weight_transposed: bool, lora: tuple[
     # Forward: W [P, Q] in the first Q columns of a [P, width] buffer (read transposed); input gradient: W [Q, P] in
     # the first Q rows of a [width, P] buffer. Either way rhs is the [width, P] operand.
     weight = torch.empty((P, width) if weight_transposed else (width, P), dtype=dtype, device=a.device)
-    dequantize_4bit(w, weight[:, :Q] if weight_transposed else weight[:Q])
+    if lora is None:
+        dequantize_4bit(w, weight[:, :Q] if weight_transposed else weight[:Q])
+    else:  # the scaled LoRA right factor by the same launch, scaled in fp32 and rounded once
+        dequantize_4bit(w, weight, extra=lora[1].t() if weight_transposed else lora[1],
+                        extra_at=(0, Q) if weight_transposed else (Q, 0), extra_scale=scale)
     rhs = weight.t() if weight_transposed else weight
-    if lora is not None:
-        torch.mul(lora[1], scale, out=rhs[Q:Q + rank])  # scaled in the adapter's dtype, rounded once
     if bias is not None:
         lhs[:, Q + rank] = 1
         rhs[Q + rank] = bias

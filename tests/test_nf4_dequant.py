@@ -109,6 +109,37 @@ def test_triton_dequantization_into_a_column_slice_of_a_wider_buffer() -> None:
         nf4_lora.dequantize_4bit(w, torch.empty(shape[1], shape[0]).t())
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_triton_dequantization_writes_the_scaled_extra_block_in_the_same_launch(out_dtype: torch.dtype) -> None:
+    """The concatenated operand of the dequant matmul strategy: W in the top-left corner and ``scale * extra`` beside
+    it (forward: the LoRA B as extra columns) or below it (input gradient: A as extra rows), each extra value scaled
+    in fp32 and rounded once; nothing else in the buffer touched. Odd sizes, a transposed (strided) extra, more extra
+    tiles than W's column tiles."""
+    from lamelm_fast.kernels import nf4_lora
+
+    torch.manual_seed(9)
+    for (shape, blocksize), extra_shape, at, pad in [(((9, 35), 32), (9, 5), (0, 35), (0, 3)),
+                                                     (((33, 64), 32), (7, 64), (33, 0), (2, 0)),
+                                                     (((5, 7), 64), (70, 3), (0, 7), (65, 0))]:
+        q, state = _quantized(shape, "nf4", True, blocksize)
+        w = Packed4bit.from_bnb(q, state)
+        with use_backend("torch"):
+            expected = dequantize(w, out_dtype)
+        extra = torch.randn(extra_shape[1], extra_shape[0], dtype=torch.float16).t()  # [rows, cols], strided
+        buffer = torch.full((max(shape[0], at[0] + extra_shape[0]) + pad[0],
+                             max(shape[1], at[1] + extra_shape[1]) + pad[1]), 7.0, dtype=out_dtype)
+        nf4_lora.dequantize_4bit(w, buffer, extra=extra, extra_at=at, extra_scale=2.9)
+        written = torch.zeros(buffer.shape, dtype=torch.bool)
+        written[: shape[0], : shape[1]] = True
+        region = (slice(at[0], at[0] + extra_shape[0]), slice(at[1], at[1] + extra_shape[1]))
+        written[region] = True
+        assert torch.equal(_bits(buffer[: shape[0], : shape[1]]), _bits(expected)), shape
+        assert torch.equal(buffer[region], (extra.float() * 2.9).to(out_dtype)), shape
+        assert (buffer[~written] == 7.0).all(), shape
+    with pytest.raises(ValueError, match=r"out must be at least \[70, 10\]"):
+        nf4_lora.dequantize_4bit(w, torch.empty(5, 9, dtype=out_dtype), extra=extra, extra_at=(0, 7))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
