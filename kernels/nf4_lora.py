@@ -12,11 +12,13 @@ flat values (fp32, or uint8 codes into a 256-entry table times a nested fp32 abs
 - :func:`dequant_matmul_4bit_lora`: the same sum as :func:`dequantize_4bit` into a transient weight buffer, then
   one cuBLAS GEMM that also carries the LoRA term and the bias (appended to its reduction, or through its
   ``beta = 1`` input), for large row counts where cuBLAS outruns the in-register dequantization
-  (``lamelm_fast.ops.nf4_matmul`` chooses).
+  (``lamelm_fast.ops.nf4_matmul`` chooses). :func:`dequant_matmul_4bit_lora_sum`: the input gradient of several
+  projections of one input (q/k/v) the same way, in one GEMM.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,7 +28,8 @@ import triton.language as tl
 from lamelm_fast.kernels._grid import cdiv, next_power_of_2
 from lamelm_fast.ops.dispatch import triton_interpreted
 
-__all__ = ["GEMV_MAX_ROWS", "dequant_matmul_4bit_lora", "dequantize_4bit", "lora_placement", "matmul_4bit_lora"]
+__all__ = ["GEMV_MAX_ROWS", "dequant_matmul_4bit_lora", "dequant_matmul_4bit_lora_sum", "dequantize_4bit",
+           "lora_placement", "matmul_4bit_lora"]
 
 GEMV_MAX_ROWS = 4  # up to this many rows the weight is streamed once per row, without tensor cores
 # torch.mm(..., out_dtype=float32) on half operands (CUDA, recent torch): the dequant path's fp32 results in one write.
@@ -453,3 +456,46 @@ def dequant_matmul_4bit_lora(a: torch.Tensor, w: Any, *, dtype: torch.dtype | No
     if direct or out is None:
         return result
     return out.add_(result) if accumulate else out.copy_(result)
+
+
+def dequant_matmul_4bit_lora_sum(terms: Sequence[tuple[torch.Tensor, Any, tuple[torch.Tensor, torch.Tensor] | None,
+                                                       float]], *, dtype: torch.dtype,
+                                 out: torch.Tensor) -> torch.Tensor:
+    """``out = sum_i a_i @ W_i + scale_i * left_i @ right_i`` over ``terms`` ``(a_i, W_i, (left_i, right_i) or None,
+    scale_i)``: the input gradient of projections that share their input (q/k/v), as one cuBLAS GEMM over their
+    concatenated reductions, ``[a_1 | left_1 | a_2 | ...] @ [W_1; scale_1 * right_1; W_2; ...]``.
+
+    Each W_i is dequantized into its rows of the operand buffer, with its scaled right factor below it, by one
+    launch. Beside :func:`dequant_matmul_4bit_lora` once per projection (``weight_transposed=False``, accumulating),
+    that saves a cat and a GEMM per extra projection, and for an fp32 ``out`` its half-precision product and the pass
+    adding it into ``out``. ``a_i`` [M, P_i] and W_i [P_i, Q], ``left_i`` [M, r_i] and ``right_i`` [r_i, Q], any
+    float dtypes; ``out`` [M, Q] is overwritten, ``dtype`` is the compute dtype."""
+    M, Q = out.shape
+    heights = []
+    for a, w, lora, _ in terms:
+        if a.shape[0] != M or tuple(w.shape) != (a.shape[1], Q) or (lora is not None and (
+                lora[0].shape[0] != M or lora[1].shape != (lora[0].shape[1], Q))):
+            raise ValueError(f"a term does not fit out [{M}, {Q}]: a {list(a.shape)}, W {list(w.shape)}, LoRA "
+                             f"{None if lora is None else [list(lora[0].shape), list(lora[1].shape)]}")
+        heights.append(w.shape[0] + (0 if lora is None else lora[0].shape[1]))
+    total = sum(heights)
+    width = cdiv(total, 8) * 8  # 16-byte operand rows for cuBLAS
+    lhs = torch.empty(M, width, dtype=dtype, device=out.device)
+    parts = [t for a, _, lora, _ in terms for t in ((a,) if lora is None else (a, lora[0]))]
+    torch.cat(parts, dim=1, out=lhs if width == total else lhs[:, :total])
+    rhs = torch.empty(width, Q, dtype=dtype, device=out.device)
+    row = 0
+    for (_, w, lora, scale), height in zip(terms, heights, strict=True):
+        if lora is None:
+            dequantize_4bit(w, rhs[row: row + height])
+        else:
+            dequantize_4bit(w, rhs[row: row + height], extra=lora[1], extra_at=(w.shape[0], 0), extra_scale=scale)
+        row += height
+    if width > total:  # both sides: garbage times zero can be NaN
+        lhs[:, total:].zero_()
+        rhs[total:].zero_()
+    if out.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16) and out.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(lhs, rhs, out_dtype=torch.float32, out=out)
+    if out.dtype == dtype:
+        return torch.mm(lhs, rhs, out=out)
+    return out.copy_(torch.mm(lhs, rhs))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama_config
+from conftest import count_calls, tiny_llama_config
 
 pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -136,22 +136,28 @@ def test_a_model_without_peft_layers_is_left_alone(quantized_dir: Path) -> None:
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
 
 
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
 def test_apply_kernels_with_the_dequant_strategy_equals_peft(quantized_dir: Path, launches: dict[str, int],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             monkeypatch: pytest.MonkeyPatch, dropout: float) -> None:
     """LAMELM_NF4_MATMUL=dequant: every 4-bit product of the fused MLP, the fused q/k/v op (their input gradients
-    accumulate into one buffer) and o_proj is dequantize + matmul; loss and LoRA gradients equal PEFT's."""
+    accumulate into one buffer; without dropout, one GEMM makes all three) and o_proj is dequantize + matmul; loss
+    and LoRA gradients equal PEFT's."""
     from lamelm_fast import apply_kernels
+    from lamelm_fast.kernels import nf4_lora
 
-    ref_model = qlora_model(quantized_dir, dropout=0.1, checkpointing=False)
+    ref_model = qlora_model(quantized_dir, dropout=dropout, checkpointing=False)
     model = copy.deepcopy(ref_model)
     assert apply_kernels(model).lora_layers == 2 * len(TARGETS)
     ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(5))
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     monkeypatch.setenv(dispatch.NF4_MATMUL_ENV_VAR, "dequant")
+    summed = count_calls(monkeypatch, nf4_lora, {"q/k/v input gradient": "dequant_matmul_4bit_lora_sum"})
     loss, grads, nodes = loss_and_grads(model, ids)
     # Each projection: forward and input gradient, but for q/k/v of layer 0, whose input (the embeddings, frozen,
-    # no checkpointing hook) needs no gradient.
-    assert launches == {"fused": 0, "dequant": 2 * 2 * len(TARGETS) - 3}
+    # no checkpointing hook) needs no gradient; without dropout layer 1's q/k/v input gradient is one product.
+    one_gemm = dropout == 0.0
+    assert launches == {"fused": 0, "dequant": 2 * 2 * len(TARGETS) - 3 - 3 * one_gemm}
+    assert summed == {"q/k/v input gradient": int(one_gemm)}
     with use_nf4_matmul("fused"):
         fused_loss, fused_grads, _ = loss_and_grads(model, ids)
     monkeypatch.delenv(dispatch.ENV_VAR)

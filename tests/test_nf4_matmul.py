@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 from test_lora4bit import CASES, _Holder, assert_same, peft_layer, rel_err, run  # noqa: E402
 from test_nf4_dequant import _quantized, eager_bitsandbytes  # noqa: E402, F401  (autouse fixture)
 
+from conftest import count_calls  # noqa: E402
 from lamelm_fast.kernels import nf4_lora  # noqa: E402
 from lamelm_fast.ops import dispatch, lora_nf4_linear, nf4_matmul  # noqa: E402
 from lamelm_fast.ops.dispatch import use_backend, use_nf4_matmul  # noqa: E402
@@ -127,6 +128,31 @@ def test_concatenated_operand_without_padding() -> None:
         assert rel_err(ours.double(), _expected(a, w, weight_transposed, (left, right), 0.7, None, None)) < 1e-5
 
 
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                   (torch.float16, torch.float16)])
+def test_summed_input_gradient_of_projections_sharing_their_input(dtype: torch.dtype, out_dtype: torch.dtype) -> None:
+    """q/k/v's input gradient as one GEMM: the float64 sum of every term's ``a @ W + scale * left @ right``, with a
+    term without LoRA, odd sizes (the reduction padded to whole 16-byte rows) and strided operands."""
+    q_in = 57
+    weights = [_weight(45, q_in, 64), _weight(21, q_in, 32, "fp4", nested=False), _weight(19, q_in, 64)]
+    terms, expected = [], 0.0
+    for i, w in enumerate(weights):
+        a = torch.randn(w.shape[0], 13).t().to(dtype)  # [13, P_i], column-major
+        lora = None if i == 1 else (torch.randn(13, 5).to(dtype), torch.randn(5, q_in).to(dtype))
+        scale = 0.7 + i
+        terms.append((a, w, lora, scale))
+        # The weight and the scaled right factor are rounded to the compute dtype, as the operand buffer holds them.
+        weight = dequantize_reference(w, dtype).double()
+        expected = expected + a.double() @ weight
+        if lora is not None:
+            expected = expected + lora[0].double() @ (lora[1].double() * scale).to(dtype).double()
+    out = torch.full((13, q_in), float("nan"), dtype=out_dtype)
+    assert nf4_lora.dequant_matmul_4bit_lora_sum(terms, dtype=dtype, out=out) is out
+    assert rel_err(out.double(), expected) < (1e-5 if dtype == torch.float32 else 2e-3)
+    with pytest.raises(ValueError, match="does not fit out"):
+        nf4_lora.dequant_matmul_4bit_lora_sum(terms, dtype=dtype, out=torch.empty(13, q_in + 1, dtype=out_dtype))
+
+
 def test_dequant_strategy_without_lora_or_out() -> None:
     w = _weight(45, 70, 64)
     a = torch.randn(11, 70)
@@ -223,19 +249,23 @@ class Attention4bit(torch.nn.Module):
         return self.q_proj(x).sum(-1) * self.k_proj(x).mean(-1) + self.v_proj(x).square().sum(-1)
 
 
-def attention_with_lora() -> torch.nn.Module:
+def attention_with_lora(dropout: float = 0.0) -> torch.nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
-    return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
-                                   Attention4bit())
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"])
+    return inject_adapter_in_model(config, Attention4bit())
 
 
-def test_qkv_group_accumulates_the_input_gradient_with_dequant(launches: dict[str, int]) -> None:
-    """k and v add their input gradients into q's buffer (ACCUMULATE) on the dequant path too."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_qkv_group_input_gradient_with_dequant(launches: dict[str, int], monkeypatch: pytest.MonkeyPatch,
+                                               dropout: float) -> None:
+    """On the dequant path the q/k/v input gradient is one GEMM over the three projections; with dropout (whose
+    masks multiply each LoRA term apart) k and v add theirs into q's buffer (ACCUMULATE)."""
     from torch import nn
 
+    summed = count_calls(monkeypatch, nf4_lora, {"one GEMM": "dequant_matmul_4bit_lora_sum"})
     torch.manual_seed(8)
-    ref = attention_with_lora()
+    ref = attention_with_lora(dropout)
     for name, param in ref.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(param, std=0.3)
@@ -249,9 +279,12 @@ def test_qkv_group_accumulates_the_input_gradient_with_dequant(launches: dict[st
         found = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         return {**found, "x": inp.grad}
 
+    torch.manual_seed(9)
     with use_backend("triton"), use_nf4_matmul("dequant"):
         got = grads(ours)
-    assert launches == {"fused": 0, "dequant": 6}
+    assert launches == {"fused": 0, "dequant": 3 if dropout == 0.0 else 6}
+    assert summed == {"one GEMM": int(dropout == 0.0)}
+    torch.manual_seed(9)  # the same dropout masks
     expected = grads(ref)
     assert got.keys() == expected.keys()
     for name in expected:

@@ -226,18 +226,25 @@ def _scaled(product: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Te
 
 def _project_backward(grad: torch.Tensor, x: _Casts, x_dtype: torch.dtype, spec: _Spec, A: torch.Tensor,
                       B: torch.Tensor, xa: torch.Tensor, keep: torch.Tensor | None,
-                      needs: tuple[bool, bool, bool, bool], dx: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+                      needs: tuple[bool, bool, bool, bool], dx: torch.Tensor | None,
+                      dx_terms: list[tuple[Any, ...]] | None = None) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dx, dA, dB, dbias) of one projection of an input of dtype ``x_dtype``, whose casts ``x`` holds
-    (shared by the projections of one input); dx is added into ``dx`` when that is given."""
+    (shared by the projections of one input); dx is added into ``dx`` when that is given. ``dx_terms`` (no dropout,
+    the dequant strategy): dx's term is appended there instead, for one GEMM over the group's
+    (:func:`_shared_backward`)."""
     need_x, need_a, need_b, need_bias = needs
     if not spec.adapted:
-        if need_x:
+        if need_x and dx_terms is not None:
+            dx_terms.append((grad, spec.weight, None, 0.0))
+        elif need_x:
             dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, out=dx)
         return dx, None, None, grad.sum(0) if need_bias else None
     A_l = _adapter_cast(A, spec.lora_dtype)
     gb, grad_b = _adapter_output_grads(grad, spec, B, xa, need_x or need_a, need_b)
     if need_x:
-        if keep is None:  # the LoRA term rides in the kernel's epilogue
+        if dx_terms is not None:
+            dx_terms.append((grad, spec.weight, (gb, A_l), spec.scale))
+        elif keep is None:  # the LoRA term rides in the kernel's epilogue
             dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, lora=(gb, A_l), out=dx)
         else:
             dx = _base_matmul(grad, spec, weight_transposed=False, out_dtype=x_dtype, out=dx)
@@ -287,6 +294,7 @@ def _shared_backward(specs: tuple[_Spec, ...], x2: torch.Tensor, x_shape: Sequen
                      ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """(dx, gradients of params) of :func:`_shared_forward`; ``needs``: whether x and each param need one."""
     dx, param_grads, casts = None, [], _Casts(x2)
+    dx_terms = [] if needs[0] and _one_input_gradient_gemm(specs, saved, grads) else None
     with torch.autocast(x2.device.type, enabled=False):
         for i, (spec, grad) in enumerate(zip(specs, grads, strict=True)):
             A, B, bias = params[3 * i: 3 * i + 3]
@@ -295,9 +303,31 @@ def _shared_backward(specs: tuple[_Spec, ...], x2: torch.Tensor, x_shape: Sequen
                 continue
             dx, *grads_i = _project_backward(grad.reshape(-1, grad.shape[-1]), casts, x_dtype, spec, A, B,
                                              saved[2 * i], saved[2 * i + 1], (needs[0], *needs[1 + 3 * i: 4 + 3 * i]),
-                                             dx)
+                                             dx, dx_terms)
             param_grads += grads_i
+        if dx_terms:
+            from lamelm_fast.kernels import nf4_lora
+
+            dx = torch.empty(dx_terms[0][0].shape[0], x_shape[-1], dtype=x_dtype, device=dx_terms[0][0].device)
+            nf4_lora.dequant_matmul_4bit_lora_sum(dx_terms, dtype=specs[0].compute_dtype, out=dx)
     return (None if dx is None else dx.view(x_shape)), param_grads
+
+
+def _one_input_gradient_gemm(specs: tuple[_Spec, ...], saved: Sequence[torch.Tensor | None],
+                             grads: Sequence[torch.Tensor | None]) -> bool:
+    """Whether the input gradients of these projections of one input (q/k/v) are summed by one GEMM
+    (``nf4_lora.dequant_matmul_4bit_lora_sum``): two or more with an output gradient, all on the Triton backend's
+    dequant strategy at this row count, in one compute dtype, without dropout (its mask multiplies the LoRA term on
+    its own). One GEMM instead of three, and no half-precision product added into an fp32 dx per extra projection.
+    """
+    from lamelm_fast.ops.nf4_matmul import settled_strategy
+
+    present = [i for i, grad in enumerate(grads) if grad is not None]
+    if len(present) < 2 or len({spec.compute_dtype for spec in specs}) != 1:
+        return False
+    rows = grads[present[0]].numel() // grads[present[0]].shape[-1]
+    return all(specs[i].backend == "triton" and settled_strategy(specs[i].matmul, rows) == "dequant"
+               and saved[2 * i + 1] is None for i in present)
 
 
 class _SharedInputLoRA4bit(torch.autograd.Function):

@@ -33,7 +33,7 @@ from lamelm_fast.kernels import nf4_lora
 from lamelm_fast.ops.dispatch import triton_interpreted
 
 __all__ = ["DEQUANT_FROM_ROWS", "STRATEGIES", "ShapeKey", "StrategyCache", "faster", "m_bucket", "matmul_4bit_lora",
-           "shape_key", "time_strategies"]
+           "settled_strategy", "shape_key", "time_strategies"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,11 @@ def _can_time(a: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def settled_strategy(strategy: str, rows: int) -> str:
+    """``strategy``, with ``auto`` settled where it takes no trial: ``dequant`` from :data:`DEQUANT_FROM_ROWS` rows."""
+    return "dequant" if strategy == "auto" and rows >= DEQUANT_FROM_ROWS else strategy
+
+
 def matmul_4bit_lora(a: torch.Tensor, w: Any, *, strategy: str, dtype: torch.dtype | None = None,
                      weight_transposed: bool = True, lora: tuple[torch.Tensor, torch.Tensor] | None = None,
                      scale: float = 1.0, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -168,9 +173,8 @@ def matmul_4bit_lora(a: torch.Tensor, w: Any, *, strategy: str, dtype: torch.dty
     own cast into its GEMM operand and asks for none."""
     dtype = a.dtype if dtype is None else dtype
     args = {"weight_transposed": weight_transposed, "lora": lora, "scale": scale, "bias": bias}
-    if strategy == "auto" and a.shape[0] >= DEQUANT_FROM_ROWS:
-        strategy = "dequant"
-    elif strategy == "auto":
+    strategy = settled_strategy(strategy, a.shape[0])
+    if strategy == "auto":
         key = shape_key(a, w, dtype=dtype, weight_transposed=weight_transposed, out=out, accumulate=accumulate,
                         lora=lora is not None)
         if _can_time(a):
