@@ -350,6 +350,23 @@ def test_auto_takes_dequant_untimed_from_the_row_threshold(launches: dict[str, i
     assert launches == {"fused": 1, "dequant": 1}
 
 
+def test_auto_takes_the_gemv_untimed_when_decoding(launches: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to GEMV_MAX_ROWS rows auto takes the fused strategy (its GEMV) without a trial, also where it could time:
+    timing calls that take microseconds of GPU work measures the host, and a noisy win for dequant would keep a
+    dequantized copy of the weight per call. One row more is left to the trial."""
+    monkeypatch.setattr(nf4_matmul, "_can_time", lambda a: True)
+    monkeypatch.setattr(nf4_matmul, "time_strategies", lambda *a, **k: pytest.fail("timed a decoding shape"))
+    w = _weight(24, 64, 64)
+    rows = nf4_lora.GEMV_MAX_ROWS
+    a = torch.randn(rows, 64)
+    with use_backend("triton"):
+        out = nf4_matmul.matmul_4bit_lora(a, w, strategy="auto")
+    assert launches == {"fused": 1, "dequant": 0} and len(nf4_matmul.CACHE) == 0
+    assert rel_err(out.double(), _expected(a, w, True, None, 1.0, None, None)) < 1e-5
+    assert [nf4_matmul.settled_strategy("auto", n) for n in (1, rows, rows + 1)] == ["fused", "fused", "auto"]
+    assert nf4_matmul.settled_strategy("dequant", 1) == "dequant"  # a pinned strategy is kept
+
+
 def test_faster_keeps_fused_unless_dequant_wins_by_the_margin() -> None:
     margin = nf4_matmul.DEQUANT_MARGIN
     assert nf4_matmul.faster({"fused": 1.0, "dequant": 0.5}) == "dequant"

@@ -12,7 +12,8 @@ dequantization cannot hide behind the tensor cores (many rows). Where the crosso
 won every shape and direction there, by 1.2x to 14x, and a trial would compile the fused kernel's autotuning
 configurations for nothing at the first training step). Below it, on a GPU, the first call of each
 :class:`ShapeKey` (rows bucketed to a power of two, as Triton's autotuner buckets them) times both strategies with
-CUDA events, on scratch outputs, and keeps the faster for the rest of the process. No timing under Triton's
+CUDA events, on scratch outputs, and keeps the faster for the rest of the process; decoding's few rows take the
+fused strategy's GEMV untimed (:func:`settled_strategy`). No timing under Triton's
 interpreter, off CUDA, during CUDA-graph capture or while torch.compile traces: there ``auto`` is ``fused`` (or a
 decision already made). ``auto`` decides on timings, so two runs may round differently where the two strategies
 are close; pin ``fused`` or ``dequant`` for bitwise-reproducible runs.
@@ -158,8 +159,16 @@ def _can_time(a: torch.Tensor) -> bool:
 
 
 def settled_strategy(strategy: str, rows: int) -> str:
-    """``strategy``, with ``auto`` settled where it takes no trial: ``dequant`` from :data:`DEQUANT_FROM_ROWS` rows."""
-    return "dequant" if strategy == "auto" and rows >= DEQUANT_FROM_ROWS else strategy
+    """``strategy``, with ``auto`` settled where it takes no trial: ``dequant`` from :data:`DEQUANT_FROM_ROWS` rows
+    on, ``fused`` (its GEMV kernel) up to ``GEMV_MAX_ROWS`` rows (decoding). The GEMV reads the 4-bit weight once,
+    a fifth of the bytes dequant moves, and needs no bf16 weight buffer; a trial there would time host overhead (the
+    first GPU session's decode rows: every strategy ~0.1-0.7 ms for microseconds of work) and could keep a
+    dequantized copy of the weight per call on noise."""
+    if strategy != "auto":
+        return strategy
+    if rows >= DEQUANT_FROM_ROWS:
+        return "dequant"
+    return "fused" if rows <= nf4_lora.GEMV_MAX_ROWS else strategy
 
 
 def matmul_4bit_lora(a: torch.Tensor, w: Any, *, strategy: str, dtype: torch.dtype | None = None,
