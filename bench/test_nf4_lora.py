@@ -106,8 +106,9 @@ def _autocast(device: torch.device):
 
 def _auto_choices(row: dict[str, object], in_features: int, out_features: int, tokens: int) -> None:
     """What ``auto`` decided for this row's forward and input-gradient products (absent: not decided)."""
-    if tokens >= nf4_matmul.DEQUANT_FROM_ROWS:
-        row["auto_forward"] = row["auto_input_grad"] = "dequant (untimed, rows rule)"
+    settled = nf4_matmul.settled_strategy("auto", tokens)
+    if settled != "auto":
+        row["auto_forward"] = row["auto_input_grad"] = f"{settled} (untimed, rows rule)"
         return
     for key, choice in nf4_matmul.CACHE.items():
         shape = (out_features, in_features) if key.weight_transposed else (in_features, out_features)
