@@ -17,11 +17,11 @@ LR = 1e-4
 
 
 def train_row(index: int, loss: float | None = None, grad_norm: float | None = 1.0, lr: float | None = LR,
-              gpu_util: float | None = None) -> dict[str, Any]:
+              gpu_util: float | None = None, input_share: float | None = None) -> dict[str, Any]:
     """Window `index` (0-based) of a steady run: loss falling 1% a window, so neither flat nor rising."""
     return {"step": (index + 1) * LOGGING_STEPS, "loss": 3.0 * 0.99**index if loss is None else loss,
             "grad_norm": grad_norm, "learning_rate": lr, "epoch": index / 50, "token_accuracy": 0.3,
-            "tokens_per_second": 4000.0, "gpu_util": gpu_util}
+            "tokens_per_second": 4000.0, "gpu_util": gpu_util, "input_share": input_share}
 
 
 def feed(monitor: HealthMonitor, rows: list[dict[str, Any]]) -> list[HealthWarning]:
@@ -237,6 +237,17 @@ def test_gpu_underutilised_twice_fires_once() -> None:
     warnings = feed(HealthMonitor(), [train_row(i, gpu_util=30.0) for i in range(10)])
     assert fired(warnings) == [("gpu_underutilised", 20)]
     assert "30%" in warnings[0].message and "50%" in warnings[0].message and "batch" in warnings[0].message
+
+
+@pytest.mark.parametrize(("input_share", "cause", "advice"), [(0.6, "waiting for input", "--packing"),
+                                                              (0.03, "to launch its kernels", "--compile")])
+def test_gpu_underutilised_names_the_cause_from_the_input_share(input_share: float, cause: str, advice: str) -> None:
+    """Our trainer measures the share of each window its loop spent making batches: a large one is an input-bound
+    run, a small one a GPU waiting for kernel launches (a step of many small ops), with the fix for each."""
+    rows = [train_row(i, gpu_util=30.0, input_share=input_share) for i in range(3)]
+    (warning,) = feed(HealthMonitor(), rows)
+    assert warning.check == "gpu_underutilised"
+    assert cause in warning.message and advice in warning.message and f"{input_share:.0%}" in warning.message
 
 
 def test_one_low_gpu_window_is_warmup_not_a_bottleneck() -> None:

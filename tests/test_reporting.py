@@ -45,7 +45,29 @@ def test_healthy_run_writes_every_file_and_warns_nothing(
     rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
     assert len(rows) == 12
     assert all(r["gpu_util"] is None if "gpu_util" in r else True for r in rows)
-    assert all(0 < r["token_accuracy"] < 1 and r["samples_per_second"] > 0 for r in rows)
+    assert all(0 < r["token_accuracy"] < 1 and r["samples_per_second"] > 0 and 0 <= r["input_share"] < 1
+               for r in rows)
+
+
+def test_input_share_is_the_time_the_loop_spends_making_batches(tmp_path: Path, tiny_model_dir: Path,
+                                                               small_alpaca: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow collation (0.3 s per micro-batch, far above a tiny model's step) makes up most of each window."""
+    import time
+
+    from lamelm_fast.train import loop
+
+    collate = loop.collate
+
+    def slow_collate(*args, **kwargs):
+        time.sleep(0.3)
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "collate", slow_collate)
+    train(config_for(tmp_path, tiny_model_dir, small_alpaca, max_steps=3, per_device_train_batch_size=2))
+    rows = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "train"]
+    assert len(rows) == 3 and all(0.4 < r["input_share"] <= 1 for r in rows), [r["input_share"] for r in rows]
 
 
 def test_learning_rate_10_warns_of_exploding_gradients(tmp_path: Path, tiny_model_dir: Path,

@@ -87,7 +87,7 @@ def test_resumed_summary_and_explain_cover_the_whole_run(tmp_path: Path, tiny_mo
 
 
 # Measured, not computed: they differ from run to run.
-TIMING = ("tokens_per_second", "samples_per_second", "mfu", "memory_gb")
+TIMING = ("tokens_per_second", "samples_per_second", "mfu", "memory_gb", "input_share")
 
 
 def same_value(value: object, expected: object) -> bool:

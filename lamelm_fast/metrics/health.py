@@ -46,8 +46,11 @@ class HealthThresholds:
     # noise, three rises in a row happen by chance every few dozen windows.
     rising_noise_sigmas: float = 4.0
     overfit_patience: int = 2  # val loss rising this many evals in a row while train loss falls
-    gpu_util_min: float = 50.0  # % averaged over a window -> input pipeline bottleneck
+    gpu_util_min: float = 50.0  # % averaged over a window -> the GPU waits for the host
     gpu_util_windows: int = 2  # consecutive low windows before warning (first window includes warmup)
+    # ... on the input pipeline when the loop spent more than this share of the window making batches, else on
+    # launching kernels (a step of many small ops)
+    input_share_max: float = 0.25
     memorization_loss: float = 0.1  # train loss below this with no eval set
     lr_relative_tolerance: float = 1e-3
 
@@ -149,6 +152,7 @@ class HealthMonitor:
         grad_norm = _number(row, "grad_norm")
         lr = _number(row, "learning_rate")
         gpu_util = _number(row, "gpu_util")
+        input_share = _number(row, "input_share")
         issued: list[HealthWarning] = []
 
         if loss is not None:
@@ -171,7 +175,7 @@ class HealthMonitor:
             if not self.has_eval:
                 issued += self._check_memorization(step, loss)
         if gpu_util is not None:
-            issued += self._check_gpu_util(step, gpu_util)
+            issued += self._check_gpu_util(step, gpu_util, input_share)
         return issued
 
     def _check_nonfinite_loss(self, step: int, loss: float) -> list[HealthWarning]:
@@ -262,16 +266,29 @@ class HealthMonitor:
                        "(--eval-split-ratio).")
         return self._report("memorization", step, message)
 
-    def _check_gpu_util(self, step: int, gpu_util: float) -> list[HealthWarning]:
+    def _check_gpu_util(self, step: int, gpu_util: float, input_share: float | None = None) -> list[HealthWarning]:
+        """``input_share``: the share of the window the loop spent making batches (None: not measured, as in the HF
+        Trainer, whose data loading happens inside it): says which of the two causes held the GPU back."""
         t = self.thresholds
         self._low_gpu_windows = self._low_gpu_windows + 1 if gpu_util < t.gpu_util_min else 0
         message = None
         if self._low_gpu_windows >= t.gpu_util_windows:
             message = (f"GPU utilisation averaged {gpu_util:.0f}% at step {step}, below {t.gpu_util_min:g}% for "
-                       f"{self._low_gpu_windows} logging windows in a row: the GPU is waiting for input (the input "
-                       "pipeline is CPU bound or the batch is too small). Use a larger "
-                       "--per-device-train-batch-size, keep --packing on, and move tokenization and collation off "
-                       "the training loop's main thread.")
+                       f"{self._low_gpu_windows} logging windows in a row: ")
+            if input_share is None:
+                message += ("the GPU is waiting for the host, either for input (the input pipeline is CPU bound) or "
+                            "for kernel launches (each kernel has too little work). Use a larger "
+                            "--per-device-train-batch-size, keep --packing on, and move tokenization and collation "
+                            "off the training loop's main thread.")
+            elif input_share > t.input_share_max:
+                message += (f"the training loop spent {input_share:.0%} of the window making batches, so the GPU is "
+                            "waiting for input. Keep --packing on (fewer, fuller rows to collate), use a larger "
+                            "--per-device-train-batch-size, and keep other work off the training process's CPU.")
+            else:
+                message += (f"making batches took only {input_share:.0%} of the window, so the GPU is waiting for "
+                            "the host to launch its kernels: each has too little work. Give them more: a larger "
+                            "--per-device-train-batch-size or longer rows (--max-seq-length, with --packing), or "
+                            "--compile (fewer, fused kernels).")
         return self._report("gpu_underutilised", step, message)
 
     def on_eval_row(self, row: Mapping[str, Any]) -> list[HealthWarning]:

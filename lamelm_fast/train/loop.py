@@ -316,9 +316,10 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     try:
         with _StopRequest(_stderr if dist.is_main else _silent) as stop:
             for step in range(position.step + 1, total_steps + 1):
-                epoch, next_example, indices = next(windows)
-                micro_batches = [collate([train_set[i] for i in dist.shard(idx)], config.packing,
-                                         tokenizer.pad_token_id) for idx in indices]
+                with window.preparing_input():
+                    epoch, next_example, indices = next(windows)
+                    micro_batches = [collate([train_set[i] for i in dist.shard(idx)], config.packing,
+                                             tokenizer.pad_token_id) for idx in indices]
                 # Normalise by the label tokens of the whole global window: the split into micro-batches and
                 # ranks is invisible.
                 num_items = sum(train_set[i].num_targets for idx in indices for i in idx)

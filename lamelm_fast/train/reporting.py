@@ -3,12 +3,13 @@ checks and early stopping, all handed to the RunLogger. The loop calls this; it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,17 @@ class WindowMetrics:
         self.sums = torch.zeros(2, device=self.device)  # loss (summed over steps), correct tokens
         self.steps = self.tokens = self.targets = self.sequences = 0
         self.started = time.perf_counter()
+        self.input_seconds = 0.0  # host time making the window's batches (:meth:`preparing_input`)
+
+    @contextlib.contextmanager
+    def preparing_input(self) -> Iterator[None]:
+        """Times the loop's making of the next step's batches (choosing the examples, collating): the window's
+        ``input_share``, which tells an input-bound run from one whose GPU waits for kernel launches."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.input_seconds += time.perf_counter() - began
 
     def add_micro_batch(self, loss: torch.Tensor, correct: torch.Tensor, batch: Batch) -> None:
         self._step_sums += torch.stack([loss.detach().float(), correct.detach().float()])
@@ -72,7 +84,8 @@ class WindowMetrics:
         rank calls it)."""
         names = ("loss", "correct", "tokens", "targets", "sequences")
         return {**dict(zip(names, self._global_sums().tolist(), strict=True)),
-                "steps": self.steps, "seconds": time.perf_counter() - self.started}
+                "steps": self.steps, "seconds": time.perf_counter() - self.started,
+                "input_seconds": self.input_seconds}
 
     def load_state_dict(self, state: dict[str, float] | None, holds_sums: bool) -> None:
         """Continue the window a checkpoint was saved in (None: from an older version, start afresh). The sums are
@@ -85,6 +98,7 @@ class WindowMetrics:
                                                                                          "sequences"))
         self.steps = int(state["steps"])
         self.started = time.perf_counter() - state["seconds"]
+        self.input_seconds = state.get("input_seconds", 0.0)
 
     def read(self, grad_norm: torch.Tensor | None, skips: SkipStreak) -> dict[str, float]:
         """The window over all ranks, and the last step's grad norm and skip counts (already global)."""
@@ -292,7 +306,8 @@ class TrainingReport:
                "learning_rate": float(learning_rate), "epoch": epoch, "token_accuracy": values["token_accuracy"],
                "tokens_per_second": tokens_per_second, "samples_per_second": values["sequences"] / elapsed,
                "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops),
-               "memory_gb": peak_memory_gb(self.device), "skipped_steps": int(values["skipped_steps"]), **gpu}
+               "memory_gb": peak_memory_gb(self.device), "skipped_steps": int(values["skipped_steps"]),
+               "input_share": min(window.input_seconds / elapsed, 1.0), **gpu}
         self.logger.train_row(row)
         window.reset()
         warnings = self.health.on_train_row(row, expected_lr=expected_learning_rate)
