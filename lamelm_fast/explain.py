@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from lamelm_fast.cli_parser import OneLineParser
+from lamelm_fast.metrics.health import HealthThresholds
 from lamelm_fast.metrics.plots import epoch_number
 
 EXPECTED = ("expected a lamelm-fast run directory (with metrics.jsonl), an HF trainer_state.json, or a directory "
@@ -51,6 +52,8 @@ class TrainPoint:
     token_accuracy: float | None = None
     tokens_per_second: float | None = None
     mfu: float | None = None
+    gpu_util: float | None = None  # % over the window
+    input_share: float | None = None  # of the window's time spent making batches (our trainer)
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,8 @@ def _train_point(row: dict[str, Any], loss: float, accuracy_key: str) -> TrainPo
     return TrainPoint(step=int(row["step"]), loss=loss, learning_rate=_number(row.get("learning_rate")),
                       epoch=_number(row.get("epoch")), grad_norm=_number(row.get("grad_norm")),
                       token_accuracy=_number(row.get(accuracy_key)),
-                      tokens_per_second=_number(row.get("tokens_per_second")), mfu=_number(row.get("mfu")))
+                      tokens_per_second=_number(row.get("tokens_per_second")), mfu=_number(row.get("mfu")),
+                      gpu_util=_number(row.get("gpu_util")), input_share=_number(row.get("input_share")))
 
 
 def _split_losses(rows: list[tuple[dict[str, Any], str]], accuracy_key: str, val_key: str,
@@ -552,7 +556,9 @@ def throughput(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, An
               "runtime_seconds": _number(summary.get("runtime_seconds")),
               "samples_per_second": _number(summary.get("samples_per_second")),
               "mfu": mfu if mfu is not None else mean_of([p.mfu for p in train]),
-              "peak_memory_gb": _number(summary.get("peak_memory_gb"))}
+              "peak_memory_gb": _number(summary.get("peak_memory_gb")),
+              "gpu_util": mean_of([p.gpu_util for p in train]),
+              "input_share": mean_of([p.input_share for p in train])}
     resumed = (_number(summary.get("segments")) or 1) > 1
     lines = []
     if result["tokens_per_second"] is not None:
@@ -569,6 +575,12 @@ def throughput(train: list[TrainPoint], summary: dict[str, Any]) -> dict[str, An
         lines.append(f"MFU {result['mfu']:.1%}")
     if result["peak_memory_gb"] is not None:
         lines.append(f"peak memory {result['peak_memory_gb']:.2f} GB")
+    if result["gpu_util"] is not None:
+        lines.append(f"GPU utilisation {result['gpu_util']:.0f}% on average over the windows")
+    if result["input_share"] is not None:
+        lines.append(f"{result['input_share']:.1%} of the training time spent making batches"
+                     + (" (the input pipeline held the GPU back)"
+                        if result["input_share"] > HealthThresholds().input_share_max else ""))
     segment_rate = _number(summary.get("segment_tokens_per_second"))
     if resumed and segment_rate is not None:
         # MFU, peak memory and the segment's own rate were measured by the last process, maybe on another device.

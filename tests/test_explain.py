@@ -176,6 +176,20 @@ def test_mean_final_noise_and_throughput_come_from_the_run(tmp_path: Path) -> No
     assert "MFU 31.0%" in throughput["text"]
 
 
+def test_throughput_says_how_busy_the_gpu_was_and_what_the_input_cost(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run")
+    assert "GPU utilisation" not in analyse(load_run(run))["throughput"]["text"]  # not recorded: not claimed
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for index, row in enumerate(r for r in rows if r["type"] == "train"):
+        row.update(gpu_util=40.0 + 10.0 * (index % 2), input_share=0.5)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    throughput = analyse(load_run(run))["throughput"]
+    assert throughput["gpu_util"] == 45.0 and throughput["input_share"] == 0.5
+    assert "GPU utilisation 45% on average" in throughput["text"]
+    assert "50.0% of the training time spent making batches (the input pipeline held the GPU back)" in (
+        throughput["text"])
+
+
 def test_without_eval_rows_overfitting_cannot_be_judged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = write_run(tmp_path / "run", with_eval=False)
     analysis = analyse(load_run(run_dir))
