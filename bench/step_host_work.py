@@ -6,7 +6,8 @@ does not need a GPU to be counted. This runs both trainers on the recipe of ``be
 Llama-3.2-1B's depth (16 decoder layers, 7 projections each, gradient checkpointing) at tiny widths on CPU, and counts
 per training step:
 
-* ``aten_ops``: ATen ops dispatched (a ``TorchDispatchMode``), views and allocations included;
+* ``aten_ops``: ATen ops dispatched (a ``TorchDispatchMode``), views and allocations included, and of them those
+  that launch a kernel on a GPU (neither a view by their schema nor an allocation);
 * ``triton_launches``: our Triton kernel launches. They run under ``TRITON_INTERPRET=1`` with the kernel bodies
   skipped, so the launch functions and everything around them run as on a GPU while no kernel computes: our
   trainer's losses are garbage here (its divergence check is switched off), and only the counts mean anything.
@@ -60,15 +61,29 @@ def _skip_kernel(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) 
     LAUNCHES[self.fn.__name__] += 1
 
 
+# Ops that allocate or make metadata only (no kernel on a GPU) beyond the views, which their schemas give away.
+_NO_KERNEL = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.promote_types",
+              "aten.lift_fresh", "aten._unsafe_view"}
+
+
+def _launches_a_kernel(func: Any) -> bool:
+    """Whether ``func`` runs a kernel on a GPU: not a view (an aliased return, no mutation), not an allocation."""
+    schema = func._schema
+    is_view = not schema.is_mutable and any(ret.alias_info is not None for ret in schema.returns)
+    return not is_view and str(func.overloadpacket) not in _NO_KERNEL
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self, sources: bool = False) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.launching = 0  # of the ops, those that launch a kernel on a GPU
         self.sources: collections.Counter[tuple[str, str]] | None = collections.Counter() if sources else None
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = str(func.overloadpacket)
         self.ops[name] += 1
+        self.launching += _launches_a_kernel(func)
         if self.sources is not None:
             self.sources[name, _call_site()] += 1
         return func(*args, **(kwargs or {}))
@@ -158,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 run(trainer, steps, work / f"{trainer}-{steps}")
             counts.append((mode, sum(LAUNCHES.values())))
         (short, launches_short), (long, launches_long) = counts
-        line = (f"{trainer:>7}: {(sum(long.ops.values()) - sum(short.ops.values())) / args.steps:8.1f} aten ops, "
+        line = (f"{trainer:>7}: {(sum(long.ops.values()) - sum(short.ops.values())) / args.steps:8.1f} aten ops "
+                f"({(long.launching - short.launching) / args.steps:.1f} launch a kernel on a GPU), "
                 f"{(launches_long - launches_short) / args.steps:6.1f} Triton launches")
         if args.time:  # a run without the dispatch mode: its own overhead would dominate the timing
             timed = run(trainer, 2 * args.steps, work / f"{trainer}-timed")
