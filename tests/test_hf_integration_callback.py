@@ -145,6 +145,31 @@ def test_tokens_per_second_leaves_out_evaluation_and_saving(tmp_path: Path, monk
         assert row["tokens_per_second"] == pytest.approx(2 * 2 * 17 / 2.0), row["step"]
 
 
+def test_input_share_is_the_time_between_steps_spent_fetching_batches(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Trainer fetches a step's batches between one step's end and the next one's begin: with a 3 s collator
+    and a 1 s forward, three quarters of a window. (accelerate's loader reads one batch ahead: the first window also
+    holds that batch's 3 s.)"""
+    from lamelm_fast.integrations import hf
+
+    clock = Clock()
+    monkeypatch.setattr(hf, "time", clock)
+    model = tiny_model("llama")
+    model.register_forward_pre_hook(lambda module, args: setattr(clock, "now", clock.now + module.training))
+
+    def slow_pad(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        clock.now += 3.0
+        return pad(features)
+
+    args = args_for(tmp_path, per_device_train_batch_size=2, max_steps=4, logging_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=examples(), data_collator=slow_pad,
+                      callbacks=[LamelmCallback()])
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert rows[0]["input_share"] >= 0.75 and rows[1]["input_share"] == pytest.approx(0.75)
+
+
 def flat_run(tmp_path: Path, name: str, clock: Clock, resume_from: Path | None = None,
              **overrides: Any) -> Trainer:
     """7 steps over one repeated example at a tiny learning rate: the loss is flat from the start, and the health

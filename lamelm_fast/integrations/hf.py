@@ -144,6 +144,7 @@ class LamelmCallback(TrainerCallback, ExportableState):
         self._window_start = 0.0  # when the logging window began
         self._paused = 0.0  # seconds of the window spent evaluating and saving
         self._last_trained = 0.0  # the last moment known to be training time (after the device finished it)
+        self._input_seconds = 0.0  # of the window, from the end of one step's training to the next step's start
 
     @property
     def warnings(self) -> list[HealthWarning]:
@@ -222,7 +223,7 @@ class LamelmCallback(TrainerCallback, ExportableState):
         self._sums = torch.zeros(2, dtype=torch.int64, device=args.device)
         self._training = True
         self._window_start = self._last_trained = time.perf_counter()
-        self._paused = 0.0
+        self._paused = self._input_seconds = 0.0
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         """A resumed run's ``state`` is the checkpoint's trainer_state.json, read by every rank (rank 0 wrote it):
@@ -260,6 +261,9 @@ class LamelmCallback(TrainerCallback, ExportableState):
             self._pause_ends()
             if self.gpu is not None:
                 self.gpu.window()
+        # Between a step's end (past any evaluation, save or logging) and the next step's begin, the Trainer fetched
+        # that step's batches: the window's input time, as our loop measures it (WindowMetrics.preparing_input).
+        self._input_seconds += time.perf_counter() - self._last_trained
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
@@ -317,7 +321,8 @@ class LamelmCallback(TrainerCallback, ExportableState):
         elapsed = max(now - self._window_start - self._paused, 1e-9)
         self._window_start = self._last_trained = now
         self._paused = 0.0
-        added: dict[str, Any] = {}
+        added: dict[str, Any] = {"input_share": min(self._input_seconds / elapsed, 1.0)}
+        self._input_seconds = 0.0
         if read.get("tokens"):  # none when the model was never called through the hooked module
             added["tokens_per_second"] = read["tokens"] / elapsed
             if self._params is not None:
