@@ -252,10 +252,17 @@ def _nf4_launches() -> Launches:
         "nf4 gemm forward": matmul(torch.bfloat16, 64, True, True, True, True, False),
         "nf4 gemm input gradient": matmul(torch.bfloat16, 64, True, False, True, False, True),
         "nf4 gemm no lora": matmul(torch.float16, 64, False, True, False, False, False),
-        # Dequantize + cuBLAS (the other strategy): W written into the rows of a wider GEMM operand.
+        # Dequantize + cuBLAS (the other strategy): W written into the rows of a wider GEMM operand, with the
+        # scaled LoRA factor beside it (forward) or below it (input gradient; q/k/v's three in one operand).
         "nf4 dequantize then cublas": lambda: k.dequant_matmul_4bit_lora(
             torch.randn(64, 128), packed(96, 128, True), dtype=torch.bfloat16,
             lora=(torch.randn(64, 16), torch.randn(16, 96)), scale=0.5, placement="concat"),
+        "nf4 dequantize then cublas, input gradient": lambda: k.dequant_matmul_4bit_lora(
+            torch.randn(64, 96), packed(96, 128, True), dtype=torch.bfloat16, weight_transposed=False,
+            lora=(torch.randn(64, 16), torch.randn(16, 128)), scale=0.5, placement="concat"),
+        "nf4 q/k/v input gradient in one gemm": lambda: k.dequant_matmul_4bit_lora_sum(
+            [(torch.randn(64, rows), packed(rows, 128, True), (torch.randn(64, 16), torch.randn(16, 128)), 0.5)
+             for rows in (96, 32, 32)], dtype=torch.bfloat16, out=torch.empty(64, 128)),
         "nf4 gemv forward": matmul(torch.bfloat16, 1, True, True, True, True, False),
         "nf4 gemv input gradient": matmul(torch.bfloat16, 3, False, False, True, False, True),
     }
