@@ -399,6 +399,13 @@ def lora_placement(in_dtype: torch.dtype, dtype: torch.dtype, reduction: int, co
     return "concat" if terms and (in_dtype != dtype or reduction < columns) else "addmm"
 
 
+def _mm_writes_fp32(out: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether cuBLAS can write half-precision operands' product into the fp32 ``out`` itself (the trainer's QLoRA:
+    fp32 results from bf16 compute): it rounds its fp32 accumulator straight into out, with no half-precision result
+    and no conversion pass."""
+    return out.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16) and out.is_cuda and _MM_OUT_DTYPE
+
+
 def dequant_matmul_4bit_lora(a: torch.Tensor, w: Any, *, dtype: torch.dtype | None = None,
                              weight_transposed: bool = True, lora: tuple[torch.Tensor, torch.Tensor] | None = None,
                              scale: float = 1.0, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -434,10 +441,7 @@ def dequant_matmul_4bit_lora(a: torch.Tensor, w: Any, *, dtype: torch.dtype | No
         lhs = a.to(dtype)
         rhs = dequantize_4bit(w, torch.empty(w.shape, dtype=dtype, device=a.device))
         rhs = rhs.t() if weight_transposed else rhs
-    if (out is not None and not accumulate and (concat or not terms) and out.dtype == torch.float32
-            and dtype in (torch.float16, torch.bfloat16) and out.is_cuda and _MM_OUT_DTYPE):
-        # fp32 results from half operands (the trainer's QLoRA): cuBLAS rounds its fp32 accumulator straight into
-        # out, no half-precision result and no conversion pass.
+    if out is not None and not accumulate and (concat or not terms) and _mm_writes_fp32(out, dtype):
         return torch.mm(lhs, rhs, out_dtype=torch.float32, out=out)
     direct = out is not None and out.dtype == dtype
     result = out if direct else torch.empty(M, P, dtype=dtype, device=a.device)
@@ -494,7 +498,7 @@ def dequant_matmul_4bit_lora_sum(terms: Sequence[tuple[torch.Tensor, Any, tuple[
     if width > total:  # both sides: garbage times zero can be NaN
         lhs[:, total:].zero_()
         rhs[total:].zero_()
-    if out.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16) and out.is_cuda and _MM_OUT_DTYPE:
+    if _mm_writes_fp32(out, dtype):
         return torch.mm(lhs, rhs, out_dtype=torch.float32, out=out)
     if out.dtype == dtype:
         return torch.mm(lhs, rhs, out=out)
