@@ -506,17 +506,19 @@ def test_trainer_uses_fused_adamw() -> None:
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
-def test_reference_cuts_large_tensors_into_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fp32", [False, True], ids=["bf16-master-stochastic", "fp32-fused-kernel"])
+def test_reference_cuts_large_tensors_into_pieces(monkeypatch: pytest.MonkeyPatch, fp32: bool) -> None:
     """The torch backend bounds its temporaries by updating flat pieces of tensors; pieces must not change results
-    (stochastic rounding included: its element index counts from the start of the tensor)."""
+    (stochastic rounding included: its element index counts from the start of the tensor; torch's fused kernel,
+    which fp32 takes on CPU, included: the pieces of one tensor share its step counter)."""
     from lamelm_fast.optim import _adamw_torch
 
     results = []
     for piece in (_adamw_torch._PIECE, 64):
         monkeypatch.setattr(_adamw_torch, "_PIECE", piece)
-        model = TinyModel(torch.bfloat16)
-        opt = FusedAdamW(model.groups(), lr=LR, max_grad_norm=MAX_GRAD_NORM, master_weights=True,
-                         stochastic_rounding=True, seed=3)
+        model = TinyModel(torch.float32 if fp32 else torch.bfloat16)
+        opt = FusedAdamW(model.groups(), lr=LR, max_grad_norm=MAX_GRAD_NORM, master_weights=not fp32,
+                         stochastic_rounding=not fp32, seed=3)
         with use_backend("torch"):
             for step in range(3):
                 fake_backward(model, step)
@@ -525,3 +527,31 @@ def test_reference_cuts_large_tensors_into_pieces(monkeypatch: pytest.MonkeyPatc
     for whole, pieces in zip(*results, strict=True):
         torch.testing.assert_close(pieces, whole, rtol=1e-6, atol=0)
     assert torch.equal(results[0][0], results[1][0])  # the weight: 703 elements in 11 pieces
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("dtype", "master", "fused"), [(torch.float32, False, True), (torch.bfloat16, True, False),
+                                                        (torch.bfloat16, False, False)])
+def test_cpu_reference_takes_torchs_fused_kernel_where_it_applies(dtype: torch.dtype, master: bool,
+                                                                  fused: bool) -> None:
+    """On CPU the torch backend updates fp32 params with aten._fused_adamw_ (one pass in place, no per-tensor
+    selects); a master copy or bf16 params with fp32 moments keep the foreach ops, which it cannot do."""
+    model = TinyModel(dtype)
+    opt = FusedAdamW(model.groups(), lr=LR, max_grad_norm=MAX_GRAD_NORM, master_weights=master)
+    with use_backend("torch"):
+        for step in range(2):
+            fake_backward(model, step)
+            with _OpCounter() as counted:
+                opt.step()
+    assert (counted.ops.get("aten._fused_adamw_", 0) > 0) == fused
+    assert ("aten.where" in counted.ops) != fused
