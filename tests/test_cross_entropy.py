@@ -508,6 +508,27 @@ def test_one_chunk_of_logits_is_alive_at_a_time(backend: str) -> None:
     assert live.most == 1
 
 
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}], ids=["plain", "smoothing_zloss"])
+def test_the_torch_path_writes_softmax_and_gradient_over_the_logits(backend: str, opts: dict[str, float]) -> None:
+    """No op but the logits' matmul allocates a chunk of logits' worth: the log-sum-exp, the softmax and its gradient
+    reuse the logits' buffer (torch.logsumexp made a chunk-sized temporary of its own: on CPU its page faults cost
+    more than the pass). Softcap keeps a second buffer by design (its derivative needs the capped logits)."""
+    if backend != "torch":
+        pytest.skip("the Triton kernel never allocates: it overwrites the logits in place")
+    hidden, weight, _, labels = _inputs(seed=44)
+    chunk = 24  # two chunks; a chunk of logits outweighs the [V, H] and [N, H] gradients
+    leaves = [t.float().requires_grad_() for t in (hidden, weight)]
+    with torch.profiler.profile(profile_memory=True) as prof:
+        fused_linear_cross_entropy(leaves[0], leaves[1], labels, chunk_size=chunk, **opts).backward()
+    chunk_bytes = chunk * V * 4
+    assert chunk_bytes > V * H * 4
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    assert any(e.name == "aten::mm" and e.self_cpu_memory_usage >= chunk_bytes for e in events)  # it does see them
+    allocating = [(e.name, e.self_cpu_memory_usage) for e in events
+                  if e.name != "aten::mm" and e.self_cpu_memory_usage >= chunk_bytes]
+    assert not allocating
+
+
 @pytest.mark.parametrize("chunk_size", [1, 8, None])
 @pytest.mark.parametrize(
     "opts",

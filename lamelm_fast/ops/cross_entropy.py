@@ -107,33 +107,38 @@ def _chunk_loss_and_dlogits(
         logits.div_(cfg.softcap).tanh_().mul_(cfg.softcap)
 
     eps = cfg.label_smoothing
-    lse = torch.logsumexp(logits, dim=1)
     # (1-eps)*(lse - z_y) + eps*(lse - mean_j z_j), rearranged to avoid a second lse term.
-    loss = lse - (1.0 - eps) * logits.gather(1, safe_labels).squeeze(1)
+    loss = -(1.0 - eps) * logits.gather(1, safe_labels).squeeze(1)
     if eps:
         loss -= eps * logits.mean(dim=1)
+    correct = (logits.argmax(dim=1) == labels) & valid if want_correct else None
+    # lse = m + log(sum exp(z - m)) as torch.logsumexp computes it, but with exp(z - m) written over the logits
+    # (softcap with a gradient: into a second buffer, its derivative needs them) instead of into a new chunk-sized
+    # temporary.
+    m = logits.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isinf(m), 0.0, m)  # rows of -inf (or a +inf) logits: as torch.logsumexp shifts them
+    exps = logits - m if cfg.softcap is not None and row_scale is not None else logits.sub_(m)
+    sums = exps.exp_().sum(dim=1)
+    lse = sums.log() + m.squeeze(1)
+    loss += lse
     if cfg.z_loss:
         loss += cfg.z_loss * lse.square()
     loss = torch.where(valid, loss, 0.0)
-    correct = (logits.argmax(dim=1) == labels) & valid if want_correct else None
     if row_scale is None:
         return loss, correct, None
 
-    if cfg.softcap is None:
-        grad = logits.sub_(lse[:, None]).exp_()  # softmax in place: the logits are not needed any more
-    else:
-        grad = (logits - lse[:, None]).exp_()
+    if cfg.softcap is not None:
         # Derivative of c*tanh(z/c) is 1 - tanh^2 = 1 - (z'/c)^2; reuse the logits buffer for it.
         logits.div_(cfg.softcap).square_().neg_().add_(1.0)
-    if cfg.z_loss:
-        grad.mul_((1.0 + 2.0 * cfg.z_loss * lse)[:, None])  # d(z * lse^2) = 2 z lse softmax
+    # logit_scale is the chain rule through the pre-cap scaling; ignored rows get exactly zero.
+    factor = torch.where(valid, row_scale * cfg.logit_scale, 0.0)
+    softmax_factor = factor * (1.0 + 2.0 * cfg.z_loss * lse) if cfg.z_loss else factor  # d(z lse^2) = 2 z lse p
+    grad = exps.mul_((softmax_factor / sums)[:, None])  # the softmax and its factor in one pass
     if eps:
-        grad.sub_(eps / grad.shape[1])
-    grad.scatter_add_(1, safe_labels, grad.new_full(safe_labels.shape, eps - 1.0))
+        grad.sub_((eps / grad.shape[1] * factor)[:, None])
+    grad.scatter_add_(1, safe_labels, ((eps - 1.0) * factor)[:, None].to(grad.dtype))
     if cfg.softcap is not None:
         grad.mul_(logits)
-    # logit_scale is the chain rule through the pre-cap scaling; ignored rows get exactly zero.
-    grad.mul_(torch.where(valid, row_scale * cfg.logit_scale, 0.0)[:, None])
     return loss, correct, grad
 
 
