@@ -69,23 +69,74 @@ def loss_and_grads(model: torch.nn.Module, batch: Batch, padding_free: bool,
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture
+def padded_counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The wrapper's CPU path (``padded_causal_attention``) as it is; counts its calls."""
+    calls = {"padded": 0}
+    padded = varlen_attention.padded_causal_attention
+
+    def counted(*args, **kwargs):
+        calls["padded"] += 1
+        return padded(*args, **kwargs)
+
+    monkeypatch.setattr(varlen_attention, "padded_causal_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["varlen", "padded"])
 @pytest.mark.parametrize(("family", "lengths"), [
     ("llama", [7, 13, 1, 22]), ("qwen3", [9, 4, 17]), ("gemma3", [5, 8, 3, 8])])  # gemma3: within its window of 8
-def test_packed_batch_through_varlen_equals_sdpa_over_the_mask(family: str, lengths: list[int],
-                                                               varlen_on_cpu: dict[str, int]) -> None:
+def test_packed_batch_through_varlen_equals_sdpa_over_the_mask(family: str, lengths: list[int], path: str,
+                                                               request: pytest.FixtureRequest) -> None:
+    """Both padding-free paths: varlen flash (its contract, on CPU) and the CPU's padded causal sdpa."""
+    calls = request.getfixturevalue("varlen_on_cpu" if path == "varlen" else "padded_counted")
     patch_varlen_attention()
     model = tiny_model(family).train()
     batch = packed_batch(lengths, seed=len(lengths))
     assert batch.cu_seq_lens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
     assert batch.max_length == max(lengths)
     ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)  # transformers' block-diagonal mask
-    assert varlen_on_cpu["varlen"] == 0
+    assert calls[path] == 0
     loss, grads = loss_and_grads(model, batch, padding_free=True)
-    assert varlen_on_cpu["varlen"] == LAYERS
+    assert calls[path] == LAYERS
     assert rel_err(loss, ref_loss) < 1e-6
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert rel_err(grad, ref_grads[name]) < 1e-5, name
+
+
+class HostReads(TorchDispatchMode):
+    """Counts device-to-host reads (.item(), bool(tensor), ...: all dispatch to _local_scalar_dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("lengths", "kv_heads"), [([7, 1, 13, 4], 2), ([5], 6), ([3, 11], 1)])
+def test_padded_causal_attention_is_each_sequence_on_its_own(lengths: list[int], kv_heads: int) -> None:
+    """The CPU path against the contract it stands in for: forward and every input gradient, odd lengths, a
+    one-token sequence, grouped-query heads, the last sequence shorter than the longest (its padding is clamped to
+    the row's end), and no host read."""
+    generator = torch.Generator().manual_seed(sum(lengths) + kv_heads)
+    tokens, heads, head_dim = sum(lengths), 6, 16
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    inputs = [torch.randn(tokens, h, head_dim, generator=generator, dtype=torch.float64, requires_grad=True)
+              for h in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(tokens, heads, head_dim, generator=generator, dtype=torch.float64)
+    with HostReads() as reads:
+        out = varlen_attention.padded_causal_attention(*inputs, cu, max(lengths), 0.3)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    assert reads.count == 0
+    expected = reference_varlen(*inputs, cu, cu, max(lengths), max(lengths), 0.3)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    assert rel_err(out, expected) < 1e-12
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert rel_err(grad, expected_grad) < 1e-12
 
 
 def test_the_trainer_passes_its_packed_batches_to_varlen(tiny_model_dir, embedded_tokenizer,
@@ -137,7 +188,7 @@ def test_a_sliding_window_shorter_than_a_sequence_keeps_sdpa(varlen_on_cpu: dict
     assert varlen_on_cpu["varlen"] == 0 and torch.equal(loss, ref_loss)
 
 
-def test_sdpa_is_unchanged_where_varlen_cannot_run() -> None:
+def test_sdpa_is_unchanged_where_varlen_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     patch_varlen_attention()
@@ -149,7 +200,9 @@ def test_sdpa_is_unchanged_where_varlen_cannot_run() -> None:
     model = tiny_model("llama")
     reference = copy.deepcopy(model)
     batch = packed_batch([6, 10], seed=1)
-    # CPU tensors: the padding-free arguments are there, but the flash kernel is not, so transformers' sdpa runs.
+    # The padding-free arguments are there, but neither path may run (on CPU the padded one would: switched off
+    # here), so transformers' sdpa runs.
+    monkeypatch.setattr(varlen_attention, "padded_supported", lambda *args: False)
     ALL_ATTENTION_FUNCTIONS["sdpa"] = original
     try:
         expected = loss_and_grads(reference, batch, padding_free=True)
@@ -291,8 +344,15 @@ def test_the_block_mask_is_built_only_where_a_layer_falls_back_to_sdpa(family: s
         expected, _ = loss_and_grads(reference, batch, padding_free=False)
     assert squares.count > 0 and builds["count"] == 0
 
-    with SquareTensors(tokens) as squares:  # CPU: every layer falls back, so the mask is built, once per mask kind
+    with SquareTensors(tokens) as squares:  # every layer runs the CPU's padded path: no [T, T] tensor at all
         loss, _ = loss_and_grads(model, batch, padding_free=True)
+    assert squares.count == 0 and builds["count"] == 0
+    assert rel_err(loss, expected) < 1e-6
+
+    with monkeypatch.context() as patch:  # every layer falls back, so the mask is built, once per mask kind
+        patch.setattr(varlen_attention, "padded_supported", lambda *args: False)
+        with SquareTensors(tokens) as squares:
+            loss, _ = loss_and_grads(model, batch, padding_free=True)
     assert squares.count > 0 and builds["count"] == 1  # (tiny Gemma3's layers all slide: its full mask is unused)
     assert torch.equal(loss, expected)
 
