@@ -715,6 +715,10 @@ def test_default_chunk_size() -> None:
         assert rows % 8 == 0
         assert rows > 64 * 2**20 // row_bytes - 8  # uses the budget, not just any small value
     assert _default_chunk_size(5, vocab, torch.float32, cpu) == 5  # never more than N
+    # Rows that fit are one chunk, not a multiple of 8 plus a sliver of a second (which, for 16-bit inputs, also
+    # needs the [V, H] fp32 accumulator): the embedded model's packed batches of ~600 tokens split 592 + 6.
+    assert _default_chunk_size(598, 4096, torch.float32, cpu) == 598
+    assert _default_chunk_size(598, 4096, torch.bfloat16, cpu) == 598
     assert _default_chunk_size(0, vocab, torch.float32, cpu) == 1
     assert _default_chunk_size(1_000, 10**9, torch.float32, cpu) == 1  # at least one row
     # Triton path, 16-bit logits: one chunk while its logits fit the budget plus the fp32 accumulator that several

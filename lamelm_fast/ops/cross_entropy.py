@@ -81,9 +81,11 @@ def _default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: tor
     accumulator_bytes = vocab * weight_grad_hidden * compute_dtype.itemsize if dtype != compute_dtype else 0
     if backend == "triton" and n_rows * row_bytes <= budget + accumulator_bytes:
         return max(1, n_rows)
-    rows = max(1, min(budget // row_bytes, n_rows))
+    rows = budget // row_bytes
+    if rows >= n_rows:  # all rows fit: one chunk (rounding it down would leave a sliver for a second one)
+        return max(1, n_rows)
     # Multiples of 8 keep the matmul shapes friendly to tensor cores and vectorised CPU kernels.
-    return rows - rows % 8 if rows > 8 else rows
+    return rows - rows % 8 if rows > 8 else max(1, rows)
 
 
 def _chunk_loss_and_dlogits(
