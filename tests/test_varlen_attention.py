@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -38,18 +40,26 @@ def reference_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat(pieces)
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, name: str, key: str,
+                run: Callable[..., Any] | None = None) -> dict[str, int]:
+    """Replaces ``varlen_attention.<name>`` by a counting wrapper of ``run`` (default: itself); the count is
+    ``calls[key]``."""
+    calls = {key: 0}
+    run = run or getattr(varlen_attention, name)
+
+    def counted(*args, **kwargs):
+        calls[key] += 1
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(varlen_attention, name, counted)
+    return calls
+
+
 @pytest.fixture
 def varlen_on_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """The wrapper's varlen path on CPU tensors, through ``reference_varlen``; counts its calls."""
-    calls = {"varlen": 0}
-
-    def counted(*args, **kwargs):
-        calls["varlen"] += 1
-        return reference_varlen(*args, **kwargs)
-
     monkeypatch.setattr(varlen_attention, "flash_runs", lambda device, dtype: True)
-    monkeypatch.setattr(varlen_attention, "flash_varlen_attention", counted)
-    return calls
+    return count_calls(monkeypatch, "flash_varlen_attention", "varlen", reference_varlen)
 
 
 def packed_batch(lengths: list[int], seed: int) -> Batch:
@@ -72,15 +82,7 @@ def loss_and_grads(model: torch.nn.Module, batch: Batch, padding_free: bool,
 @pytest.fixture
 def padded_counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """The wrapper's CPU path (``padded_causal_attention``) as it is; counts its calls."""
-    calls = {"padded": 0}
-    padded = varlen_attention.padded_causal_attention
-
-    def counted(*args, **kwargs):
-        calls["padded"] += 1
-        return padded(*args, **kwargs)
-
-    monkeypatch.setattr(varlen_attention, "padded_causal_attention", counted)
-    return calls
+    return count_calls(monkeypatch, "padded_causal_attention", "padded")
 
 
 @pytest.mark.parametrize("path", ["varlen", "padded"])
@@ -228,14 +230,7 @@ def test_only_packed_batches_carry_padding_free_arguments() -> None:
 @pytest.mark.parametrize("weights", ["bf16", "fp32 under bf16 autocast"])
 def test_torch_varlen_kernel_equals_sdpa_over_the_mask(family: str, weights: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = {"varlen": 0}
-    kernel = varlen_attention.flash_varlen_attention
-
-    def counted(*args, **kwargs):
-        calls["varlen"] += 1
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(varlen_attention, "flash_varlen_attention", counted)
+    calls = count_calls(monkeypatch, "flash_varlen_attention", "varlen")
     assert patch_varlen_attention(), "this torch has no varlen flash attention"
     autocast = weights != "bf16"
     model = tiny_model(family).to("cuda", torch.float32 if autocast else torch.bfloat16).train()
