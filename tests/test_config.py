@@ -155,6 +155,7 @@ def test_embedded_default_trains_from_the_cli(
     result, run = embedded_default_cli_run
     assert result.returncode == 0, result.stderr
     assert "full fine-tuning of embedded tiny Llama" in result.stdout and "trained in full" in result.stdout
+    assert "packed batches: one causal sdpa over the sequences padded to the longest" in result.stdout  # no mask
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [row for row in rows if row["type"] == "train"]
     assert [row["step"] for row in train_rows] == list(range(5, 61, 5))

@@ -239,9 +239,16 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     varlen = (config.packing and config.attn_implementation == "sdpa" and report.varlen_attention
               and autocast_dtype is not None and flash_device(device))
     if config.packing and config.attn_implementation == "sdpa":
-        notes.append("packed batches: " + ("varlen flash attention, each sequence attending only to itself" if varlen
-                                           else "sdpa over a block-diagonal mask (varlen flash attention needs a "
-                                           "CUDA GPU of compute capability 8.0+, bf16 compute and torch >= 2.10)"))
+        if varlen:
+            how = "varlen flash attention, each sequence attending only to itself"
+        elif report.varlen_attention and device.type == "cpu" and not config.compile:
+            how = "one causal sdpa over the sequences padded to the longest, each attending only to itself"
+        else:
+            how = "sdpa over a block-diagonal mask"
+        if not varlen:
+            how += (" (varlen flash attention needs a CUDA GPU of compute capability 8.0+, bf16 compute and torch"
+                    " >= 2.10)")
+        notes.append(f"packed batches: {how}")
     if report.swiglu_mlps or report.rms_norms or report.rope_attentions:
         where = "Triton kernels" if resolve_backend(device) == "triton" else "their torch reference"
         notes.append(f"fused layers ({where}): RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
