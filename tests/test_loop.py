@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import embedded_records, tiny_llama_config, write_jsonl
 from lamelm_fast.train import TrainConfig, train
 from lamelm_fast.train.config import ConfigError
-from lamelm_fast.train.data import Record, collate, encode_record, iterate_batches, prepare_datasets
+from lamelm_fast.train.data import Batch, Record, collate, encode_record, iterate_batches, prepare_datasets
 from lamelm_fast.train.model import keep_bnb_storage_layout
 
 
@@ -223,10 +225,11 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_training_step_reads_nothing_on_the_host(packing: bool, tiny_model_dir: Path, embedded_tokenizer) -> None:
-    """No device-to-host read in a training step, transformers' mask code included: packed rows are known packed
-    (no check of the positions), padded rows need no padding mask (no check of the mask)."""
+def training_step(model_dir: Path, tokenizer: Any, packing: bool, device: torch.device,
+                  autocast_dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Batch, Callable[[], None]]:
+    """A patched model, a batch of embedded records (padded rows do have padding), its optimizer and schedule on
+    ``device``, and one training step over them as a function: loss, backward, the window's sums, the optimizer and
+    scheduler steps."""
     from transformers import AutoModelForCausalLM
 
     from lamelm_fast import apply_kernels
@@ -234,26 +237,57 @@ def test_training_step_reads_nothing_on_the_host(packing: bool, tiny_model_dir: 
     from lamelm_fast.train.loop import WindowMetrics, make_optimizer
     from lamelm_fast.train.model import causal_lm_loss
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     apply_kernels(model)
-    examples = [encode_record(Record(r, "x"), "alpaca", embedded_tokenizer, False) for r in embedded_records(4)]
+    examples = [encode_record(Record(r, "x"), "alpaca", tokenizer, False) for r in embedded_records(4)]
     batch = collate(examples, packing=packing, pad_token_id=0)
-    assert len({len(e.input_ids) for e in examples}) > 1  # padded rows do have padding
+    assert len({len(e.input_ids) for e in examples}) > 1
+    batch = batch.to(device)
     config = TrainConfig(learning_rate=1e-3, weight_decay=0.1, max_grad_norm=1.0)
     optimizer = make_optimizer(model, config)
     scheduler = get_lr_scheduler("cosine", optimizer, 2, 10)
-    window = WindowMetrics(torch.device("cpu"))
-    with SyncCounter() as step:
-        loss, correct = causal_lm_loss(model, batch, batch.num_targets, None)
+    window = WindowMetrics(device)
+
+    def step() -> None:
+        loss, correct = causal_lm_loss(model, batch, batch.num_targets, autocast_dtype)
         loss.backward()
         window.add_micro_batch(loss, correct, batch)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    assert step.count == 0
+
+    return model, batch, step
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_training_step_reads_nothing_on_the_host(packing: bool, tiny_model_dir: Path, embedded_tokenizer) -> None:
+    """No device-to-host read in a training step, transformers' mask code included: packed rows are known packed
+    (no check of the positions), padded rows need no padding mask (no check of the mask)."""
+    model, batch, step = training_step(tiny_model_dir, embedded_tokenizer, packing, torch.device("cpu"))
+    with SyncCounter() as counted:
+        step()
+    assert counted.count == 0
     with SyncCounter() as unsaid:  # given positions but no padding-free arguments, transformers checks them
         model.model(input_ids=batch.input_ids, position_ids=torch.arange(batch.input_ids.shape[1])[None])
     assert unsaid.count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("packing", [True, False])
+def test_training_step_on_cuda_makes_no_synchronizing_call(packing: bool, tiny_model_dir: Path,
+                                                           embedded_tokenizer) -> None:
+    """The test above by CUDA's own detector, on the GPU path: Triton layers, varlen flash attention for packed rows,
+    the fused loss and the Triton optimizer under bf16 autocast. The step after the first (which compiles, autotunes
+    and uploads the optimizer's tables) must make no synchronizing call."""
+    _, _, step = training_step(tiny_model_dir, embedded_tokenizer, packing, torch.device("cuda"), torch.bfloat16)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_lora_target_modules_all_linear_and_a_wrong_name(tiny_model_dir: Path, small_alpaca: Path,
