@@ -148,7 +148,9 @@ def padded_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     index = (starts[:, None] + offsets).clamp_(max=tokens - 1)  # [sequences, max_length]
 
     def padded(tensor: torch.Tensor) -> torch.Tensor:  # [sequences, heads, max_length, head_dim]
-        return tensor[index].permute(0, 2, 1, 3)
+        # index_select, not tensor[index]: its backward is index_add_, ~3x faster on CPU than indexing's index_put_
+        rows = tensor.index_select(0, index.flatten())
+        return rows.view(*index.shape, *tensor.shape[1:]).permute(0, 2, 1, 3)
 
     out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True, scale=scale,
                                          enable_gqa=key.shape[1] != heads)
@@ -156,7 +158,7 @@ def padded_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     token = torch.arange(tokens, device=query.device)
     sequence = torch.searchsorted(cu_seq_lens[1:].long(), token, right=True)
     place = sequence * max_length + token - starts[sequence]
-    return out.permute(0, 2, 1, 3).reshape(-1, heads, out.shape[-1])[place]
+    return out.permute(0, 2, 1, 3).reshape(-1, heads, out.shape[-1]).index_select(0, place)
 
 
 class DeferredMask:
