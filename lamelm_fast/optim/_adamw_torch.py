@@ -3,7 +3,9 @@
 Foreach ops per (bucket, param group, device), over flat pieces of the tensors so that temporaries stay small; the
 norm, the clip coefficient and the "is the step finite" decision stay 0-dim device tensors, so there is no host
 sync. A skipped step commits nothing: every write selects between the candidate and the old value with
-``torch.where`` (blending with a 0/1 factor would let NaN through).
+``torch.where`` (blending with a 0/1 factor would let NaN through). On CPU, fp32 buckets without a master copy or
+stochastic rounding are updated by torch's fused AdamW kernel instead, its ``found_inf`` being the skip
+(:func:`_fused_applies`).
 """
 
 from __future__ import annotations
@@ -127,6 +129,12 @@ def _pieces(work: StepTensors, indices: list[int]) -> Iterator[list[tuple[int, i
         yield batch
 
 
+def _piece_views(tensors: list, pieces: list[tuple[int, int, int, bool]]) -> list[Tensor]:
+    """The pieces' ranges of ``tensors`` (one of StepTensors' parallel lists): flat slices, or non-contiguous tensors
+    whole."""
+    return [tensors[i].view(-1)[start:stop] if flat else tensors[i] for i, start, stop, flat in pieces]
+
+
 def _fused_applies(key: BucketKey, device: torch.device) -> bool:
     """Whether a bucket's update can be torch's own fused AdamW kernel (``aten._fused_adamw_``): on CPU (where the
     foreach ops below run tensor by tensor, each writing a temporary: ~5x the fused kernel's time for the embedded
@@ -142,14 +150,12 @@ def _fused_update(work: StepTensors, pieces: list[tuple[int, int, int, bool]], g
     (fp32 arithmetic, bias corrections in fp64). A skipped step is its ``found_inf``: the kernel then returns before
     writing anything (read inside the kernel, not through a host read of ours). The clipped gradients are
     temporaries: its ``grad_scale`` would write them over the caller's gradients."""
-    def views(tensors: list) -> list[Tensor]:
-        return [tensors[i].view(-1)[start:stop] for i, start, stop, _ in pieces]
-
-    grads = views(work.grads)
+    params, grads, exp_avgs, exp_avg_sqs = (_piece_views(tensors, pieces) for tensors in
+                                            (work.params, work.grads, work.exp_avgs, work.exp_avg_sqs))
     if clip is not None:
         grads = torch._foreach_mul(grads, clip)
     lr = group["lr"]
-    torch._fused_adamw_(views(work.params), grads, views(work.exp_avgs), views(work.exp_avg_sqs), [],
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [],
                         [work.steps[i] for i, *_ in pieces], lr=lr.to(finite.device) if isinstance(lr, Tensor) else lr,
                         beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
                         eps=group["eps"], amsgrad=False, maximize=False, found_inf=(~finite).to(torch.float32))
@@ -162,11 +168,9 @@ def _update(work: StepTensors, pieces: list[tuple[int, int, int, bool]], group: 
     if isinstance(lr, Tensor):
         lr = lr.to(finite.device)
 
-    def views(tensors: list) -> list[Tensor]:
-        return [tensors[i].view(-1)[start:stop] if flat else tensors[i] for i, start, stop, flat in pieces]
-
-    params, exp_avgs, exp_avg_sqs = views(work.params), views(work.exp_avgs), views(work.exp_avg_sqs)
-    grads = [g.float() for g in views(work.grads)]
+    params, grads, exp_avgs, exp_avg_sqs = (_piece_views(tensors, pieces) for tensors in
+                                            (work.params, work.grads, work.exp_avgs, work.exp_avg_sqs))
+    grads = [g.float() for g in grads]
     if clip is not None:  # out of place: for fp32 grads, .float() is p.grad itself, which must not change
         grads = torch._foreach_mul(grads, clip)
     # The step counters were advanced by finalize() (left as they were on a skipped step, whose
@@ -181,7 +185,7 @@ def _update(work: StepTensors, pieces: list[tuple[int, int, int, bool]], group: 
     denoms = torch._foreach_sqrt(new_exp_avg_sqs)
     torch._foreach_div_(denoms, bias_correction2_sqrts)
     torch._foreach_add_(denoms, eps)
-    masters = views(work.masters) if master else None
+    masters = _piece_views(work.masters, pieces) if master else None
     weights = masters if masters is not None else [p.float() for p in params]
     # Decoupled weight decay acts on the pre-update weights, as in torch.optim.AdamW.
     new_weights = torch._foreach_mul(weights, 1 - lr * weight_decay)
