@@ -141,6 +141,22 @@ def test_param_data_replaced(backend: str) -> None:
     assert works[3] is works[4] is works[5]
 
 
+def test_param_data_replaced_by_another_shape_is_refused(backend: str) -> None:
+    """A ``.data`` of another shape (a vocabulary resized in place) leaves moments that cannot be the param's: the
+    rebuilt step refuses it by name, before any backend reads the moments as if they were the param's size."""
+    params = make_params()
+    opt = FusedAdamW(params, lr=LR, max_grad_norm=MAX_GRAD_NORM)
+    set_grads(params, 0)
+    opt.step()
+    params[2].data = torch.randn(4000)
+    set_grads(params, 1)
+    with pytest.raises(RuntimeError, match=r"param 2 of param group 0 has shape \[4000\].*'exp_avg' has shape \[37\]"):
+        opt.step()
+    del opt.state[params[2]]  # the way out the message names
+    opt.step()
+    assert opt.state[params[2]]["exp_avg"].shape == (4000,)
+
+
 def test_gradients_appearing_and_disappearing(backend: str) -> None:
     """Param 1 gets its first gradient at step 2 (state created then); param 4 has none at step 4 only."""
 

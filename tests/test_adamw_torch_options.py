@@ -113,3 +113,42 @@ def test_load_refuses_state_with_math_it_does_not_implement() -> None:
     opt = FusedAdamW(params())
     opt.load_state_dict(torch.optim.Adam(params(), weight_decay=0.0).state_dict())
     assert opt.param_groups[0]["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
+def test_dtypes_without_a_kernel_are_refused_by_name(dtype: torch.dtype) -> None:
+    """fp64 and complex params (the moments are fp32, the kernels load fp32/fp16/bf16) raise on every backend, naming
+    the param and the way out, instead of an error from inside the norm."""
+    ps = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4, dtype=dtype))]
+    opt = FusedAdamW(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(TypeError, match=f"param 1 of param group 0 is {dtype}.*torch.optim.AdamW"):
+        opt.step()
+
+
+@pytest.mark.parametrize("option", [{"lr": -1.0}, {"lr": float("nan")}, {"lr": torch.tensor(float("inf"))},
+                                    {"lr": torch.ones(2)}, {"eps": float("nan")}, {"eps": -1e-8},
+                                    {"weight_decay": float("inf")}, {"max_grad_norm": float("nan")},
+                                    {"max_grad_norm": 0.0}, {"betas": (0.9, 1.0)}])
+def test_invalid_hyperparameters_are_refused(option: dict[str, Any]) -> None:
+    """As torch.optim.AdamW refuses a negative lr or eps; NaN and inf too, which would silently NaN every param."""
+    with pytest.raises(ValueError, match=next(iter(option))):
+        FusedAdamW(params(), **option)
+
+
+def test_load_takes_a_numeric_step_and_refuses_moments_of_another_shape() -> None:
+    """State dicts of older torch versions hold ``step`` as a number; moments of another shape (another model's
+    state dict) are refused, not broadcast into the param's shape."""
+    ps = params()
+    torch_opt = torch.optim.AdamW(ps)
+    steps(torch_opt, ps, count=2)
+    saved = copy.deepcopy(torch_opt.state_dict())
+    saved["state"][0]["step"] = 2.0
+    opt = FusedAdamW(ps)
+    opt.load_state_dict(saved)
+    assert opt.state[ps[0]]["step"].dtype == torch.float32 and opt.state[ps[0]]["step"].item() == 2.0
+    torch.testing.assert_close(opt.state[ps[0]]["exp_avg"], torch_opt.state[ps[0]]["exp_avg"], rtol=0, atol=0)
+    saved["state"][1]["exp_avg_sq"] = torch.ones(1)
+    with pytest.raises(ValueError, match=r"'exp_avg_sq' of param 1 has shape \[1\], the param \[3\]"):
+        FusedAdamW(ps).load_state_dict(saved)

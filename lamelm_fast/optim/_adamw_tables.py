@@ -29,7 +29,6 @@ from lamelm_fast.kernels import adamw as kernels
 from lamelm_fast.ops.dispatch import BackendUnavailable
 from lamelm_fast.optim._adamw_work import Bucket, BucketKey, HyperTable, StepTensors, upload
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ALIGNMENT = 16  # bytes: what 16-byte vector loads and stores need of every pointer of a bucket
 
 
@@ -39,9 +38,6 @@ def _check_tensors(work: StepTensors, i: int, backend: str) -> None:
     numel = param.numel()
     if not param.is_contiguous() or not grad.is_contiguous():
         raise BackendUnavailable(f"the {backend} FusedAdamW backend needs contiguous parameters and gradients")
-    if param.dtype not in SUPPORTED_DTYPES or grad.dtype not in SUPPORTED_DTYPES:
-        raise BackendUnavailable(f"the {backend} FusedAdamW backend supports fp32/fp16/bf16 tensors, got "
-                                 f"param {param.dtype} with grad {grad.dtype}")
     if grad.numel() != numel or grad.device != work.device:
         raise RuntimeError(f"FusedAdamW: a gradient of shape {tuple(grad.shape)} on {grad.device} for a param of "
                            f"shape {tuple(param.shape)} on {work.device}")

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # of params and gradients, on every backend
+
 
 @dataclass
 class StepTensors:

@@ -22,7 +22,7 @@ from torch.optim.optimizer import ParamsT
 
 from lamelm_fast.ops.dispatch import BackendUnavailable, requested_backend, resolve_backend
 from lamelm_fast.optim._adamw_torch import TorchAdamW
-from lamelm_fast.optim._adamw_work import Bucket, BucketKey, StepTensors
+from lamelm_fast.optim._adamw_work import SUPPORTED_DTYPES, Bucket, BucketKey, StepTensors
 
 try:
     from torch.distributed.tensor import DTensor
@@ -110,6 +110,22 @@ def _global_squares(partials: Tensor, slices: list[tuple[int, int]], buckets: li
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         totals.append(total)
     return torch.stack(totals)
+
+
+def _check_param(param: Tensor, grad: Tensor, state: dict[str, Tensor], group_index: int, index: int) -> None:
+    """What every backend assumes of a param, its gradient and its state; checked when the step's plan is built (a
+    new param, a replaced ``.data``, a loaded state), not every step."""
+    where = f"param {index} of param group {group_index}"
+    if param.dtype not in SUPPORTED_DTYPES or grad.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"FusedAdamW supports fp32, fp16 and bf16 params and gradients; {where} is {param.dtype} "
+                        f"with a {grad.dtype} gradient. Cast the model (model.float()), or use torch.optim.AdamW for "
+                        "float64 or complex params")
+    for key in ("exp_avg", "exp_avg_sq", _MASTER):
+        if key in state and state[key].shape != param.shape:
+            raise RuntimeError(f"FusedAdamW: {where} has shape {list(param.shape)} but its optimizer state {key!r} "
+                               f"has shape {list(state[key].shape)}: the param's .data was replaced by a tensor of "
+                               "another shape after a step. Restart its moments (del optimizer.state[param]) or build "
+                               "a new optimizer")
 
 
 _GRAD = attrgetter("grad")
@@ -244,11 +260,17 @@ class FusedAdamW(torch.optim.Optimizer):
         if isinstance(max_grad_norm, bool):
             raise TypeError(f"max_grad_norm must be a float or None, got {max_grad_norm} (torch.optim.AdamW's 6th "
                             "positional argument is amsgrad; FusedAdamW's is max_grad_norm: pass amsgrad by keyword)")
+        # Written so that NaN fails too.
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must have one element, got shape {list(lr.shape)}")
+        if not 0.0 <= float(lr) < float("inf"):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps < 0.0 or weight_decay < 0.0:
-            raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps}, weight_decay={weight_decay}")
-        if max_grad_norm is not None and max_grad_norm <= 0.0:
+        if not 0.0 <= eps < float("inf") or not 0.0 <= weight_decay < float("inf"):
+            raise ValueError(f"eps and weight_decay must be finite numbers >= 0, got eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        if max_grad_norm is not None and not 0.0 < max_grad_norm < float("inf"):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         defaults = {
             "lr": lr,
@@ -333,6 +355,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     self._init_state(param, state)
+                _check_param(param, grad, state, group_index, len(present) - 1)
                 dtype = param.dtype
                 master = None
                 if use_master and dtype != torch.float32:
@@ -431,10 +454,16 @@ class FusedAdamW(torch.optim.Optimizer):
         for saved_id, param in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
             if saved:
+                for key in ("exp_avg", "exp_avg_sq", _MASTER):  # copy_ below would broadcast a wrong shape silently
+                    if key in saved and saved[key].shape != param.shape:
+                        raise ValueError(f"FusedAdamW.load_state_dict: the saved state {key!r} of param {saved_id} "
+                                         f"has shape {list(saved[key].shape)}, the param {list(param.shape)}: the "
+                                         "state dict belongs to another model or another order of params")
                 # Moments and master copy take the param's layout (the kernels walk them in the param's order).
                 self.state[param] = state = {
                     key: torch.empty_like(param, dtype=torch.float32).copy_(saved[key]) if key != "step"
-                    else saved[key].to(device=_local(param).device, dtype=torch.float32, copy=True)
+                    # (a number in state dicts of older torch versions)
+                    else torch.as_tensor(saved[key]).to(device=_local(param).device, dtype=torch.float32, copy=True)
                     for key in (*_STATE_KEYS, _MASTER) if key in saved
                 }
                 if _MASTER in state and not _rounds_to(_local(state[_MASTER]), _local(param)):
