@@ -65,7 +65,8 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def text_config(model: nn.Module) -> Any:
-    config = causal_lm(model).config
+    """The transformers config of the model's text part; None for a module that is not a transformers model."""
+    config = getattr(causal_lm(model), "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -174,6 +175,10 @@ def patch_cross_entropy(model: nn.Module) -> None:
     """Make the causal-LM forward compute its training loss with the fused linear cross-entropy (idempotent)."""
     target = causal_lm(model)
     model_type = getattr(text_config(model), "model_type", None)
+    if model_type is None:
+        raise ValueError(f"apply_kernels: {type(target).__name__} is not a transformers causal LM (no config with a "
+                         "model_type), so its loss cannot be found; call apply_kernels(model, cross_entropy=False) to "
+                         "patch its other layers only")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"apply_kernels: model type {model_type!r} is not supported by the fused cross-entropy "
                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}); call apply_kernels(model, "

@@ -667,6 +667,18 @@ def test_second_backward_of_scalar_loss_raises() -> None:
         loss.backward()
 
 
+def test_double_backward_raises_instead_of_a_wrong_second_derivative() -> None:
+    """The gradients are made in forward, outside any graph: differentiating through them (create_graph=True) must
+    raise, not give a second derivative that misses their dependence on hidden and weight."""
+    hidden, weight, bias, labels = _inputs(seed=17)
+    hidden.requires_grad_()
+    factor = torch.tensor(1.5, requires_grad=True)  # the grad_output of the loss then depends on a leaf
+    loss = factor * fused_linear_cross_entropy(hidden, weight, labels, bias=bias)
+    (grad_hidden,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_hidden.square().sum().backward()
+
+
 def test_second_backward_of_per_token_loss_recomputes() -> None:
     hidden, weight, bias, labels = _inputs(seed=16)
     weight.requires_grad_()

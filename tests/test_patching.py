@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -156,6 +157,16 @@ def test_unsupported_model_type_is_refused() -> None:
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="cross_entropy=False"):
         apply_kernels(model, lora=False)
+
+
+def test_a_module_that_is_not_a_transformers_model() -> None:
+    """Its layers can still be patched (cross_entropy=False), and the loss patch says why it cannot apply, instead of
+    failing on a missing ``config`` attribute."""
+    module = nn.Sequential(nn.Linear(8, 8))
+    report = apply_kernels(module, cross_entropy=False)
+    assert not report.cross_entropy
+    with pytest.raises(ValueError, match="Sequential is not a transformers causal LM.*cross_entropy=False"):
+        apply_kernels(module)
 
 
 def test_patching_twice_is_harmless() -> None:

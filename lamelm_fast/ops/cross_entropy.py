@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from lamelm_fast.ops.dispatch import resolve_backend
 
@@ -316,6 +317,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return loss, accuracy
 
     @staticmethod
+    @once_differentiable  # the gradients are not functions of a graph: a double backward raises, as torch's own do
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, _grad_accuracy: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
@@ -332,8 +334,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             if ctx.grads is None:
                 raise RuntimeError(
                     "fused_linear_cross_entropy: a mean/sum loss supports only one backward (its "
-                    "precomputed gradients are scaled in place and released); recompute the loss "
-                    "instead of using retain_graph=True"
+                    "precomputed gradients are scaled in place and released), and this is a second one through "
+                    "a graph kept by retain_graph=True or create_graph=True; recompute the loss for each backward "
+                    "(double backward, e.g. a gradient penalty, needs F.cross_entropy over full logits)"
                 )
             grads, ctx.grads = ctx.grads, None
             _scale_gradients(grads, grad_loss, ctx.backend)
@@ -435,6 +438,8 @@ def fused_linear_cross_entropy(
     With `return_accuracy`, also returns the fraction of non-ignored tokens whose argmax is the label.
     A label outside [0, V) other than `ignore_index` makes the torch path raise (as F.cross_entropy) and the Triton
     path return NaN for the loss and its gradients (checking on the host would cost a device sync).
+    Differentiable once: a mean or sum loss makes its gradients in the forward pass, so it takes one backward
+    (no retain_graph=True), and none through its gradients (create_graph=True, e.g. a gradient penalty, raises).
     """
     _validate_options(reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size)
     _validate_inputs(hidden, weight, labels, bias, reduction, num_items)
