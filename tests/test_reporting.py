@@ -70,6 +70,29 @@ def test_input_share_is_the_time_the_loop_spends_making_batches(tmp_path: Path, 
     assert len(rows) == 3 and all(0.4 < r["input_share"] <= 1 for r in rows), [r["input_share"] for r in rows]
 
 
+def test_checkpoint_saving_is_left_out_of_tokens_per_second(tmp_path: Path, tiny_model_dir: Path,
+                                                            small_alpaca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow save (3 s, far above a tiny model's step) after every step: no window's time holds it, as none holds
+    an evaluation."""
+    import time
+
+    from lamelm_fast.train import checkpoint
+
+    save_checkpoint = checkpoint.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(3.0)
+        return save_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", slow_save)
+    train(config_for(tmp_path, tiny_model_dir, small_alpaca, max_steps=3, per_device_train_batch_size=2,
+                     save_steps=1, packing=False))
+    rows = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "train"]
+    seconds = [2 / r["samples_per_second"] for r in rows]  # a window: one step of 2 unpacked sequences
+    assert len(rows) == 3 and all(0 < s < 1.5 for s in seconds[1:]), seconds  # (windows 2 and 3 follow a save)
+
+
 def test_learning_rate_10_warns_of_exploding_gradients(tmp_path: Path, tiny_model_dir: Path,
                                                         small_alpaca: Path) -> None:
     config = config_for(tmp_path, tiny_model_dir, small_alpaca, learning_rate=10.0, max_steps=8,

@@ -276,16 +276,17 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         """Checkpoint this step; pruning spares the best checkpoint, unless this one replaces it as the best."""
         if result.checkpoint == run_dir / f"checkpoint-{step}":  # saved at this step already (best, then periodic)
             return result.checkpoint
-        logger.flush()  # the run directory's training_metrics.json complete at each checkpoint
-        state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
-                 "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
-                 "data_fingerprint": data_fingerprint, checkpoint.LABELS_VERSION_KEY: LABELS_VERSION,
-                 checkpoint.TEMPLATE_TIME: template_time.isoformat(),
-                 "report": report.state_dict(), "window": window.state_dict()}
-        result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
-                                                       config.save_total_limit,
-                                                       keep=None if new_best else best_checkpoint,
-                                                       rows=logger.packed_rows())
+        with window.paused():  # the next window's tokens/s measures training, not saving
+            logger.flush()  # the run directory's training_metrics.json complete at each checkpoint
+            state = {"optimizer": dist.full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
+                     "position": dataclasses.asdict(position), "config": dataclasses.asdict(config),
+                     "data_fingerprint": data_fingerprint, checkpoint.LABELS_VERSION_KEY: LABELS_VERSION,
+                     checkpoint.TEMPLATE_TIME: template_time.isoformat(),
+                     "report": report.state_dict(), "window": window.state_dict()}
+            result.checkpoint = checkpoint.save_checkpoint(run_dir, step, loaded.model, tokenizer, state, dist,
+                                                           config.save_total_limit,
+                                                           keep=None if new_best else best_checkpoint,
+                                                           rows=logger.packed_rows())
         return result.checkpoint
 
     sample_set = eval_set[:config.eval_samples] if dist.world_size == 1 else []  # generation: one process

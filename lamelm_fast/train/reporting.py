@@ -60,6 +60,15 @@ class WindowMetrics:
         finally:
             self.input_seconds += time.perf_counter() - began
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work inside is left out of the window's time (evaluation, checkpoints): tokens/s measures training."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - began
+
     def add_micro_batch(self, loss: torch.Tensor, correct: torch.Tensor, batch: Batch) -> None:
         self._step_sums += torch.stack([loss.detach().float(), correct.detach().float()])
         for index, count in enumerate((batch.num_tokens, batch.num_targets, batch.num_sequences)):
@@ -320,13 +329,12 @@ class TrainingReport:
     def log_eval(self, window: WindowMetrics, step: int, epoch: float, evaluate: Any, sample: Any = None) -> bool:
         """Runs ``evaluate()`` and ``sample()`` (completions to log) and logs them; none of it counts as training time.
         True when the evaluation set a new best validation loss."""
-        started = time.perf_counter()
-        row = {"step": step, "epoch": epoch, **evaluate()}
-        samples = sample() if sample is not None else []
-        previous_best = self.health.best_eval
-        self.logger.eval_row(row)  # redraws the plots: part of the evaluation's time too
-        self.logger.sample_rows(step, samples)
-        window.started += time.perf_counter() - started  # tokens/s measures training, not evaluation
+        with window.paused():
+            row = {"step": step, "epoch": epoch, **evaluate()}
+            samples = sample() if sample is not None else []
+            previous_best = self.health.best_eval
+            self.logger.eval_row(row)  # redraws the plots: part of the evaluation's time too
+            self.logger.sample_rows(step, samples)
         if self.compile_clock is not None:
             self.compile_clock.take()  # compiling for evaluation: already left out with it
         self._warn(self.health.on_eval_row(row))
