@@ -304,3 +304,20 @@ def test_lora_target_modules_all_linear_and_a_wrong_name(tiny_model_dir: Path, s
     with pytest.raises(ConfigError, match="this model's linear layers are down_proj,gate_proj,k_proj,o_proj,q_proj,"
                                           "up_proj,v_proj"):
         load_model(wrong, load_model_config(wrong), torch.device("cpu"))
+
+
+def test_qlora_on_the_embedded_model_is_4_bit() -> None:
+    """``--finetune qlora`` without ``--model`` quantizes the embedded model's (random) weights, as the banner says,
+    instead of training LoRA over a dense base."""
+    from bitsandbytes.nn import Linear4bit
+
+    from lamelm_fast.train.config import resolve
+    from lamelm_fast.train.model import load_model, load_model_config
+
+    config = resolve(TrainConfig(finetune="qlora"))
+    loaded = load_model(config, load_model_config(config), torch.device("cpu"))
+    layers = loaded.model.get_base_model().model.layers
+    bases = [module.get_base_layer() for layer in layers for module in layer.modules() if hasattr(module, "lora_A")]
+    assert len(bases) == 7 * len(layers) and all(isinstance(base, Linear4bit) for base in bases)
+    assert bases[0].weight.quant_state.quant_type == "nf4"
+    assert f"fused 4-bit LoRA kernels on {len(bases)} layers" in loaded.notes

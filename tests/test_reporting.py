@@ -70,8 +70,8 @@ def test_input_share_is_the_time_the_loop_spends_making_batches(tmp_path: Path, 
     assert len(rows) == 3 and all(0.4 < r["input_share"] <= 1 for r in rows), [r["input_share"] for r in rows]
 
 
-def test_checkpoint_saving_is_left_out_of_tokens_per_second(tmp_path: Path, tiny_model_dir: Path,
-                                                            small_alpaca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_saving_is_left_out_of_tokens_per_second(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow save (3 s, far above a tiny model's step) after every step: no window's time holds it, as none holds
     an evaluation."""
     import time

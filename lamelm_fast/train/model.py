@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -175,6 +176,8 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
     if config.model is None:
         model_config._attn_implementation = config.attn_implementation
         model = AutoModelForCausalLM.from_config(model_config, dtype=weights_dtype)
+        if config.finetune == "qlora":  # its random weights, quantized as a saved model's are when loaded
+            model = _reloaded(model, load_kwargs)
         notes.append("embedded default: a tiny Llama with random weights, so it is trained in full "
                      "(from scratch) unless --finetune says otherwise")
     else:
@@ -254,6 +257,15 @@ def load_model(config: TrainConfig, model_config: Any, device: torch.device) -> 
         notes.append(f"fused layers ({where}): RMSNorm x{report.rms_norms}, RoPE x{report.rope_attentions}, "
                      f"SwiGLU x{report.swiglu_mlps}")
     return LoadedModel(model, device, autocast_dtype, notes, varlen)
+
+
+def _reloaded(model: nn.Module, load_kwargs: dict[str, Any]) -> nn.Module:
+    """``model`` saved and loaded again with ``load_kwargs``: the way its weights get bitsandbytes' 4-bit storage."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="lamelm-embedded-") as folder:
+        model.save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
 
 
 def narrow_frozen_lookup_weights(model: nn.Module, loaded_dtypes: dict[int, torch.dtype]) -> int:
