@@ -319,3 +319,18 @@ def test_settings_a_run_does_not_use_are_named() -> None:
     assert notes == ["--lora-r, --lora-target-modules apply to LoRA and QLoRA: not used by --finetune full",
                      "--eval-steps does nothing without a validation set: set --eval-split-ratio > 0"]
     assert unused_settings(resolve(TrainConfig(model="x", lora_r=64))) == []  # qlora uses it
+
+
+def test_a_split_that_holds_out_nothing_is_said_or_refused() -> None:
+    """One example with targets stays in training whatever --eval-split-ratio says: the banner says so, and settings
+    that need evaluations are refused as with --eval-split-ratio 0, instead of silently doing nothing."""
+    from lamelm_fast.train.config import empty_validation_note
+
+    assert empty_validation_note(TrainConfig(eval_split_ratio=0.1), 1, 1) is None  # a validation set exists
+    assert empty_validation_note(TrainConfig(eval_split_ratio=0.0), 1, 0) is None  # none was asked for
+    note = empty_validation_note(TrainConfig(eval_split_ratio=0.1, eval_steps=1), 1, 0)
+    assert note.startswith("--eval-split-ratio 0.1 holds out no validation example") and "--eval-steps" in note
+    for setting, flag in ((dict(early_stopping_patience=2, eval_steps=1), "--early-stopping-patience"),
+                          (dict(eval_samples=2), "--eval-samples")):
+        with pytest.raises(ConfigError, match=f"so {flag} would have nothing to evaluate"):
+            empty_validation_note(TrainConfig(eval_split_ratio=0.1, **setting), 1, 0)

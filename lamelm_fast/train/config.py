@@ -353,6 +353,21 @@ def unused_settings(config: TrainConfig) -> list[str]:
     return notes
 
 
+def empty_validation_note(config: TrainConfig, train_examples: int, eval_examples: int) -> str | None:
+    """What to say when --eval-split-ratio > 0 held out nothing (one example with targets: it is kept for training);
+    a ConfigError when a setting needs evaluations, as with --eval-split-ratio 0."""
+    if not config.eval_split_ratio > 0 or eval_examples:
+        return None
+    why = (f"--eval-split-ratio {config.eval_split_ratio:g} holds out no validation example: the data has "
+           f"{train_examples} example with targets, kept for training")
+    needs = [f"--{name.replace('_', '-')}" for name in ("early_stopping_patience", "eval_samples")
+             if getattr(config, name)]
+    if needs:
+        raise ConfigError(f"{why}, so {' and '.join(needs)} would have nothing to evaluate: add examples, or drop "
+                          f"{' and '.join(needs)}")
+    return f"{why}: no evaluation" + (" (--eval-steps does nothing)" if config.eval_steps else "")
+
+
 def resolve(config: TrainConfig, model_context: int | None = None) -> TrainConfig:
     """Fill the model-dependent ``None`` defaults. The one place these choices are made."""
     embedded = config.model is None

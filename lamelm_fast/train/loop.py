@@ -23,7 +23,15 @@ from lamelm_fast.ops.dispatch import ENV_VAR, BackendUnavailable, resolve_backen
 from lamelm_fast.ops.lora4bit import reuse_adapter_casts
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
-from lamelm_fast.train.config import ConfigError, TrainConfig, checked, resolve, unused_settings, validate
+from lamelm_fast.train.config import (
+    ConfigError,
+    TrainConfig,
+    checked,
+    empty_validation_note,
+    resolve,
+    unused_settings,
+    validate,
+)
 from lamelm_fast.train.data import (
     LABELS_VERSION,
     DataOrder,
@@ -204,6 +212,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
             config.dataset, config.dataset_split, config.dataset_format, tokenizer, config.max_seq_length,
             config.train_on_prompt, config.eval_split_ratio, config.seed)
     check_token_ids([*train_set, *eval_set], model_vocab_size(model_config), tokenizer.pad_token_id)
+    validation_note = empty_validation_note(config, len(train_set), len(eval_set))
     data_fingerprint = fingerprint(train_set, eval_set)
     device = dist.device
     try:
@@ -214,7 +223,7 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
             f"--kernels {config.kernels}")
         raise ConfigError(f"{setting}: {error}" + (f"; or unset {ENV_VAR}" if from_env else "")) from None
     loaded = load_model(config, model_config, device)
-    notes: list[str | None] = [*loaded.notes, *unused_settings(config)]
+    notes: list[str | None] = [*loaded.notes, *unused_settings(config), validation_note]
     if config.eval_samples and dist.world_size > 1:
         notes.append("--eval-samples is off under torchrun: generation runs on one process")
     if resume is not None:
