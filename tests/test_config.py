@@ -42,6 +42,34 @@ def test_yaml_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         parse_config(["--config", str(path)])
 
 
+def test_several_yaml_files_layer_in_order_and_one_setting_is_spelled_once(tmp_path: Path) -> None:
+    """Each --config overrides the earlier ones key by key (not file by file); a key given in both spellings in one
+    file is refused rather than one of them silently winning; a kebab-case typo is answered in kebab case."""
+    base, override = tmp_path / "base.yaml", tmp_path / "override.yaml"
+    base.write_text("finetune: lora\nlearning_rate: 1.0e-4\nseed: 7\n")
+    override.write_text("learning-rate: 3.0e-4\n")
+    config = parse_config(["--config", str(base), "--config", str(override), "--seed", "9"])
+    assert (config.finetune, config.learning_rate, config.seed) == ("lora", 3e-4, 9)
+    both = tmp_path / "both.yaml"
+    both.write_text("max_steps: 3\nmax-steps: 4\n")
+    with pytest.raises(ConfigError, match=r"both.yaml: 'max_steps' and 'max-steps' are the same setting: keep one"):
+        parse_config(["--config", str(both)])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("learnig-rate: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'learnig-rate' \(did you mean learning-rate\?\)"):
+        parse_config(["--config", str(typo)])
+
+
+@pytest.mark.parametrize("value", ["-1e-3", "-1E+2", "-2.5e-4", "-.5"])
+def test_a_negative_number_in_scientific_notation_is_a_value_not_a_flag(value: str) -> None:
+    """argparse alone reads -1e-3 as an unknown option ("expected one argument"); it is the value, which validation
+    then refuses by name."""
+    config = parse_config(["--learning-rate", value])
+    assert config.learning_rate == float(value)
+    with pytest.raises(ConfigError, match="learning_rate must be"):
+        validate(config)
+
+
 def test_wrong_type_and_range_errors() -> None:
     with pytest.raises(ConfigError, match="per_device_train_batch_size: expected int, got 'two'"):
         parse_config(["--per-device-train-batch-size", "two"])

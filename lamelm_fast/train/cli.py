@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a causal LM. Flags are Hugging Face TrainingArguments names in kebab case.",
         argument_default=argparse.SUPPRESS,  # only flags the user gave overlay the YAML and the defaults
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same keys as the flags")
+    parser.add_argument("--config", metavar="FILE.yaml", action="append",
+                        help="YAML file with the same keys as the flags; given again, each file overrides the earlier")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -54,15 +55,14 @@ def _unknown_flag_error(parser: argparse.ArgumentParser, unknown: list[str]) -> 
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file, then the flags: each later layer wins."""
+    """Defaults, then the YAML files in order, then the flags: each later layer wins."""
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         _unknown_flag_error(parser, unknown)
     args: dict[str, Any] = vars(namespace)
     config = TrainConfig()
-    if "config" in args:
-        path = args.pop("config")
+    for path in args.pop("config", []):
         config = from_mapping(load_yaml(path), source=str(path), base=config)
     return from_mapping(args, source="command line", base=config)
 

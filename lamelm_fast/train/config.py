@@ -225,13 +225,16 @@ def coerce_value(name: str, value: Any) -> Any:
 def from_mapping(values: dict[str, Any], source: str, base: TrainConfig | None = None) -> TrainConfig:
     """Overlay ``values`` (YAML or CLI keys, kebab or snake case) on ``base``; unknown keys are errors."""
     known = set(field_names())
-    updates = {}
+    updates, spelled = {}, {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in known:
-            close = close_settings(key)
+            close = [name.replace("_", "-") if "-" in str(raw_key) else name for name in close_settings(key)]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{source}: unknown setting '{raw_key}'{hint}")
+        if key in spelled:  # max_steps and max-steps in one YAML file: which one was meant?
+            raise ConfigError(f"{source}: '{spelled[key]}' and '{raw_key}' are the same setting: keep one")
+        spelled[key] = raw_key
         try:
             updates[key] = coerce_value(key, value)
         except ConfigError as error:
