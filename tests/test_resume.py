@@ -245,6 +245,27 @@ def test_resume_names_what_it_keeps_from_the_checkpoint_and_what_changed(
     assert not [row for row in result.history if row["type"] == "warning"]  # no false "LR off its schedule"
 
 
+def test_resume_names_the_training_settings_that_changed_and_which_value_it_uses(
+        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new schedule shape, batch or clipping applies from the next step (the run departs from an uninterrupted one
+    there); the optimizer's saved hyperparameters are kept, as the learning rate's peak is (both as in the HF
+    Trainer). Both are said, not silent."""
+    saved = config(tiny_model_dir, small_alpaca, three_checkpoints)
+    capsys.readouterr()
+    result = train(dataclasses.replace(saved, max_steps=4, resume_from_checkpoint="latest", quiet=False,
+                                       lr_scheduler_type="linear", warmup_steps=2, max_grad_norm=0.5,
+                                       weight_decay=0.3))
+    out = " ".join(capsys.readouterr().out.split())  # the banner wraps long notes
+    assert (f"--lr-scheduler-type {saved.lr_scheduler_type} -> linear, --warmup-steps {saved.warmup_steps} -> 2, "
+            f"--max-grad-norm {saved.max_grad_norm} -> 0.5; the new values apply from step 4 on") in out
+    assert f"--weight-decay {saved.weight_decay} -> 0.3; the checkpoint's values are kept" in out
+    groups = load_training_state(result.checkpoint)["optimizer"]["param_groups"]
+    assert [g["max_grad_norm"] for g in groups] == [0.5] * len(groups)  # (the 2-D params' group first)
+    assert groups[0]["weight_decay"] == saved.weight_decay != 0.3
+    rows = [row for row in result.history if row["type"] == "train"]
+    assert rows[-1]["step"] == 4 and not [row for row in result.history if row["type"] == "warning"]
+
+
 # The day a run starts (an hour before midnight) and the day it resumes on.
 STARTED, NEXT_DAY = datetime(2026, 11, 23, 23, 0), datetime(2026, 11, 24, 0, 30)
 CHAT = dict(max_seq_length=512)  # the template's header tokens are plain text to the embedded tokenizer: long

@@ -343,6 +343,33 @@ def check_same_data(state: dict[str, Any], fingerprint: str, path: Path, ignore_
         "or pass --ignore-data-change to resume on the new data anyway"))
 
 
+# Settings a resumed run takes from its own command (schedule shape, batch, clipping: as the HF Trainer, whose
+# clipping is its own), and those the checkpoint's optimizer state brings back, as it brings back the learning
+# rate's peak (HF's optimizer state does the same).
+RESUMED_WITH_NEW_VALUES = ("lr_scheduler_type", "warmup_ratio", "warmup_steps", "per_device_train_batch_size",
+                           "gradient_accumulation_steps", "max_grad_norm")
+RESUMED_WITH_SAVED_VALUES = ("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def changed_settings_notes(state: dict[str, Any], settings: dict[str, Any], path: Path, step: int) -> list[str]:
+    """Banner notes on training settings that differ from the checkpoint's (``settings``: this run's): a resumed
+    run that does not continue the saved one exactly says so, and says which value it uses."""
+    saved = state.get("config", {})
+
+    def changes(names: tuple[str, ...]) -> str:
+        return ", ".join(f"--{name.replace('_', '-')} {saved[name]} -> {settings[name]}" for name in names
+                         if name in saved and saved[name] != settings[name])
+
+    notes = []
+    if new := changes(RESUMED_WITH_NEW_VALUES):
+        notes.append(f"changed since {path}: {new}; the new values apply from step {step + 1} on, so the run "
+                     "departs from an uninterrupted one there")
+    if kept := changes(RESUMED_WITH_SAVED_VALUES):
+        notes.append(f"changed since {path}: {kept}; the checkpoint's values are kept (they are its optimizer "
+                     "state, as the learning rate's peak is): start a new run to change them")
+    return notes
+
+
 def restore_rng(states: list[dict[str, Any]], rank: int, world_size: int) -> str | None:
     """Each rank's saved RNG state; a note when the checkpoint came from another number of ranks."""
     if rank < len(states):

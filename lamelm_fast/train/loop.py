@@ -162,10 +162,13 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _restore(state: dict[str, Any], path: Path, optimizer: FusedAdamW, scheduler: Any, learning_rate: float,
+def _restore(state: dict[str, Any], path: Path, optimizer: FusedAdamW, scheduler: Any, config: TrainConfig,
              total_steps: int, dist: Distributed) -> tuple[Position, list[str | None]]:
     """Optimizer, schedule, data position and RNG from a checkpoint's training state; the banner's notes."""
     optimizer.load_state_dict(dist.shard_optimizer_state(state["optimizer"], optimizer))
+    for group in optimizer.param_groups:  # this run's clipping (checkpoint.RESUMED_WITH_NEW_VALUES)
+        group["max_grad_norm"] = config.max_grad_norm or None
+    learning_rate = config.learning_rate
     scheduler.load_state_dict(state["scheduler"])
     position = Position(**state["position"])
     notes = [checkpoint.restore_rng(state["rng"], dist.rank, dist.world_size)]
@@ -245,9 +248,9 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     position = Position()
     torch.manual_seed(config.seed + dist.rank)  # each rank its own dropout masks; rank 0 those of one process
     if state is not None:
-        position, restored = _restore(state, resume.path, optimizer, scheduler, config.learning_rate, total_steps,
-                                      dist)
-        notes += restored
+        position, restored = _restore(state, resume.path, optimizer, scheduler, config, total_steps, dist)
+        notes += [*restored, *checkpoint.changed_settings_notes(state, dataclasses.asdict(config), resume.path,
+                                                                position.step)]
     if dist.is_main and earlier_checkpoints:
         for path in earlier_checkpoints:
             shutil.rmtree(path)
