@@ -304,7 +304,7 @@ def test_sharegpt_speaker_names_and_weights(embedded_tokenizer) -> None:
      "function_response$"),
     # LLaMA-Factory's function_call is the assistant's tool call written as text: no chat role renders it as one.
     ({"from": "function_call", "value": '{"name": "sort"}'}, "has unknown role 'function_call'; use one of "),
-    ({"value": "hi"}, "has unknown role None; use one of "),
+    ({"value": "hi"}, "has no 'from'; give one of system, human, "),
     ({"from": "gpt", "value": 7}, "needs a string 'value'$"),
     ({"role": "assistant"}, "needs a string 'content'$"),
     ("hi", "needs a string 'value'$"),
@@ -459,6 +459,25 @@ def test_tabular_and_json_files_load_like_jsonl(tmp_path: Path, suffix: str) -> 
         frame.to_json(path, orient="records")
     _, loaded = load_records(str(path))
     assert [{k: r.data[k] or "" for k in ("instruction", "input", "output")} for r in loaded] == records
+
+
+def test_errors_say_what_is_missing_or_wrong_in_plain_words(tmp_path: Path, embedded_tokenizer) -> None:
+    """A CSV that is not UTF-8 is named as such (datasets hides it inside its own error); a record without the
+    chat field is missing it (not a malformed list); a message without a role has none (not an unknown None); JSON's
+    own "... at" messages do not stutter."""
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("instruction,input,output\nsay caf\u00e9,,hello\nb,,c\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^\S*latin1.csv: not valid UTF-8: re-encode the file as UTF-8$"):
+        load_records(str(latin1))
+    with pytest.raises(ConfigError, match=r"^mem:1: missing field 'messages' \(a list of \{role, content\} messages\); "
+                                          r"the record has 'instruction', 'output'$"):
+        encode_record(Record({"instruction": "a", "output": "b"}, "mem:1"), "chat", embedded_tokenizer, False)
+    with pytest.raises(ConfigError, match=r"^mem:1: messages\[0\] has no 'role'; give one of system, user, "):
+        encode_record(Record({"messages": [{"content": "hi"}]}, "mem:1"), "chat", embedded_tokenizer, False)
+    control = tmp_path / "control.jsonl"
+    control.write_text('{"instruction": "a\x01b", "output": "b"}\n')
+    with pytest.raises(ConfigError, match=r"not valid JSON \(Invalid control character at column 19\)"):
+        load_records(str(control))
 
 
 def test_csv_cells_are_text_and_errors_name_the_row(tmp_path: Path, embedded_tokenizer) -> None:

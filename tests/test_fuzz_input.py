@@ -195,7 +195,7 @@ def test_out_of_range_flag_values_are_one_line_errors_naming_the_flag(name: str,
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--learning-rate", "nan"], "learning_rate must be a number >= 0"),
+    (["--learning-rate", "nan"], "learning_rate must be a finite number >= 0"),
     (["--num-train-epochs", "inf"], "set num_train_epochs to a finite number > 0"),
     (["--per-device-train-batch-size", "0"], "per_device_train_batch_size must be >= 1"),
 ])

@@ -285,7 +285,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 1 (or omitted), got {value}")
     # 0 is allowed, as in HF (a frozen dry run); the health check then says the model is not learning.
     if config.learning_rate is not None and not (config.learning_rate >= 0 and math.isfinite(config.learning_rate)):
-        raise ConfigError(f"learning_rate must be a number >= 0, got {config.learning_rate}")
+        raise ConfigError(f"learning_rate must be a finite number >= 0, got {config.learning_rate}")
     if not 0.0 <= config.eval_split_ratio < 1.0:
         raise ConfigError(f"eval_split_ratio must be in [0, 1), got {config.eval_split_ratio}")
     if not 0.0 <= config.warmup_ratio <= 1.0:

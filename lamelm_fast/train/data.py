@@ -116,11 +116,22 @@ def _decode(path: Path, data: bytes, line_number: int = 1) -> str:
                           ) from None
 
 
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error`` or an exception it was raised from or during is a ``kind``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError(f"{where}: not valid JSON ({error.msg} at column {error.colno}): "
+        raise ConfigError(f"{where}: not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno}): "
                           "fix or remove that line") from None
     except RecursionError:
         raise ConfigError(f"{where}: JSON nested too deeply to read: fix or remove that line") from None
@@ -207,6 +218,8 @@ def _read_with_datasets(kind: str, path: str, split: str) -> list[Record]:
         if kind == "hub":
             raise load_error("dataset", path, error, f"check the hub id and split ('{split}'); for a local file "
                              "give its path", dataset=True) from None
+        if _caused_by(error, UnicodeDecodeError):  # datasets wraps it in an error that does not say so
+            raise ConfigError(f"{path}: not valid UTF-8: re-encode the file as UTF-8") from None
         raise ConfigError(f"{path}: could not read as {kind}: {first_line(error)}") from None
     if kind == "csv":  # a CSV has no types: a number is text, an empty cell empty text; rows counted from 1
         return [Record({key: "" if value is None else str(value) for key, value in row.items()},
@@ -449,6 +462,9 @@ def _messages(record: Record, field: str) -> tuple[list[dict[str, Any]], list[bo
     fine-tuning format's (0 or 1 on an assistant message) mean the same. A key holding None is absent (a column
     another row has)."""
     turns = record.data.get(field)
+    if turns is None:
+        raise ConfigError(f"{record.where}: missing field '{field}' (a list of {{role, content}} messages); "
+                          f"the record has {', '.join(map(repr, record.data)) or 'no fields'}")
     if not isinstance(turns, list) or not turns:
         raise ConfigError(f"{record.where}: field '{field}' must be a non-empty list of {{role, content}}")
     sharegpt = field == "conversations"
@@ -462,6 +478,8 @@ def _messages(record: Record, field: str) -> tuple[list[dict[str, Any]], list[bo
             raise ConfigError(f"{record.where}: {field}[{index}] needs a string '{content_key}'")
         content = _encodable(record, f"{field}[{index}].{content_key}", turn.pop(content_key))
         speaker = turn.pop(role_key, None)
+        if speaker is None:
+            raise ConfigError(f"{record.where}: {field}[{index}] has no '{role_key}'; give one of {', '.join(roles)}")
         role = roles.get(speaker.lower() if sharegpt else speaker) if isinstance(speaker, str) else None
         if role is None:
             raise ConfigError(f"{record.where}: {field}[{index}] has unknown role {speaker!r}; use one of "
