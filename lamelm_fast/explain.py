@@ -75,6 +75,7 @@ class RunData:
     warnings: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)  # --eval-samples rows (lamelm-fast runs)
+    finished: bool = True  # False: a lamelm-fast run without its summary (stopped by a signal, an error, a crash)
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
@@ -176,12 +177,20 @@ def load_lamelm_run(run_dir: Path) -> RunData:
     if not train and not evals:
         _fail(metrics, "holds no train or eval rows")
     summary: dict[str, Any] = {}
-    if (run_dir / "summary.json").is_file():
+    finished = (run_dir / "summary.json").is_file()
+    if finished:
         loaded = _read_json(run_dir / "summary.json")
         if isinstance(loaded, dict):
             summary = {k: v for k, v in loaded.items() if isinstance(v, (int, float, str))}
-    return RunData(str(run_dir), "lamelm-fast", train, evals, _checkpoints_in(run_dir), summary, warnings, notes,
-                   samples)
+    checkpoints = _checkpoints_in(run_dir)
+    if not finished:
+        last = max(p.step for p in [*train, *evals])
+        notes.append(f"no summary.json: the run did not finish (a signal, an error or a crash stopped it after step "
+                     f"{last}); this covers its logged steps"
+                     + (f". Its last checkpoint is {checkpoints[max(checkpoints)]}: the same command plus "
+                        "--resume-from-checkpoint latest continues it" if checkpoints else ""))
+    return RunData(str(run_dir), "lamelm-fast", train, evals, checkpoints, summary, warnings, notes, samples,
+                   finished)
 
 
 def load_hf_state(state_file: Path) -> RunData:
@@ -422,7 +431,11 @@ def end_fluctuation(train: list[TrainPoint]) -> dict[str, Any]:
     return result
 
 
-def overfitting(train: list[TrainPoint], evals: list[EvalPoint]) -> dict[str, Any]:
+def overfitting(train: list[TrainPoint], evals: list[EvalPoint], finished: bool = True) -> dict[str, Any]:
+    if not evals and not finished:
+        return {"verdict": "unknown", "from_step": None,
+                "text": "Overfitting cannot be judged: the run stopped before any evaluation (lamelm-fast evaluates "
+                        "every --eval-steps and at the end of the run)."}
     if not evals:
         return {"verdict": "unknown", "from_step": None,
                 "text": "Overfitting cannot be judged: the run recorded no validation loss. Hold out data with "
@@ -501,9 +514,15 @@ def pick_checkpoint(evals: list[EvalPoint], checkpoints: dict[int, str]) -> dict
     return {"step": chosen, "path": checkpoints[chosen], "text": f"Use {checkpoints[chosen]}: {reason}."}
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
+    if seconds < 9.5:  # a short test run: whole seconds would say 0
+        return f"{seconds:.2g} s"
     return f"{hours} h {minutes} min {secs} s" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
@@ -643,7 +662,7 @@ def analyse(run: RunData) -> dict[str, Any]:
         "phases": find_phases(steps, losses),
         "mean_vs_final": mean_vs_final(run.train, run.summary),
         "end_fluctuation": end_fluctuation(run.train),
-        "overfitting": overfitting(run.train, run.evals),
+        "overfitting": overfitting(run.train, run.evals, run.finished),
         "checkpoint": _with_export_hint(pick_checkpoint(run.evals, run.checkpoints), run.kind),
         "throughput": throughput(run.train, run.summary),
         "samples": samples_over_time(run.samples, run.kind),
@@ -664,7 +683,7 @@ def to_markdown(analysis: dict[str, Any]) -> str:
     lines = [f"# Run explained: {analysis['source']}", "",
              f"{analysis['kind']} run: {analysis['train_points']} logged train points"
              + (f" (steps {analysis['first_step']}-{analysis['last_step']})" if analysis["train_points"] else "")
-             + f", {analysis['eval_points']} evaluations, checkpoints at steps: {checkpoints}.", "",
+             + f", {_count(analysis['eval_points'], 'evaluation')}, checkpoints at steps: {checkpoints}.", "",
              *([analysis["segments"]["text"], ""] if analysis["segments"]["text"] else []),
              "## Milestones", ""]
     if analysis["milestones"]:

@@ -191,14 +191,28 @@ def test_throughput_says_how_busy_the_gpu_was_and_what_the_input_cost(tmp_path: 
 
 
 def test_without_eval_rows_overfitting_cannot_be_judged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir = write_run(tmp_path / "run", with_eval=False)
+    run_dir = write_run(tmp_path / "run", with_eval=False, summary={"steps": 200})
     analysis = analyse(load_run(run_dir))
     assert analysis["overfitting"]["verdict"] == "unknown"
     assert "cannot be judged" in analysis["overfitting"]["text"]
     assert "--eval-split-ratio" in analysis["overfitting"]["text"]
     assert analysis["checkpoint"]["step"] == 200 and "no validation loss" in analysis["checkpoint"]["text"]
+    assert not analysis["notes"]
     assert main([str(run_dir)]) == 0
     assert "Overfitting cannot be judged" in capsys.readouterr().out
+
+
+def test_a_run_that_did_not_finish_is_said_to_have_stopped(tmp_path: Path) -> None:
+    """No summary.json (Ctrl-C, SIGTERM, a crash): the report says the run stopped and how to continue it, and does
+    not advise holding out data the run may well have held out (its final evaluation never came)."""
+    run_dir = write_run(tmp_path / "run", with_eval=False)
+    analysis = analyse(load_run(run_dir))
+    assert "stopped before any evaluation" in analysis["overfitting"]["text"]
+    assert "--eval-split-ratio" not in analysis["overfitting"]["text"]
+    assert analysis["notes"] == [
+        f"no summary.json: the run did not finish (a signal, an error or a crash stopped it after step 200); this "
+        f"covers its logged steps. Its last checkpoint is {run_dir / f'checkpoint-{max(CHECKPOINTS)}'}: the same "
+        "command plus --resume-from-checkpoint latest continues it"]
 
 
 def test_phase_shapes_other_than_a_smooth_exponential() -> None:
@@ -353,3 +367,11 @@ def test_a_resumed_runs_logs_say_whether_they_start_at_the_runs_first_logging_st
     else:
         assert f"This directory's logs start at step {missing_from}:" in result["text"]
         assert f"cover steps {missing_from}-{steps[-1]} only" in result["text"]
+
+
+def test_short_runtimes_and_single_counts_read_naturally() -> None:
+    """A test-sized run's runtime is not "0 s", and one evaluation is not "1 evaluations"."""
+    from lamelm_fast.explain import _count, _duration
+
+    assert [_duration(s) for s in (0.04, 3.21, 75, 3700)] == ["0.04 s", "3.2 s", "1 min 15 s", "1 h 1 min 40 s"]
+    assert [_count(n, "evaluation") for n in (0, 1, 2)] == ["0 evaluations", "1 evaluation", "2 evaluations"]
