@@ -125,8 +125,11 @@ def test_overfitting_is_reported_and_early_stopping_keeps_the_best(tmp_path: Pat
     best_step = summary["best_val_step"]
     assert summary["best_checkpoint"] == str(result.run_dir / f"checkpoint-{best_step}")
     assert (result.run_dir / f"checkpoint-{best_step}" / "model.safetensors").is_file()
-    # --save-total-limit 1: the best is the only one kept (each new best replaces the previous one)
-    assert [p.name for p in result.run_dir.glob("checkpoint-*")] == [f"checkpoint-{best_step}"]
+    # The step the run stopped at is saved, as a final step is (a resume from `latest` continues there); with
+    # --save-total-limit 1 the best is kept beside it (each new best replaced the previous one).
+    assert summary["checkpoint"] == str(result.run_dir / f"checkpoint-{summary['steps']}")
+    assert sorted(p.name for p in result.run_dir.glob("checkpoint-*")) == sorted(
+        {f"checkpoint-{best_step}", f"checkpoint-{summary['steps']}"})
     evals = [r for r in result.history if r["type"] == "eval"]
     assert min(evals, key=lambda r: r["val_loss"])["step"] == best_step and evals[-1]["val_loss"] > summary[
         "best_val_loss"]

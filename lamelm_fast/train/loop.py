@@ -367,12 +367,12 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                 if eval_set and (final or (config.eval_steps and step % config.eval_steps == 0)):
                     if run_eval(step, epoch_progress) and config.early_stopping_patience:
                         best_checkpoint = save(step, new_best=True)
-                    if report.health.should_stop and not final:  # at the last step the run ends anyway
-                        stopped_early = True
-                        break
+                    stopped_early = report.health.should_stop and not final  # the last step ends the run anyway
                 stopping = dist.any(stop.signal_name is not None)  # every rank stops after the same step
-                if (config.save_steps and step % config.save_steps == 0) or final or stopping:
-                    save(step)
+                if (config.save_steps and step % config.save_steps == 0) or final or stopping or stopped_early:
+                    save(step)  # (an early stop ends the run: its last step is saved as the final step is)
+                if stopped_early:
+                    break
                 if stopping and not final:  # at the last step the run is complete: it ends as one
                     raise TrainingStopped(
                         f"{stop.signal_name or 'a signal to another rank'} at step {step}: saved {result.checkpoint}; "
