@@ -226,6 +226,24 @@ def test_a_fresh_run_refuses_an_output_dir_holding_an_earlier_runs_checkpoints(
         train(dataclasses.replace(fresh, output_dir=str(not_a_dir)))
 
 
+def test_resuming_an_older_checkpoint_in_place_refuses_to_mix_with_the_later_ones(
+        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run rewound in place (resumed from checkpoint-1 beside checkpoint-2 and -3) would mix its checkpoints with
+    the abandoned run's: pruning would keep theirs and `latest` would resume them. Refused, unless
+    --overwrite-output-dir deletes them."""
+    rewind = dataclasses.replace(config(tiny_model_dir, small_alpaca, three_checkpoints, max_steps=3), quiet=False,
+                                 resume_from_checkpoint=str(three_checkpoints / "checkpoint-1"))
+    with pytest.raises(ConfigError, match=r"holds checkpoints after step 1, the one resumed \(checkpoint-2, "
+                                          r"checkpoint-3\).*add --overwrite-output-dir to delete them"):
+        train(rewind)
+    before = load_file(str(three_checkpoints / "checkpoint-3" / "adapter_model.safetensors"))
+    capsys.readouterr()
+    train(dataclasses.replace(rewind, overwrite_output_dir=True, max_grad_norm=0.01))  # a different branch
+    assert "deleted 2 checkpoint(s) after checkpoint-1, the one resumed" in capsys.readouterr().out
+    after = load_file(str(three_checkpoints / "checkpoint-3" / "adapter_model.safetensors"))
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # the new branch's step 3
+
+
 def test_resume_names_what_it_keeps_from_the_checkpoint_and_what_changed(
         three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path, capsys: pytest.CaptureFixture[str]) -> None:
     resume = dict(resume_from_checkpoint="latest")

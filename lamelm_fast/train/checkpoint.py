@@ -205,6 +205,22 @@ def check_output_dir(run_dir: Path, resuming: bool, overwrite: bool) -> list[Pat
     return earlier
 
 
+def checkpoints_after(step: int, run_dir: Path, overwrite: bool) -> list[Path]:
+    """Refuse to resume into an --output-dir holding intact checkpoints after the resumed ``step`` (a run rewound
+    in place): this run's checkpoints would mix with theirs, pruning would keep theirs and ``latest`` would resume
+    them. Returns those that --overwrite-output-dir deletes. (Damaged ones, which ``latest`` skipped, are left to be
+    replaced.)"""
+    later = [p for p in list_checkpoints(run_dir)
+             if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > step and verify_checkpoint(p) is None]
+    if later and not overwrite:
+        names = ", ".join(p.name for p in later[-3:])
+        raise ConfigError(f"--output-dir {run_dir} holds checkpoints after step {step}, the one resumed ({names}): "
+                          "this run's checkpoints would mix with theirs (pruning would keep theirs, latest would "
+                          "resume them). Resume the newest with --resume-from-checkpoint latest, move them elsewhere, "
+                          "or add --overwrite-output-dir to delete them")
+    return later
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoint directories in ``run_dir``, oldest first (temporary directories are not matched)."""
     run_dir = Path(run_dir)

@@ -207,6 +207,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     resume = (checkpoint.find_resume_checkpoint(config.resume_from_checkpoint, run_dir)
               if config.resume_from_checkpoint else None)
     state = checkpoint.load_training_state(resume.path) if resume is not None else None
+    later_checkpoints = [] if state is None else checkpoint.checkpoints_after(
+        state["position"]["step"], run_dir, config.overwrite_output_dir)
     # A chat template that writes today's date (Llama 3.1+) writes the run's first day, on resume too (hence the
     # state read before tokenizing); a new run's is rank 0's, should its ranks start on either side of midnight.
     template_time = checkpoint.saved_template_time(state) or dist.from_main(template_clock())
@@ -255,6 +257,11 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         for path in earlier_checkpoints:
             shutil.rmtree(path)
         notes.append(f"--overwrite-output-dir: deleted {len(earlier_checkpoints)} checkpoint(s) of an earlier run")
+    if dist.is_main and later_checkpoints:
+        for path in later_checkpoints:
+            shutil.rmtree(path)
+        notes.append(f"--overwrite-output-dir: deleted {len(later_checkpoints)} checkpoint(s) after "
+                     f"{resume.path.name}, the one resumed")
 
     # The rows logged up to the checkpoint, for the main rank's logger; None: a checkpoint of an older version.
     carried = checkpoint.load_rows(resume.path, state) if state is not None and dist.is_main else None
