@@ -127,6 +127,13 @@ def merged_model(checkpoint: Path, config: TrainConfig, base: str, device: torch
     return _merge_into_dequantized(peft_model) if quantized else peft_model.merge_and_unload()
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype = torch.bfloat16,
                   base: str = "quantized", device: torch.device | None = None, model: str | None = None) -> Path:
     """Write ``checkpoint`` as a standalone model directory at ``output`` (see the module docstring); ``model``: the
@@ -158,6 +165,7 @@ def export_merged(checkpoint: str | Path, output: str | Path, dtype: torch.dtype
         output.parent.mkdir(parents=True, exist_ok=True)
         # Unique, so that two exports to one path cannot share it; removed whatever stops the write (Ctrl-C too).
         temporary = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        temporary.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from a server run as another user
     except OSError as error:
         raise ConfigError(f"could not create {output.parent} ({first_line(error)}): choose another directory") from None
     try:

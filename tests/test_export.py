@@ -3,6 +3,7 @@ compute what the trained model computes (adapters merged), and clear errors for 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,13 @@ def test_full_checkpoint_written_in_the_asked_dtype(tmp_path: Path, tiny_model_d
     trained = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     assert rel_err(logits(exported(tmp_path / "bf16")), logits(trained)) < 2e-2
     assert exported(tmp_path / "bf16").config.use_cache  # generation gets its KV cache back
+    # Readable as save_pretrained's own directories are (umask 022: rwxr-xr-x), by a server run as another user.
+    mask = os.umask(0o022)
+    try:
+        assert main([str(checkpoint), str(tmp_path / "shared")]) == 0
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
 
 
 def test_what_cannot_be_exported_is_refused_clearly(tmp_path: Path, tiny_model_dir: Path, small_alpaca: Path,
