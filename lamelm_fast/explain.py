@@ -199,9 +199,17 @@ def load_hf_state(state_file: Path) -> RunData:
         _fail(state_file, "not an HF trainer_state.json (no log_history list)")
     rows: list[tuple[dict[str, Any], str]] = []
     summary: dict[str, Any] = {}
+    warnings: list[dict[str, Any]] = []
     for entry in state["log_history"]:
         if not isinstance(entry, dict):
             continue
+        step = _number(entry.get("step"))
+        for warning in entry.get("health_warnings") or []:  # LamelmCallback's ({check, message}; older: the text)
+            if isinstance(warning, dict):
+                warnings.append({"step": None if step is None else int(step), "check": warning.get("check"),
+                                 "message": warning.get("message")})
+            elif isinstance(warning, str):
+                warnings.append({"step": None if step is None else int(step), "check": "health", "message": warning})
         if "eval_loss" in entry:
             rows.append((entry, "eval"))
         elif "loss" in entry:
@@ -218,7 +226,8 @@ def load_hf_state(state_file: Path) -> RunData:
     in_checkpoint = CHECKPOINT_DIR.match(state_file.parent.name) is not None
     folder = state_file.parent.parent if in_checkpoint else state_file.parent
     last_step = _number(state.get("global_step")) or max(p.step for p in [*train, *evals])
-    return RunData(str(state_file), "hf-trainer", train, evals, _checkpoints_in(folder, last_step), summary, [], notes)
+    return RunData(str(state_file), "hf-trainer", train, evals, _checkpoints_in(folder, last_step), summary, warnings,
+                   notes)
 
 
 def load_run(path: str | Path) -> RunData:

@@ -15,6 +15,7 @@ import transformers.trainer
 from transformers import DataCollatorWithFlattening, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from conftest import tiny_model
+from lamelm_fast.explain import analyse, load_run
 from lamelm_fast.integrations.hf import LamelmCallback, sequence_length_sums
 from lamelm_fast.metrics.health import HealthThresholds
 from lamelm_fast.metrics.throughput import count_parameters, flops_per_token, mfu
@@ -211,6 +212,9 @@ def test_a_resumed_run_logs_and_warns_as_the_uninterrupted_run(
     whole = flat_run(tmp_path, "whole", clock)
     warned = [(w.check, w.step, w.message) for w in lamelm_of(whole).warnings]
     assert [(check, step) for check, step, _ in warned] == [("not_learning", 3)]
+    # The warning is in trainer_state.json's log history, where `python -m lamelm_fast.explain` reads it back.
+    explained = analyse(load_run(Path(whole.args.output_dir) / "checkpoint-4"))["warnings"]
+    assert [(w["check"], w["step"], w["message"]) for w in explained] == warned
     rows = [row for row in whole.state.log_history if "loss" in row]
     keys = ("step", "tokens_per_second", "mfu", "health_warnings")
     # From checkpoint-2 the warning at step 3 needs the windows of steps 1 and 2; from checkpoint-4 it was given

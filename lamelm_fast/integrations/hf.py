@@ -289,7 +289,8 @@ class LamelmCallback(TrainerCallback, ExportableState):
             if warning.fatal:
                 control.should_training_stop = True
         if warnings and state.log_history:
-            state.log_history[-1].setdefault("health_warnings", []).extend(w.message for w in warnings)
+            state.log_history[-1].setdefault("health_warnings", []).extend(
+                {"check": w.check, "message": w.message} for w in warnings)  # (explain reads them back)
 
     def _read_window(self, args: TrainingArguments, optimizer: Any) -> dict[str, float]:
         """One device read per logging step: the window's ``tokens`` and ``squares`` (sum of squared sequence
