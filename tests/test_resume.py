@@ -112,7 +112,7 @@ def three_checkpoints(tmp_path: Path, three_checkpoints_once: Path, small_alpaca
 
 
 def test_a_damaged_checkpoint_is_detected_and_latest_resumes_from_the_previous_one(
-        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path) -> None:
+        three_checkpoints: Path, tiny_model_dir: Path, small_alpaca: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = three_checkpoints
     assert all(verify_checkpoint(run_dir / f"checkpoint-{n}") is None for n in (1, 2, 3))
     state = run_dir / "checkpoint-3" / "training_state.pt"
@@ -130,8 +130,11 @@ def test_a_damaged_checkpoint_is_detected_and_latest_resumes_from_the_previous_o
                                           r".*checkpoint-1 instead"):
         find_resume_checkpoint(str(run_dir / "checkpoint-3"), run_dir)
 
+    capsys.readouterr()
     resumed = train(config(tiny_model_dir, small_alpaca, run_dir, max_steps=3, resume_from_checkpoint="latest"))
     assert [row["step"] for row in resumed.history if row["type"] == "train"][-2:] == [2, 3]
+    stderr = capsys.readouterr().err  # --quiet (the tests' config) hides the banner, not the steps lost
+    assert "checkpoint-3 is damaged" in stderr and "checkpoint-2 is damaged" in stderr
     assert verify_checkpoint(run_dir / "checkpoint-3") is None  # rewritten whole
 
 

@@ -207,6 +207,11 @@ class RunLogger:
         elif not self.quiet:
             self._print(text)
 
+    def alert(self, text: str) -> None:
+        """A banner note that --quiet must not hide (steps were lost): on stderr when the banner is not shown."""
+        if self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
     def progress(self, step: int) -> None:
         if self._first_step is None:
             self._first_step = step - 1

@@ -283,6 +283,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         best_checkpoint = _kept_best_checkpoint(report, run_dir, config)
     logger.say(_banner(config, stats, device, total_params, trainable_params, total_steps, dist.world_size,
                        [note for note in [*notes, wrap_note] if note], resume))
+    for skipped in resume.notes if resume is not None else []:  # damaged checkpoints `latest` passed over
+        logger.alert(f"note: {skipped}")
     result = TrainResult(run_dir, position.step, checkpoint=resume.path if resume else None)
     window = WindowMetrics(device, dist.sum)
     if state is not None:  # a checkpoint between logging steps: its window's first steps are in the checkpoint

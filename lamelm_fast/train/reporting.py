@@ -159,6 +159,9 @@ class SilentLogger:
     def say(self, text: str) -> None:
         pass
 
+    def alert(self, text: str) -> None:
+        pass
+
     def progress(self, step: int) -> None:
         pass
 
