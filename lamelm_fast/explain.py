@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,6 +21,7 @@ import numpy as np
 
 from lamelm_fast.cli_parser import OneLineParser
 from lamelm_fast.metrics.health import HealthThresholds
+from lamelm_fast.metrics.logger import CHECKPOINT_ROWS_FILE, unpacked_text
 from lamelm_fast.metrics.plots import epoch_number
 
 EXPECTED = ("expected a lamelm-fast run directory (with metrics.jsonl), an HF trainer_state.json, or a directory "
@@ -140,10 +142,15 @@ def _split_losses(rows: list[tuple[dict[str, Any], str]], accuracy_key: str, val
 
 
 def load_lamelm_run(run_dir: Path) -> RunData:
+    """A run directory's metrics.jsonl, or a checkpoint's copy of the rows logged up to its step."""
     metrics = run_dir / "metrics.jsonl"
+    in_checkpoint = not metrics.is_file() and (run_dir / CHECKPOINT_ROWS_FILE).is_file()
+    if in_checkpoint:
+        metrics = run_dir / CHECKPOINT_ROWS_FILE
     try:
-        lines = metrics.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        lines = (unpacked_text(metrics.read_bytes()) if in_checkpoint else metrics.read_text(encoding="utf-8")
+                 ).splitlines()
+    except (OSError, UnicodeDecodeError, zlib.error) as error:
         _fail(metrics, f"cannot read ({error})")
     rows: list[tuple[dict[str, Any], str]] = []
     warnings: list[dict[str, Any]] = []
@@ -177,6 +184,11 @@ def load_lamelm_run(run_dir: Path) -> RunData:
     if not train and not evals:
         _fail(metrics, "holds no train or eval rows")
     summary: dict[str, Any] = {}
+    last = max(p.step for p in [*train, *evals])
+    if in_checkpoint:  # the run up to this checkpoint: as an HF checkpoint's trainer_state.json describes it
+        notes.append(f"a checkpoint: the rows logged up to its step {last}, and the checkpoints beside it up to it")
+        return RunData(str(run_dir), "lamelm-fast", train, evals, _checkpoints_in(run_dir.parent, last), summary,
+                       warnings, notes, samples)
     finished = (run_dir / "summary.json").is_file()
     if finished:
         loaded = _read_json(run_dir / "summary.json")
@@ -184,7 +196,6 @@ def load_lamelm_run(run_dir: Path) -> RunData:
             summary = {k: v for k, v in loaded.items() if isinstance(v, (int, float, str))}
     checkpoints = _checkpoints_in(run_dir)
     if not finished:
-        last = max(p.step for p in [*train, *evals])
         notes.append(f"no summary.json: the run did not finish (a signal, an error or a crash stopped it after step "
                      f"{last}); this covers its logged steps"
                      + (f". Its last checkpoint is {checkpoints[max(checkpoints)]}: the same command plus "
@@ -237,14 +248,15 @@ def load_run(path: str | Path) -> RunData:
         return load_lamelm_run(path.parent) if path.name == "metrics.jsonl" else load_hf_state(path)
     if not path.is_dir():
         _fail(path, "no such file or directory")
-    if (path / "metrics.jsonl").is_file():
+    if (path / "metrics.jsonl").is_file() or (path / CHECKPOINT_ROWS_FILE).is_file():
         return load_lamelm_run(path)
     if (path / "trainer_state.json").is_file():
         return load_hf_state(path / "trainer_state.json")
     states = [(int(m.group(1)), child / "trainer_state.json") for child in path.iterdir()
               if (m := CHECKPOINT_DIR.match(child.name)) and (child / "trainer_state.json").is_file()]
     if not states:
-        _fail(path, "found no metrics.jsonl, trainer_state.json or checkpoint-*/trainer_state.json")
+        _fail(path, f"found no metrics.jsonl, {CHECKPOINT_ROWS_FILE} (a checkpoint's), trainer_state.json or "
+                    "checkpoint-*/trainer_state.json")
     return load_hf_state(max(states)[1])
 
 

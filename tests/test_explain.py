@@ -375,3 +375,18 @@ def test_short_runtimes_and_single_counts_read_naturally() -> None:
 
     assert [_duration(s) for s in (0.04, 3.21, 75, 3700)] == ["0.04 s", "3.2 s", "1 min 15 s", "1 h 1 min 40 s"]
     assert [_count(n, "evaluation") for n in (0, 1, 2)] == ["0 evaluations", "1 evaluation", "2 evaluations"]
+
+
+def test_a_lamelm_checkpoint_describes_the_run_up_to_it(tmp_path: Path) -> None:
+    """A checkpoint carries the rows logged up to its step (metrics.jsonl.gz): explain reads them as it reads an HF
+    checkpoint's trainer_state.json, with the checkpoints beside it up to its step."""
+    import gzip
+
+    run_dir = write_run(tmp_path / "run", summary={"steps": 200})
+    step = sorted(CHECKPOINTS)[1]
+    rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (run_dir / f"checkpoint-{step}" / "metrics.jsonl.gz").write_bytes(gzip.compress("\n".join(rows).encode()))
+    analysis = analyse(load_run(run_dir / f"checkpoint-{step}"))
+    assert analysis["last_step"] == step and analysis["checkpoints"] == [s for s in sorted(CHECKPOINTS) if s <= step]
+    assert analysis["notes"] == [f"a checkpoint: the rows logged up to its step {step}, and the checkpoints beside "
+                                 "it up to it"]

@@ -72,10 +72,18 @@ class RowPacker:
         return bytes(self._packed) + self._compressor.copy().flush()
 
 
+CHECKPOINT_ROWS_FILE = "metrics.jsonl.gz"  # a checkpoint's copy of the rows logged up to its step
+
+
+def unpacked_text(packed: bytes) -> str:
+    """The JSON lines that :class:`RowPacker` packed, or zlib-compressed as the previous version's training state
+    held them."""
+    return zlib.decompress(packed, 32 + zlib.MAX_WBITS).decode("utf-8")  # +32: a gzip or a zlib header
+
+
 def unpack_rows(packed: bytes) -> list[dict[str, Any]]:
-    """Rows that :class:`RowPacker` packed, or zlib-compressed as the previous version's training state held them."""
-    text = zlib.decompress(packed, 32 + zlib.MAX_WBITS).decode("utf-8")  # +32: a gzip or a zlib header
-    return [json.loads(line) for line in text.splitlines()]
+    """The rows of :func:`unpacked_text`."""
+    return [json.loads(line) for line in unpacked_text(packed).splitlines()]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -24,14 +24,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from lamelm_fast.metrics.logger import unpack_rows
+from lamelm_fast.metrics.logger import CHECKPOINT_ROWS_FILE, unpack_rows
 from lamelm_fast.train.config import ConfigError, first_line
 from lamelm_fast.train.data import LABELS_VERSION
 from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import TrainingStopped
 
 STATE_FILE = "training_state.pt"
-ROWS_FILE = "metrics.jsonl.gz"  # the rows logged up to the checkpoint's step, for a resume in another directory
+ROWS_FILE = CHECKPOINT_ROWS_FILE  # the rows logged up to the checkpoint's step, for a resume in another directory
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_PATTERN = re.compile(r"^\.checkpoint-\d+\.(tmp|old)$")
