@@ -141,3 +141,30 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(
     saved = list(output.glob("checkpoint-*"))
     assert len(saved) == 1 and f"--resume-from-checkpoint {saved[0]}" in stops[0]
     assert verify_checkpoint(saved[0]) is None
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_others_with_one_line_that_says_how_to_continue(
+        tmp_path: Path, tiny_model_dir: Path, dataset: Path) -> None:
+    """kill -9 of one worker: torchrun stops the other, whose collective fails. It says what happened and how to
+    resume in one line, instead of a gloo traceback; no hang."""
+    import psutil
+
+    output = tmp_path / "run"
+    command = torchrun_command(tiny_model_dir, dataset, output, {**SETTINGS, "max_steps": 1000, "eval_split_ratio": 0,
+                                                                 "save_steps": 2}, "--log-format", "json")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for line in process.stdout:
+            if line.startswith("{") and json.loads(line).get("step") == 3:
+                workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+                           if child.environ().get("LOCAL_RANK") == "1"]
+                workers[0].kill()
+                break
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    stops = [line for line in stderr.splitlines() if line.startswith("stopped: another process of this run")]
+    assert len(stops) == 1, stderr[-4000:]
+    assert f"--resume-from-checkpoint latest to continue from the last intact checkpoint in {output}" in stops[0]
+    assert "Traceback" not in stderr.split("stopped: another process")[0][-2000:], stderr[-4000:]

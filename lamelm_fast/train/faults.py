@@ -19,6 +19,17 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+def collective_failed(error: RuntimeError) -> bool:
+    """Whether ``error`` is a collective that failed because another rank is gone (torch's DistError family, or the
+    plain RuntimeError that gloo raises on a closed connection)."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(error, dist_error):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "gloo/transport",
+                                         "NCCL communicator was aborted", "ProcessGroupNCCL"))
+
+
 class StoppedAtOnce(KeyboardInterrupt):
     """A Ctrl-C once training started that the loop does not turn into a save: a second one (the first asks for a
     save), or one after the last step. Still a KeyboardInterrupt; it tells the command line that training started,

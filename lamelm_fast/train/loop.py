@@ -28,6 +28,7 @@ from lamelm_fast.train.config import (
     TrainConfig,
     checked,
     empty_validation_note,
+    first_line,
     resolve,
     unused_settings,
     validate,
@@ -193,7 +194,15 @@ def train(config: TrainConfig) -> TrainResult:
     validate(config)
     with (contextlib.nullcontext() if config.kernels == "auto" else use_backend(config.kernels),
           distributed.setup() as dist):
-        return _train(config, dist)
+        try:
+            return _train(config, dist)
+        except RuntimeError as error:
+            if dist.world_size > 1 and faults.collective_failed(error):  # a peer died (torchrun then stops this one)
+                raise TrainingStopped(
+                    f"another process of this run stopped or lost its connection ({first_line(error)}): this one "
+                    f"stopped too, saving nothing more. Rerun the same command with --resume-from-checkpoint latest "
+                    f"to continue from the last intact checkpoint in {config.output_dir}", exit_code=1) from None
+            raise
 
 
 def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
