@@ -478,6 +478,19 @@ def test_errors_say_what_is_missing_or_wrong_in_plain_words(tmp_path: Path, embe
     control.write_text('{"instruction": "a\x01b", "output": "b"}\n')
     with pytest.raises(ConfigError, match=r"not valid JSON \(Invalid control character at column 19\)"):
         load_records(str(control))
+    (tmp_path / "empty.json").write_text("\n")
+    with pytest.raises(ConfigError, match=r"empty.json has no records \(the file is empty\)"):
+        load_records(str(tmp_path / "empty.json"))
+
+
+def test_a_record_longer_than_the_model_is_encoded_without_transformers_warning_of_indexing_errors(
+        embedded_tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    """The loader cuts it to --max-seq-length afterwards: the tokenizer's warning would only alarm."""
+    long = Record({"instruction": "word " * 3 * embedded_tokenizer.model_max_length, "output": "yes"}, "mem:1")
+    with caplog.at_level("WARNING"):
+        example = encode_record(long, "alpaca", embedded_tokenizer, True)
+    assert len(example.input_ids) > embedded_tokenizer.model_max_length
+    assert not [r for r in caplog.records if "indexing errors" in r.getMessage()]
 
 
 def test_csv_cells_are_text_and_errors_name_the_row(tmp_path: Path, embedded_tokenizer) -> None:

@@ -154,6 +154,8 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_json(path: Path) -> list[Record]:
     text = _decode(path, path.read_bytes())
+    if not text.strip():  # (json's own message would be "Expecting value")
+        raise ConfigError(f"dataset {path} has no records (the file is empty): give a file with at least one example")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -303,7 +305,9 @@ def _encodable(record: Record, name: str, text: str) -> str:
 
 
 def _encode(tokenizer: Any, text: str, special: bool = False) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    # verbose=False: transformers would warn of "indexing errors" for texts over the model's length, which the
+    # encoders cut to --max-seq-length themselves.
+    return list(tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"])
 
 
 def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
