@@ -13,6 +13,7 @@ compare against this device on this day.
 from __future__ import annotations
 
 import functools
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -90,8 +91,11 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 5, rep
         if setup is not None:
             setup()
         torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
+        gc.collect()  # garbage of earlier cases freed now, not inside the measured call
+        # The base read after the reset, which sets the peak to what is allocated then: the peak cannot fall below
+        # it (read before, a collection in between made peaks negative).
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -130,6 +134,7 @@ def measure_into(row: dict[str, Any], name: str, fn: Callable[[], Any], device: 
         torch.cuda.empty_cache()
         return None
     row[f"{name}_ms"] = measured.median_ms
+    row[f"{name}_spread"] = (measured.p80_ms - measured.p20_ms) / measured.median_ms  # 20th-80th percentile, relative
     if device.type == "cuda":
         row[f"{name}_host_ms"] = measured.host_median_ms
     if measured.peak_mb is not None:
@@ -160,10 +165,30 @@ def measure_against(row: dict[str, Any], steps: dict[str, Callable[[], Any]], de
     for name in steps:
         if name != "lamelm" and isinstance(ours, float) and isinstance(row.get(f"{name}_ms"), float):
             row[f"time_vs_{name}"] = ours / row[f"{name}_ms"]
-            if row.get("lamelm_peak_mb") and row.get(f"{name}_peak_mb"):
-                row[f"memory_vs_{name}"] = row["lamelm_peak_mb"] / row[f"{name}_peak_mb"]
-    if floor is not None:
+            compare_memory(row, name)
+    if floor is not None and isinstance(ours, float):  # (ours "oom": the row keeps the others' numbers)
         row[f"{floor[0]}_fraction"] = floor[1] / ours
+
+
+def compiled_for_one_case(fn: Callable[..., Any], backend: str | Callable[..., Any] = "inductor",
+                          ) -> Callable[..., Any]:
+    """``torch.compile(fn)`` for one case, dynamo's caches reset first. One compiled function shared by every case
+    meets dynamo's recompile limit (8 shapes) and from then on silently runs eager: the recorded "torch_compile"
+    columns of the later cases were eager's."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, backend=backend)
+
+
+def compare_memory(row: dict[str, Any], name: str) -> None:
+    """``memory_vs_<name>``, ours / theirs; where theirs allocates nothing (in place), no ratio exists, and
+    ``memory_extra_mb_vs_<name>`` shows what ours takes beyond it instead of leaving the loss out."""
+    mine, theirs = row.get("lamelm_peak_mb"), row.get(f"{name}_peak_mb")
+    if mine is None or theirs is None:
+        return
+    if theirs > 0:
+        row[f"memory_vs_{name}"] = mine / theirs
+    else:
+        row[f"memory_extra_mb_vs_{name}"] = mine - theirs
 
 
 def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:

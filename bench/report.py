@@ -31,10 +31,23 @@ README_END = "<!-- /gpu-results -->"
 
 
 def load_runs(results: Path) -> list[dict[str, Any]]:
+    """Every run in ``results``' JSON files; SystemExit naming the file and what is wrong with it (one bad file
+    must not take the report down with a traceback, nor be skipped unsaid)."""
+    if not results.is_dir():
+        raise SystemExit(f"--results {results}: no such directory")
     runs = []
     for path in sorted(results.glob("*.json")):
-        payload = json.loads(path.read_text())
-        for run in payload.get("runs", [payload]):
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SystemExit(f"{path}: not a readable results file ({error})") from None
+        file_runs = payload.get("runs", [payload]) if isinstance(payload, dict) else None
+        if not isinstance(file_runs, list) or not all(
+                isinstance(run, dict) and isinstance(run.get("date"), str) and isinstance(run.get("results"), list)
+                and isinstance(run.get("device"), str) for run in file_runs):
+            raise SystemExit(f"{path}: not a results file (expected a run with 'date', 'device' and 'results', or "
+                             "{'runs': [...]} of them)")
+        for run in file_runs:
             run["file"] = path.name
             runs.append(run)
     return sorted(runs, key=lambda run: run["date"])
@@ -73,7 +86,11 @@ def plot_suite(suite: str, rows: list[dict[str, Any]], out: Path) -> Path | None
     for axes, suffix, label in ((time_axes, "_ms", "time (ms)"), (memory_axes, "_peak_mb", "peak memory (MB)")):
         for impl in impls:
             axes.plot(positions, numbers(impl + suffix), marker="o", label=impl)
-        if any(v > 0 for impl in impls for v in numbers(impl + suffix)):  # a log axis needs a positive value
+        values = [v for impl in impls for v in numbers(impl + suffix) if not math.isnan(v)]
+        positive = [v for v in values if v > 0]
+        if positive and len(positive) < len(values):  # a 0 (an in-place op's memory) would drop off a log axis
+            axes.set_yscale("symlog", linthresh=min(positive))
+        elif positive:
             axes.set_yscale("log")
         axes.set_ylabel(label)
     time_axes.legend()
@@ -126,7 +143,8 @@ def render(runs: list[dict[str, Any]], out: Path) -> str:
 
 
 def _is_ratio(key: str) -> bool:
-    return key.startswith(("speedup_", "time_vs_", "memory_vs_")) or key.endswith(("_ratio", "_fraction"))
+    return (key.startswith(("speedup_", "time_vs_", "memory_vs_", "memory_extra_mb_vs_"))
+            or key.endswith(("_ratio", "_fraction")))
 
 
 def readme_block(runs: list[dict[str, Any]]) -> str:

@@ -34,13 +34,12 @@ def eager(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return apply_rotary_pos_emb(q, k, cos, sin)  # what transformers' LlamaAttention runs
 
 
-_compiled = torch.compile(eager, dynamic=False) if torch.cuda.is_available() else None
 
 
 def candidates() -> dict[str, Rope]:
     found: dict[str, Rope] = {"lamelm": rotary_embedding, "eager": eager}
-    if _compiled is not None:
-        found["torch_compile"] = _compiled
+    if torch.cuda.is_available():  # (candidates() is called once per case; on CPU compiling would only cost time)
+        found["torch_compile"] = harness.compiled_for_one_case(eager)
     if importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.ops.rope import LigerRopeFunction
 

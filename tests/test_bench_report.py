@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +48,57 @@ def test_every_suite_comes_from_its_latest_run(tmp_path: Path) -> None:
     gpu_section = rendered.split("## Latest on Test GPU")[1].split("## Latest on cpu")[0]
     assert "### ce" in gpu_section and "### adamw" in gpu_section
     assert gpu_section.count("- Run ") == 2  # the two runs the section draws on, each once
+
+
+def test_a_bad_results_file_or_directory_is_named_not_a_traceback(tmp_path: Path) -> None:
+    import pytest
+
+    report = _report_module()
+    with pytest.raises(SystemExit, match="no such directory"):
+        report.load_runs(tmp_path / "typo")  # would have written "No results recorded yet" over the README's block
+    for name, text, problem in (("empty.json", "", "not a readable results file"),
+                                ("list.json", "[1, 2]", "not a results file"),
+                                ("nodate.json", json.dumps({"device": "x", "results": []}), "not a results file")):
+        folder = tmp_path / name.removesuffix(".json")
+        folder.mkdir()
+        (folder / name).write_text(text)
+        with pytest.raises(SystemExit, match=f"{name}: {problem}"):
+            report.load_runs(folder)
+
+
+def _harness_module():
+    spec = importlib.util.spec_from_file_location("bench_harness_under_test", ROOT / "bench" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up while being made)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_peer_that_allocates_nothing_still_shows_what_ours_takes(tmp_path: Path) -> None:
+    """An in-place peer (peak 0 MiB) has no memory ratio: the extra MiB of ours is a README column instead of the
+    loss vanishing, and the plot keeps the zero on a symlog axis."""
+    report, harness = _report_module(), _harness_module()
+    row = {"suite": "rope", "tokens": 8, "lamelm_ms": 1.0, "lamelm_peak_mb": 80.0, "liger_ms": 2.0,
+           "liger_peak_mb": 0.0}
+    harness.compare_memory(row, "liger")
+    assert "memory_vs_liger" not in row and row["memory_extra_mb_vs_liger"] == 80.0
+    run = {"device": "Test GPU", "date": "2026-11-23T06:00:00", "commit": "c", "results": [row]}
+    assert "memory_extra_mb_vs_liger" in report.readme_block([run])
+    assert report.plot_suite("rope", [row], tmp_path).is_file()
+
+
+def test_every_case_is_compiled_past_dynamos_recompile_limit() -> None:
+    """The torch_compile columns of 16 cross-entropy cases came from one compiled function: past dynamo's limit of 8
+    recompiles it ran eager, unsaid. Each case now compiles its own (counted by a backend that records each graph)."""
+    import torch
+
+    harness = _harness_module()
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(tuple(example_inputs[0].shape))
+        return graph.forward
+
+    for size in range(1, 11):  # 10 cases, each a new shape
+        harness.compiled_for_one_case(lambda x: x * 2, backend=recording_backend)(torch.randn(size))
+    assert graphs == [(size,) for size in range(1, 11)]
