@@ -33,11 +33,21 @@ set -uo pipefail
 OUTDIR=${1:?usage: bench/gpu_run.sh OUTDIR [tests] [convergence] [ops|ce adamw layers|norm swiglu rope attention nf4] [e2e|qlora full] [checkpointing] [compiled] [compile-tests] [compile]}
 shift
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(tests ops)
+KNOWN=(tests convergence ops ce adamw layers norm swiglu rope attention nf4 e2e qlora full checkpointing compiled
+       compile-tests compile)
+for name in "${STAGES[@]}"; do  # every stage checked before the first one spends the GPU's minutes
+  [[ " ${KNOWN[*]} " == *" $name "* ]] || { echo "unknown stage $name: choose from ${KNOWN[*]}"; exit 2; }
+done
 BUDGET=${LAMELM_GPU_BUDGET_S:-560}
-mkdir -p "$OUTDIR"
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)  # absolute: the script changes directory below
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export LAMELM_BENCH_RESULTS="$OUTDIR"
 cd "$(dirname "$0")/.."
+# Before anything is installed: on a machine without a GPU the suite is `pytest bench --benchmark-only`.
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUTDIR/device.txt" 2>&1 \
+  || { echo "no GPU here (nvidia-smi: $(head -1 "$OUTDIR/device.txt")): this script spends a lent GPU's minutes;" \
+         "the CPU suite is pytest bench --benchmark-only"; exit 1; }
+cat "$OUTDIR/device.txt"
 
 if [ -f .whl/install.sh ]; then
   # No empty entry: an empty PYTHONPATH entry means the working directory, whose lamelm_fast lacks .kernels
@@ -56,7 +66,6 @@ fi
 # Every stage imports the installed package: stop here, not in each stage, if it is not the one installed from here.
 python3 -c "import lamelm_fast.kernels" 2>>"$OUTDIR/install.log" \
   || { echo "lamelm_fast.kernels does not import (PYTHONPATH=${PYTHONPATH:-}), see install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/device.txt"
 
 status=0
 stage() {  # stage NAME CAP_SECONDS COMMAND...
@@ -103,8 +112,6 @@ for name in "${STAGES[@]}"; do
     compile-tests) stage compile-tests 300 python3 -m pytest -q -m gpu tests/test_torch_compile.py \
                      -p no:cacheprovider ;;
     compile) stage compile 420 "${BENCH[@]}" bench/test_compile.py ;;
-    *) echo "unknown stage $name: choose from tests convergence ops ce adamw layers norm swiglu rope attention nf4 e2e" \
-            "qlora full checkpointing compiled compile-tests compile"; exit 2 ;;
   esac
 done
 exit $status

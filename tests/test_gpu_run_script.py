@@ -68,7 +68,23 @@ def test_the_usage_and_the_refusal_name_every_stage() -> None:
     stages = {name.strip() for label in re.findall(r"^ {4}([a-z0-9| -]+)\)", cases, re.MULTILINE)
               for name in label.split("|")}
     usage = text.split("usage: bench/gpu_run.sh OUTDIR")[1].split("}")[0]
-    refusal = text.split("unknown stage $name: choose from")[1].split("exit 2")[0]
+    known = text.split("KNOWN=(")[1].split(")")[0]  # what every stage is checked against, and the refusal lists
     assert "compile" in stages
     assert set(re.findall(r"[a-z0-9-]+", usage)) == stages
-    assert set(re.findall(r"[a-z0-9-]+", refusal)) == stages
+    assert set(re.findall(r"[a-z0-9-]+", known)) == stages
+
+
+def test_without_a_gpu_or_with_an_unknown_stage_nothing_runs(fake_gpu_path: dict[str, str], tmp_path: Path) -> None:
+    """No nvidia-smi: refused before the install (which would re-point the checkout's editable install) and before
+    any stage; an unknown stage after known ones: refused before the known ones spend the budget."""
+    failing = tmp_path / "no-gpu-bin"
+    failing.mkdir()
+    (failing / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed: no devices were found'\nexit 9\n")
+    (failing / "nvidia-smi").chmod(0o755)
+    no_gpu = {**fake_gpu_path, "PATH": os.pathsep.join((str(failing), fake_gpu_path["PATH"]))}
+    refused = run_script(no_gpu, tmp_path / "a", "swiglu")
+    assert refused.returncode == 1 and "no GPU here" in refused.stdout
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["device.txt"]
+    late = run_script(fake_gpu_path, Path(os.path.relpath(tmp_path / "b", ROOT)), "swiglu", "warp-speed")
+    assert late.returncode == 2 and "unknown stage warp-speed: choose from tests convergence" in late.stdout
+    assert not (tmp_path / "b" / "run.log").exists()
