@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import embedded_records, rel_err, tiny_model
 from lamelm_fast.ops import varlen_attention
-from lamelm_fast.ops.varlen_attention import patch_varlen_attention
+from lamelm_fast.ops.varlen_attention import mark_padding_free_forwards, patch_varlen_attention
 from lamelm_fast.train.data import Batch, Example, collate
 
 LAYERS = 2  # tiny_model's
@@ -85,6 +85,38 @@ def padded_counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return count_calls(monkeypatch, "padded_causal_attention", "padded")
 
 
+def marked(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as apply_kernels leaves its attention: its sdpa calls may take the padding-free paths."""
+    mark_padding_free_forwards(model.model)
+    return model
+
+
+def test_a_model_apply_kernels_never_saw_keeps_transformers_attention(padded_counted: dict[str, int]) -> None:
+    """The sdpa wrapper is process-wide; its padding-free paths are for marked models only. Llama 4's chunked
+    attention lives in its mask alone: run padding-free it attended across chunks (logits off by ~0.5) once any
+    model in the process had been patched. Unmarked, it is transformers' own, bit for bit."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from lamelm_fast import apply_kernels
+
+    apply_kernels(tiny_model("llama"), cross_entropy=False, lora=False)  # another model of the process
+    torch.manual_seed(0)
+    chunked = Llama4ForCausalLM(Llama4TextConfig(
+        hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=97, num_local_experts=1,
+        attention_chunk_size=4, use_cache=False, attn_implementation="sdpa")).eval()
+    lengths = [4, 6, 5, 5]
+    ids = torch.randint(0, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(7))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        apart = torch.cat([chunked(input_ids=ids[:, a:b]).logits for a, b in zip(cu[:-1], cu[1:], strict=True)], 1)
+        packed = chunked(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                         max_length_q=max(lengths), max_length_k=max(lengths)).logits
+    assert padded_counted["padded"] == 0
+    assert rel_err(packed, apart) < 1e-5
+
+
 @pytest.mark.parametrize("path", ["varlen", "padded"])
 @pytest.mark.parametrize(("family", "lengths"), [
     ("llama", [7, 13, 1, 22]), ("qwen3", [9, 4, 17]), ("gemma3", [5, 8, 3, 8])])  # gemma3: within its window of 8
@@ -93,7 +125,7 @@ def test_packed_batch_through_varlen_equals_sdpa_over_the_mask(family: str, leng
     """Both padding-free paths: varlen flash (its contract, on CPU) and the CPU's padded causal sdpa."""
     calls = request.getfixturevalue("varlen_on_cpu" if path == "varlen" else "padded_counted")
     patch_varlen_attention()
-    model = tiny_model(family).train()
+    model = marked(tiny_model(family)).train()
     batch = packed_batch(lengths, seed=len(lengths))
     assert batch.cu_seq_lens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
     assert batch.max_length == max(lengths)
@@ -183,7 +215,7 @@ def test_hf_flattening_collator_batches_reach_varlen_through_apply_kernels(varle
 
 def test_a_sliding_window_shorter_than_a_sequence_keeps_sdpa(varlen_on_cpu: dict[str, int]) -> None:
     patch_varlen_attention()
-    model = tiny_model("gemma3")  # every layer of the 2-layer Gemma3 slides over 8 tokens
+    model = marked(tiny_model("gemma3"))  # every layer of the 2-layer Gemma3 slides over 8 tokens
     batch = packed_batch([5, 11, 3], seed=3)
     ref_loss, _ = loss_and_grads(model, batch, padding_free=False)
     loss, _ = loss_and_grads(model, batch, padding_free=True)
@@ -200,7 +232,8 @@ def test_sdpa_is_unchanged_where_varlen_cannot_run(monkeypatch: pytest.MonkeyPat
     original = wrapper.lamelm_varlen_wrapped
     assert not hasattr(original, "lamelm_varlen_wrapped")
     model = tiny_model("llama")
-    reference = copy.deepcopy(model)
+    reference = copy.deepcopy(model)  # unmarked: its masks are built at once, as the original sdpa needs
+    marked(model)
     batch = packed_batch([6, 10], seed=1)
     # The padding-free arguments are there, but neither path may run (on CPU the padded one would: switched off
     # here), so transformers' sdpa runs.
@@ -233,7 +266,7 @@ def test_torch_varlen_kernel_equals_sdpa_over_the_mask(family: str, weights: str
     calls = count_calls(monkeypatch, "flash_varlen_attention", "varlen")
     assert patch_varlen_attention(), "this torch has no varlen flash attention"
     autocast = weights != "bf16"
-    model = tiny_model(family).to("cuda", torch.float32 if autocast else torch.bfloat16).train()
+    model = marked(tiny_model(family)).to("cuda", torch.float32 if autocast else torch.bfloat16).train()
     batch = packed_batch([37, 130, 1, 64, 259], seed=4).to(torch.device("cuda"))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)
@@ -280,7 +313,7 @@ def test_fp32_weights_under_bf16_autocast_run_varlen_in_bf16(monkeypatch: pytest
     monkeypatch.setattr(varlen_attention, "flash_device", lambda device: True)  # only the device check is mocked
     monkeypatch.setattr(varlen_attention, "flash_varlen_attention", kernel)
     patch_varlen_attention()
-    model = tiny_model("llama").train()
+    model = marked(tiny_model("llama")).train()
     batch = packed_batch([9, 14, 5], seed=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss, ref_grads = loss_and_grads(model, batch, padding_free=False)

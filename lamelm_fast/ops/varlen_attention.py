@@ -7,7 +7,9 @@ query heads. Varlen flash attention computes only the causal half of each sequen
 for a row of n equal sequences ~2n times less work, and no mask.
 
 :func:`patch_varlen_attention` wraps transformers' ``"sdpa"`` attention function once per process. The wrapper takes
-the varlen path only when the caller passes transformers' padding-free keyword arguments (``cu_seq_lens_q``,
+the varlen path only for the attention modules of a model :func:`mark_padding_free_forwards` marked (``apply_kernels``
+does, for the families it knows: every other model's calls are transformers' sdpa, as in a process that never
+imported lamelm_fast), when the caller passes transformers' padding-free keyword arguments (``cu_seq_lens_q``,
 ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``: our loop does for packed batches, as HF's
 ``DataCollatorWithFlattening`` does) and flash attention can run them (CUDA on sm80+, bf16/fp16, head size a multiple
 of 8 up to 256, causal, no dropout, softcap, position bias or paged cache, no sliding window shorter than the longest
@@ -217,11 +219,17 @@ class _PackedRowsDecoder:
             _PACKED_ROWS.reset(token)
 
 
+PADDING_FREE_MARK = "lamelm_padding_free"  # on the attention modules whose sdpa calls may take the padding-free paths
+
+
 def mark_padding_free_forwards(decoder: nn.Module) -> None:
-    """Mark the decoder (see the module docstring): only of a family in lamelm_fast.patching.SUPPORTED_MODEL_TYPES;
-    idempotent."""
+    """Mark the decoder (see the module docstring) and its attention modules, whose calls alone the wrapped sdpa may
+    run padding-free: only of a family in lamelm_fast.patching.SUPPORTED_MODEL_TYPES; idempotent."""
     if not isinstance(decoder, _PackedRowsDecoder):
         decoder.__class__ = mixed_in_class(_PackedRowsDecoder, type(decoder), "PackedRows")
+    for name, module in decoder.named_modules():
+        if name.rsplit(".", 1)[-1] == "self_attn":
+            setattr(module, PADDING_FREE_MARK, True)
 
 
 def _packed_by_word(find: Callable[[torch.Tensor], torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
@@ -244,8 +252,11 @@ def _varlen_or_sdpa(sdpa: Callable[..., Any]) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
-        flash = varlen_supported(module, query, key, value, dropout, kwargs)
-        if not flash and not padded_supported(module, query, key, value, dropout, kwargs):
+        # Only a marked model's attention (a family whose attention is plain causal, maybe windowed): another model's
+        # padding-free call may mean more than its arguments say (Llama 4's chunks live in its mask alone).
+        ours = getattr(module, PADDING_FREE_MARK, False)
+        flash = ours and varlen_supported(module, query, key, value, dropout, kwargs)
+        if not flash and not (ours and padded_supported(module, query, key, value, dropout, kwargs)):
             if isinstance(attention_mask, DeferredMask):
                 attention_mask = attention_mask.get()
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
