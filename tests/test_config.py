@@ -218,6 +218,15 @@ def test_kernels_flag_refuses_a_backend_that_cannot_run_here(tmp_path, monkeypat
     with pytest.raises(ConfigError, match=r"LAMELM_KERNELS=triton \(which --kernels auto follows\): .*; or unset "
                                           "LAMELM_KERNELS"):
         train(TrainConfig(max_steps=1, output_dir=str(tmp_path / "run")))
+    from lamelm_fast.ops import dispatch
+
+    dispatch.set_backend("triton")  # pinned from Python, which --kernels auto follows before the variable
+    try:
+        with pytest.raises(ConfigError, match=r"set_backend\('triton'\) \(pinned in this process, which --kernels "
+                                              r"auto follows\): .*; or set_backend\(None\)"):
+            train(TrainConfig(max_steps=1, output_dir=str(tmp_path / "run")))
+    finally:
+        dispatch.set_backend(None)
     assert not (tmp_path / "run").exists()
 
 

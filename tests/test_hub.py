@@ -133,3 +133,22 @@ def test_offline_a_cached_model_that_fails_says_why(tmp_path: Path, tiny_model_d
     assert "it is not in the local Hugging Face cache" in str(missing)
     wrong_split = hub.load_error("dataset", "some-org/set", ValueError('Unknown split "tran"'), "y", dataset=True)
     assert "Unknown split" in str(wrong_split)
+
+
+def test_the_offline_mode_a_run_sets_ends_with_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that found the hub out of reach (here: a hub id that then fails) leaves the process as it found it: a
+    notebook's next load asks the hub again, instead of being cache-only for good."""
+    from huggingface_hub import constants
+
+    from lamelm_fast.train import ConfigError, TrainConfig, hub, train
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub.offline_reason.cache_clear()
+    monkeypatch.setattr(constants, "ENDPOINT", CLOSED)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    dataset = write_jsonl(tmp_path / "d.jsonl", embedded_records(4))
+    with pytest.raises(ConfigError, match="some-org/not-cached"):
+        train(TrainConfig(model="some-org/not-cached", dataset=str(dataset), output_dir=str(tmp_path / "run")))
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
+    assert hub.offline_reason.cache_info().currsize == 0  # the next run probes again

@@ -321,3 +321,43 @@ def test_qlora_on_the_embedded_model_is_4_bit() -> None:
     assert len(bases) == 7 * len(layers) and all(isinstance(base, Linear4bit) for base in bases)
     assert bases[0].weight.quant_state.quant_type == "nf4"
     assert f"fused 4-bit LoRA kernels on {len(bases)} layers" in loaded.notes
+
+
+
+def test_one_run_at_a_time_per_process_and_progress_bars_restored(tmp_path: Path, tiny_model_dir: Path,
+                                                                  small_alpaca: Path) -> None:
+    """A second train() while one runs in another thread is refused (the two would share the kernel backend and the
+    random number generator: a QLoRA pair crashed, a full pair changed each other's losses); after a run,
+    transformers' progress bars are back on."""
+    import threading
+
+    from transformers.utils import logging as transformers_logging
+
+    from lamelm_fast.train import loop
+
+    assert transformers_logging.is_progress_bar_enabled()
+    inside, release, errors = threading.Event(), threading.Event(), []
+    load_model = loop.load_model
+
+    def held_load(*args, **kwargs):
+        inside.set()
+        release.wait(60)
+        return load_model(*args, **kwargs)
+
+    loop.load_model = held_load
+    try:
+        first = threading.Thread(target=lambda: train(base_config(tmp_path / "a", tiny_model_dir, small_alpaca,
+                                                                  max_steps=1)))
+        first.start()
+        assert inside.wait(60)
+        try:
+            train(base_config(tmp_path / "b", tiny_model_dir, small_alpaca, max_steps=1))
+        except RuntimeError as error:
+            errors.append(str(error))
+        release.set()
+        first.join(120)
+    finally:
+        loop.load_model = load_model
+    assert len(errors) == 1 and errors[0].startswith("train() is running in another thread of this process")
+    assert not (tmp_path / "b" / "run").exists()
+    assert transformers_logging.is_progress_bar_enabled()

@@ -48,6 +48,10 @@ class Setting:
             return self._chosen
         return self.check(os.environ.get(self.env_var, "") or self.choices[0])
 
+    def pinned(self) -> str | None:
+        """The name pinned from Python (:meth:`set`, :meth:`use`), if any."""
+        return self._chosen
+
     @contextmanager
     def use(self, name: str) -> Iterator[None]:
         previous, self._chosen = self._chosen, self.check(name)
@@ -84,8 +88,13 @@ def requested_backend() -> str:
 
 
 def use_backend(name: str) -> AbstractContextManager[None]:
-    """Pin the backend inside a ``with`` block."""
+    """Pin the backend inside a ``with`` block (process-wide, as :func:`set_backend`: not per thread)."""
     return _backend.use(name)
+
+
+def pinned_backend() -> str | None:
+    """The backend pinned from Python (:func:`set_backend`, :func:`use_backend`), if any."""
+    return _backend.pinned()
 
 
 def set_nf4_matmul(name: str | None) -> None:

@@ -2,16 +2,19 @@
 
 With no route to the hub, huggingface_hub retries each request with backoff, so a hub id took 30-50 s of retry
 messages before transformers or datasets gave up with a generic network error, and PEFT asked again at every
-checkpoint. One short probe per process answers first. Out of reach, the process goes into the libraries' own offline
-mode (``HF_HUB_OFFLINE``, as if the user had set it): every loader, ours and the libraries' internal lookups alike,
-reads the local cache only, for the rest of the process.
+checkpoint. One short probe answers first. Out of reach, the process goes into the libraries' own offline mode
+(``HF_HUB_OFFLINE``, as if the user had set it): every loader, ours and the libraries' internal lookups alike, reads the
+local cache only, for the rest of the run; :func:`offline_for_this_run` puts the libraries back as they were when the
+run ends (a notebook's next cell asks the hub again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from lamelm_fast.train.config import ConfigError, first_line
@@ -49,6 +52,26 @@ def cache_only_if_offline(source: str) -> str | None:
         if "datasets" in sys.modules:
             sys.modules["datasets"].config.HF_HUB_OFFLINE = True
     return reason
+
+
+@contextlib.contextmanager
+def offline_for_this_run() -> Iterator[None]:
+    """Whatever offline mode :func:`cache_only_if_offline` sets inside ends with the block: the variable, the
+    libraries' flags and the probe's answer are as before it."""
+    from huggingface_hub import constants
+
+    variable, flag = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    try:
+        yield
+    finally:
+        if variable is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = variable
+        constants.HF_HUB_OFFLINE = flag
+        if "datasets" in sys.modules:  # (imported before the run, or during it with the variable set)
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = flag
+        offline_reason.cache_clear()
 
 
 def _files_missing(source: str, error: Exception, dataset: bool) -> bool:

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from lamelm_fast.metrics import RunLogger
-from lamelm_fast.ops.dispatch import ENV_VAR, BackendUnavailable, resolve_backend, use_backend
+from lamelm_fast.ops.dispatch import ENV_VAR, BackendUnavailable, pinned_backend, resolve_backend, use_backend
 from lamelm_fast.ops.lora4bit import reuse_adapter_casts
 from lamelm_fast.optim import FusedAdamW, get_lr_scheduler
 from lamelm_fast.train import checkpoint, distributed, faults
@@ -49,6 +50,7 @@ from lamelm_fast.train.data import (
 )
 from lamelm_fast.train.distributed import Distributed
 from lamelm_fast.train.faults import SkipStreak, TrainingStopped
+from lamelm_fast.train.hub import offline_for_this_run
 from lamelm_fast.train.model import (
     CausalLMLoss,
     compile_decoder_layers,
@@ -188,12 +190,27 @@ def _restore(state: dict[str, Any], path: Path, optimizer: FusedAdamW, scheduler
     return position, notes
 
 
+_ONE_RUN_AT_A_TIME = threading.Lock()
+
+
 def train(config: TrainConfig) -> TrainResult:
-    """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written."""
+    """Fine-tune as ``config`` says. Raises ConfigError for bad input before anything is written. One run at a time
+    per process: the kernel backend, the random number generator and the 4-bit loading are process-wide."""
     config = checked(config)
     validate(config)
+    if not _ONE_RUN_AT_A_TIME.acquire(blocking=False):
+        raise RuntimeError("train() is running in another thread of this process: runs share the process's kernel "
+                           "backend and random number generator, so two at once would change each other's numbers. "
+                           "Run them one after another, or in separate processes")
+    try:
+        return _train_once(config)
+    finally:
+        _ONE_RUN_AT_A_TIME.release()
+
+
+def _train_once(config: TrainConfig) -> TrainResult:
     with (contextlib.nullcontext() if config.kernels == "auto" else use_backend(config.kernels),
-          distributed.setup() as dist):
+          offline_for_this_run(), _progress_bars_restored(), distributed.setup() as dist):
         try:
             return _train(config, dist)
         except RuntimeError as error:
@@ -205,8 +222,24 @@ def train(config: TrainConfig) -> TrainResult:
             raise
 
 
+@contextlib.contextmanager
+def _progress_bars_restored() -> Iterator[None]:
+    """transformers' and datasets' progress bars off for the run (our own table and banner report progress and what
+    was loaded), back as they were after it."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    datasets = sys.modules.get("datasets")  # (imported by the run only for parquet, csv and hub datasets)
+    datasets_enabled = datasets is None or datasets.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+        if datasets_enabled and "datasets" in sys.modules:
+            sys.modules["datasets"].enable_progress_bars()
+
+
 def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
-    transformers_logging.disable_progress_bar()  # our own table reports progress
     run_dir = Path(config.output_dir)
     earlier_checkpoints = checkpoint.check_output_dir(run_dir, bool(config.resume_from_checkpoint),
                                                       config.overwrite_output_dir)
@@ -232,10 +265,17 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
     try:
         resolve_backend(device, has_cuda=True)
     except BackendUnavailable as error:
-        from_env = config.kernels == "auto" and os.environ.get(ENV_VAR)
-        setting = f"{ENV_VAR}={os.environ[ENV_VAR]} (which --kernels auto follows)" if from_env else (
-            f"--kernels {config.kernels}")
-        raise ConfigError(f"{setting}: {error}" + (f"; or unset {ENV_VAR}" if from_env else "")) from None
+        pinned = pinned_backend() if config.kernels == "auto" else None  # (--kernels other than auto pins it too)
+        from_env = config.kernels == "auto" and not pinned and os.environ.get(ENV_VAR)
+        if pinned:
+            setting = (f"lamelm_fast.ops.dispatch.set_backend({pinned!r}) (pinned in this process, which --kernels "
+                       "auto follows)")
+        elif from_env:
+            setting = f"{ENV_VAR}={os.environ[ENV_VAR]} (which --kernels auto follows)"
+        else:
+            setting = f"--kernels {config.kernels}"
+        fix = "; or set_backend(None)" if pinned else f"; or unset {ENV_VAR}" if from_env else ""
+        raise ConfigError(f"{setting}: {error}{fix}") from None
     loaded = load_model(config, model_config, device)
     notes: list[str | None] = [*loaded.notes, *unused_settings(config), validation_note]
     if config.eval_samples and dist.world_size > 1:
@@ -394,7 +434,8 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
                 if stopping and not final:  # at the last step the run is complete: it ends as one
                     raise TrainingStopped(
                         f"{stop.signal_name or 'a signal to another rank'} at step {step}: saved {result.checkpoint}; "
-                        f"resume with the same command plus --resume-from-checkpoint {result.checkpoint}",
+                        f"resume with the same command plus --resume-from-checkpoint {result.checkpoint} (from "
+                        "Python: the same TrainConfig with resume_from_checkpoint set to it)",
                         exit_code=0)
 
         result.summary = report.summary(result.global_step, result.checkpoint, best_checkpoint, stopped_early)
