@@ -33,6 +33,7 @@ except ImportError:  # torch < 2.5 or a build without distributed support
 # copy of a low-precision param, with master_weights=True) is ours and torch.optim.AdamW ignores it.
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 _MASTER = "master_param"
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", _MASTER)  # the state entries with the param's shape
 _OUR_GROUP_KEYS = ("max_grad_norm", "master_weights", "stochastic_rounding")
 # torch.optim.AdamW's other group options, at its defaults: our param groups (and so our state dicts) carry the same
 # keys as its, and its constructor's keyword arguments are accepted. foreach, fused and capturable only choose torch's
@@ -120,7 +121,7 @@ def _check_param(param: Tensor, grad: Tensor, state: dict[str, Tensor], group_in
         raise TypeError(f"FusedAdamW supports fp32, fp16 and bf16 params and gradients; {where} is {param.dtype} "
                         f"with a {grad.dtype} gradient. Cast the model (model.float()), or use torch.optim.AdamW for "
                         "float64 or complex params")
-    for key in ("exp_avg", "exp_avg_sq", _MASTER):
+    for key in _PARAM_SHAPED:
         if key in state and state[key].shape != param.shape:
             raise RuntimeError(f"FusedAdamW: {where} has shape {list(param.shape)} but its optimizer state {key!r} "
                                f"has shape {list(state[key].shape)}: the param's .data was replaced by a tensor of "
@@ -454,7 +455,7 @@ class FusedAdamW(torch.optim.Optimizer):
         for saved_id, param in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
             if saved:
-                for key in ("exp_avg", "exp_avg_sq", _MASTER):  # copy_ below would broadcast a wrong shape silently
+                for key in _PARAM_SHAPED:  # copy_ below would broadcast a wrong shape silently
                     if key in saved and saved[key].shape != param.shape:
                         raise ValueError(f"FusedAdamW.load_state_dict: the saved state {key!r} of param {saved_id} "
                                          f"has shape {list(saved[key].shape)}, the param {list(param.shape)}: the "

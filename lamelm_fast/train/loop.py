@@ -302,15 +302,12 @@ def _train(config: TrainConfig, dist: Distributed) -> TrainResult:
         position, restored = _restore(state, resume.path, optimizer, scheduler, config, total_steps, dist)
         notes += [*restored, *checkpoint.changed_settings_notes(state, dataclasses.asdict(config), resume.path,
                                                                 position.step)]
-    if dist.is_main and earlier_checkpoints:
-        for path in earlier_checkpoints:
+    deleted = earlier_checkpoints or later_checkpoints  # (a fresh run may have the first, a resumed one the second)
+    if dist.is_main and deleted:
+        for path in deleted:
             shutil.rmtree(path)
-        notes.append(f"--overwrite-output-dir: deleted {len(earlier_checkpoints)} checkpoint(s) of an earlier run")
-    if dist.is_main and later_checkpoints:
-        for path in later_checkpoints:
-            shutil.rmtree(path)
-        notes.append(f"--overwrite-output-dir: deleted {len(later_checkpoints)} checkpoint(s) after "
-                     f"{resume.path.name}, the one resumed")
+        whose = "of an earlier run" if earlier_checkpoints else f"after {resume.path.name}, the one resumed"
+        notes.append(f"--overwrite-output-dir: deleted {len(deleted)} checkpoint(s) {whose}")
 
     # The rows logged up to the checkpoint, for the main rank's logger; None: a checkpoint of an older version.
     carried = checkpoint.load_rows(resume.path, state) if state is not None and dist.is_main else None
